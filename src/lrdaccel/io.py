@@ -1,0 +1,175 @@
+"""Save and load decomposed models: a JSON config (with the plan) and safetensors weights.
+
+Loading rebuilds the decomposed structure on an undecomposed model of the same architecture
+from the plan, checks every tensor name and shape against the file, and only then changes the
+model. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lrdaccel._modules import unwrap
+from lrdaccel.layers import LowRankModule
+from lrdaccel.layers.registry import dense_shape
+from lrdaccel.plan import LayerPlan, Plan
+from lrdaccel.surgery import build_modules, swap_modules
+
+CONFIG_NAME = "lrdaccel_config.json"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_FORMAT = "lrdaccel.model"
+CONFIG_VERSION = 1
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The structural plan of a decomposed model, read off its low-rank modules."""
+    rows = []
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, LowRankModule):
+            dense = module.to_dense()
+            stride = tuple(module.core.stride) if module.kind == "tucker2" else (1, 1)
+            rows.append(LayerPlan(name, module.kind, module.rank, "saved", _source_type(module),
+                                  dense_shape(dense), stride))
+    return Plan(rows)
+
+
+def _source_type(module: LowRankModule) -> str:
+    return getattr(module, "source", None) or "Conv2d"
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write `directory/lrdaccel_config.json` and `directory/model.safetensors`.
+
+    Tied tensors are stored once and re-tied on load. Files are written to temporary names and
+    renamed, so a crash never leaves half a checkpoint. Under torch.distributed only rank 0 writes.
+    """
+    if not _is_writer():
+        return
+    from lrdaccel import __version__
+
+    model = unwrap(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = {}, {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    config = {
+        "format": CONFIG_FORMAT,
+        "version": CONFIG_VERSION,
+        "lrdaccel_version": __version__,
+        "model_class": type(model).__name__,
+        "aliases": aliases,
+        "plan": plan_of(model).to_dict(),
+    }
+    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no lrdaccel config here (expected {CONFIG_NAME} from lrdaccel.save)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        raise ValueError(f"{path}: not an lrdaccel model config (format {CONFIG_FORMAT!r} missing)")
+    version = config.get("version")
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ValueError(f"{path}: config version {version!r} is newer than this lrdaccel reads; upgrade lrdaccel")
+    return config
+
+
+def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = True) -> nn.Module:
+    """Rebuild the saved decomposition on `base_model` (undecomposed, same architecture), load weights.
+
+    Returns `base_model`, changed in place. On any mismatch it raises ValueError naming the
+    tensors or layers that differ and leaves `base_model` as it was.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    plan = Plan.from_dict(config.get("plan"), source=str(directory / CONFIG_NAME))
+    model = unwrap(base_model)
+    built = build_modules(model, plan, factorize=False)
+    tensors = _read_weights(directory / WEIGHTS_NAME)
+    for alias, target in (config.get("aliases") or {}).items():
+        if target not in tensors:
+            raise ValueError(f"{directory / CONFIG_NAME}: alias {alias!r} points to missing tensor {target!r}")
+        tensors[alias] = tensors[target]
+    expected = _expected_state(model, built)
+    _check_tensors(directory / WEIGHTS_NAME, expected, tensors, strict)
+    originals = swap_modules(model, built)
+    try:
+        model.load_state_dict(tensors, strict=strict)
+    except BaseException:
+        swap_modules(model, originals)
+        raise
+    return base_model
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _expected_state(model: nn.Module, built: dict[str, nn.Module]) -> dict[str, tuple]:
+    """Tensor name -> shape the model will have once `built` is swapped in."""
+    replaced = tuple(name + "." for name in built)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(replaced)}
+    for name, module in built.items():
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    return expected
+
+
+def _check_tensors(path: Path, expected: dict[str, tuple], tensors: dict[str, torch.Tensor], strict: bool) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+             for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != expected[k]]
+    problems = []
+    if wrong:
+        problems.append(f"shape mismatch: {wrong[:5]}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+    if strict and missing:
+        problems.append(f"missing from file: {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if strict and extra:
+        problems.append(f"not in model: {extra[:5]}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+    if problems:
+        raise ValueError(f"{path} does not match the model: " + "; ".join(problems))

@@ -1,0 +1,8 @@
+"""Decomposed layers, each built from a dense layer: `from_dense`, `.factors`, `to_dense()`."""
+
+from lrdaccel.layers.base import LowRankModule
+from lrdaccel.layers.registry import REGISTRY, SUPPORTED, entry_for
+from lrdaccel.layers.svd import SVDConv2d, SVDLinear
+from lrdaccel.layers.tucker import TuckerConv2d
+
+__all__ = ["REGISTRY", "SUPPORTED", "LowRankModule", "SVDConv2d", "SVDLinear", "TuckerConv2d", "entry_for"]

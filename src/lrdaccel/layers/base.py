@@ -1,0 +1,57 @@
+"""What every decomposed layer shares: its factors in data-flow order, a rank, a dense view."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankModule(nn.Module):
+    """A decomposed layer: a chain of sub-layers (`factors`) standing in for one dense layer.
+
+    Subclasses set `kind` ("svd" or "tucker2"), build their factors as child modules and
+    implement `forward`, `to_dense` and `dense_params`.
+    """
+
+    kind: str = ""
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        """Sub-layers in data-flow order; the freezer rotates over these."""
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int | tuple[int, int]:
+        raise NotImplementedError
+
+    def dense_params(self) -> int:
+        """Weight parameters of the dense layer this one replaces (biases excluded)."""
+        raise NotImplementedError
+
+    def factor_params(self) -> int:
+        """Weight parameters of the factors (biases excluded)."""
+        return sum(f.weight.numel() for f in self.factors)
+
+    def to_dense(self) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, rank={self.rank}, "
+            f"compression={self.dense_params() / self.factor_params():.2f}x"
+        )
+
+
+def copy_module_state(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Match device, dtype, requires_grad and training mode of `source` on `target`."""
+    weight = source.weight
+    target.to(device=weight.device, dtype=weight.dtype)
+    for parameter in target.parameters():
+        parameter.requires_grad_(weight.requires_grad)
+    target.train(source.training)
+    return target
+
+
+@torch.no_grad()
+def assign(parameter: nn.Parameter, value: torch.Tensor) -> None:
+    parameter.copy_(value.reshape(parameter.shape))

@@ -1,0 +1,164 @@
+"""SVD-decomposed Linear, GPT-2 style Conv1D, and 1x1 Conv2d: in -> rank -> out.
+
+The first factor has no bias; the second carries the original bias. For a 1x1 conv the first
+factor carries the stride, padding and padding mode, so padded positions still come out as the
+bias alone, exactly as in the original layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lrdaccel.factorize import check_finite, svd_split
+from lrdaccel.layers.base import LowRankModule, assign, copy_module_state
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face `transformers.pytorch_utils.Conv1D`: a Linear with a transposed weight.
+
+    Matched by class name and attributes so that transformers stays optional.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def dense_linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or Conv1D as [out, in]."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def _check_rank(name: str, rank: int, out_features: int, in_features: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min(out_features, in_features):
+        raise ValueError(
+            f"layer {name!r}: SVD rank must be an int in [1, {min(out_features, in_features)}] "
+            f"for weight {out_features}x{in_features}, got {rank!r}"
+        )
+
+
+class SVDLinear(LowRankModule):
+    """nn.Linear (or HF Conv1D) as Linear(in, rank, bias=False) -> Linear(rank, out, bias)."""
+
+    kind = "svd"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, source: str = "Linear"):
+        super().__init__()
+        _check_rank("SVDLinear", rank, out_features, in_features)
+        self.in_features, self.out_features, self.source = in_features, out_features, source
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    @classmethod
+    def like(cls, dense: nn.Module, rank: int, name: str = "") -> "SVDLinear":
+        """The right shapes, device and dtype for `dense` at `rank`, without factorizing."""
+        out_features, in_features = dense_linear_weight(dense).shape
+        _check_rank(name, rank, out_features, in_features)
+        layer = cls(in_features, out_features, rank, bias=dense.bias is not None, source=type(dense).__name__)
+        return copy_module_state(dense, layer)
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, rank: int, name: str = "") -> "SVDLinear":
+        weight = dense_linear_weight(dense)
+        check_finite(weight, name)
+        layer = cls.like(dense, rank, name)
+        first, second = svd_split(weight, rank)
+        assign(layer.first.weight, first)
+        assign(layer.second.weight, second)
+        if dense.bias is not None:
+            assign(layer.second.bias, dense.bias)
+        return layer
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        return [self.first, self.second]
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """The product as one layer, of the class it was built from (Linear or Conv1D)."""
+        weight = self.second.weight @ self.first.weight
+        bias = self.second.bias
+        w = self.first.weight
+        if self.source == "Conv1D":
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
+            dense.weight.copy_(weight.T)
+            dense.bias.copy_(bias)
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+            dense.weight.copy_(weight)
+            if bias is not None:
+                dense.bias.copy_(bias)
+        return dense.train(self.training)
+
+
+class SVDConv2d(LowRankModule):
+    """A 1x1 nn.Conv2d (groups=1) as Conv2d(C, rank, 1, stride, padding) -> Conv2d(rank, S, 1, bias)."""
+
+    kind = "svd"
+
+    def __init__(self, dense: nn.Conv2d, rank: int):
+        super().__init__()
+        self.in_channels, self.out_channels = dense.in_channels, dense.out_channels
+        self.first = nn.Conv2d(
+            dense.in_channels, rank, kernel_size=1, stride=dense.stride, padding=dense.padding,
+            dilation=dense.dilation, padding_mode=dense.padding_mode, bias=False,
+        )
+        self.second = nn.Conv2d(rank, dense.out_channels, kernel_size=1, bias=dense.bias is not None)
+
+    @classmethod
+    def like(cls, dense: nn.Conv2d, rank: int, name: str = "") -> "SVDConv2d":
+        if dense.kernel_size != (1, 1) or dense.groups != 1:
+            raise ValueError(
+                f"layer {name!r}: SVDConv2d needs a 1x1 conv with groups=1, got kernel "
+                f"{dense.kernel_size} groups={dense.groups}"
+            )
+        _check_rank(name, rank, dense.out_channels, dense.in_channels)
+        return copy_module_state(dense, cls(dense, rank))
+
+    @classmethod
+    def from_dense(cls, dense: nn.Conv2d, rank: int, name: str = "") -> "SVDConv2d":
+        check_finite(dense.weight, name)
+        layer = cls.like(dense, rank, name)
+        first, second = svd_split(dense.weight[:, :, 0, 0], rank)
+        assign(layer.first.weight, first)
+        assign(layer.second.weight, second)
+        if dense.bias is not None:
+            assign(layer.second.bias, dense.bias)
+        return layer
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        return [self.first, self.second]
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+    def dense_params(self) -> int:
+        return self.in_channels * self.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        f = self.first
+        bias = self.second.bias
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, 1, stride=f.stride, padding=f.padding, dilation=f.dilation,
+            padding_mode=f.padding_mode, bias=bias is not None, device=f.weight.device, dtype=f.weight.dtype,
+        )
+        dense.weight.copy_((self.second.weight[:, :, 0, 0] @ f.weight[:, :, 0, 0])[:, :, None, None])
+        if bias is not None:
+            dense.bias.copy_(bias)
+        return dense.train(self.training)

@@ -1,0 +1,100 @@
+"""Tucker-2 decomposed k x k Conv2d: 1x1 C_in -> r_in, k x k core r_in -> r_out, 1x1 r_out -> C_out.
+
+The core keeps the original kernel size, stride, padding (ints, tuples, 'same', 'valid'),
+dilation and padding mode; the last 1x1 carries the bias. Channel mixing commutes with every
+padding mode (each is a spatial copy or zero), so the chain equals the original at full rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lrdaccel.factorize import check_finite, tucker2
+from lrdaccel.layers.base import LowRankModule, assign, copy_module_state
+
+DEFAULT_HOOI_ITERS = 2
+
+
+def _as_pair(rank, name: str, in_channels: int, out_channels: int) -> tuple[int, int]:
+    pair = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else tuple(rank)
+    ok = (
+        len(pair) == 2
+        and all(isinstance(r, int) and not isinstance(r, bool) for r in pair)
+        and 0 < pair[0] <= in_channels
+        and 0 < pair[1] <= out_channels
+    )
+    if not ok:
+        raise ValueError(
+            f"layer {name!r}: Tucker-2 rank must be an int or (rank_in, rank_out) with "
+            f"1 <= rank_in <= {in_channels} and 1 <= rank_out <= {out_channels}, got {rank!r}"
+        )
+    return pair
+
+
+class TuckerConv2d(LowRankModule):
+    """A k x k nn.Conv2d (groups=1) as a Tucker-2 chain of three convs."""
+
+    kind = "tucker2"
+
+    def __init__(self, dense: nn.Conv2d, rank_in: int, rank_out: int):
+        super().__init__()
+        self.in_channels, self.out_channels = dense.in_channels, dense.out_channels
+        self.kernel_size = dense.kernel_size
+        self.first = nn.Conv2d(dense.in_channels, rank_in, kernel_size=1, bias=False)
+        self.core = nn.Conv2d(
+            rank_in, rank_out, kernel_size=dense.kernel_size, stride=dense.stride, padding=dense.padding,
+            dilation=dense.dilation, padding_mode=dense.padding_mode, bias=False,
+        )
+        self.last = nn.Conv2d(rank_out, dense.out_channels, kernel_size=1, bias=dense.bias is not None)
+
+    @classmethod
+    def like(cls, dense: nn.Conv2d, rank, name: str = "") -> "TuckerConv2d":
+        """The right shapes, device and dtype for `dense` at `rank`, without factorizing."""
+        if dense.groups != 1:
+            raise ValueError(f"layer {name!r}: Tucker-2 needs groups=1, got groups={dense.groups}")
+        rank_in, rank_out = _as_pair(rank, name, dense.in_channels, dense.out_channels)
+        return copy_module_state(dense, cls(dense, rank_in, rank_out))
+
+    @classmethod
+    def from_dense(cls, dense: nn.Conv2d, rank, name: str = "", n_iter: int = DEFAULT_HOOI_ITERS) -> "TuckerConv2d":
+        check_finite(dense.weight, name)
+        layer = cls.like(dense, rank, name)
+        u_in, core, u_out = tucker2(dense.weight, *layer.rank, n_iter=n_iter)
+        assign(layer.first.weight, u_in.T)
+        assign(layer.core.weight, core)
+        assign(layer.last.weight, u_out)
+        if dense.bias is not None:
+            assign(layer.last.bias, dense.bias)
+        return layer
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        return [self.first, self.core, self.last]
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return self.core.in_channels, self.core.out_channels
+
+    def dense_params(self) -> int:
+        return self.in_channels * self.out_channels * math.prod(self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        c = self.core
+        bias = self.last.bias
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=c.stride, padding=c.padding,
+            dilation=c.dilation, padding_mode=c.padding_mode, bias=bias is not None,
+            device=c.weight.device, dtype=c.weight.dtype,
+        )
+        weight = torch.einsum("srhw,os,ri->oihw", c.weight, self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0])
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+        return dense.train(self.training)
