@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from lrdaccel._modules import parent_and_attr, unwrap
+from lrdaccel.calibrate import whitening_factorizer
 from lrdaccel.layers import LowRankModule, entry_for
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.plan import LayerPlan, Plan, plan as make_plan
@@ -145,6 +146,8 @@ def decompose(
     n_iter: int | None = None,
     factorizer: Callable[[nn.Module, LayerPlan], LowRankModule] | None = None,
     progress: bool = False,
+    calibration: Any = None,
+    method: str = "svd",
     **plan_kwargs: Any,
 ) -> DecomposeReport:
     """Decompose `model` in place according to `plan` (or `plan(model, ratio, **plan_kwargs)`).
@@ -157,13 +160,21 @@ def decompose(
         n_iter: HOOI refinement sweeps for Tucker-2 (default 2).
         factorizer: `factorizer(dense, row) -> LowRankModule` in place of plain SVD/HOOI.
         progress: show a tqdm bar.
+        calibration: batches for method="whiten" (a DataLoader, list or other iterable; each
+            batch called as model(tensor), model(*tuple) or model(**dict), so drop labels).
+        method: "svd" (default): minimise weight error (plain SVD / HOOI). "whiten": minimise
+            output error on the calibration inputs (truncation-aware whitening for SVD layers,
+            input-covariance-weighted HOOI for Tucker-2; see lrdaccel.calibrate). Same ranks and
+            structure either way, so optimize_ranks, freezing and save/load apply unchanged.
 
     Returns:
         A DecomposeReport: per layer parameters, MACs and relative weight error, and totals.
 
     Raises:
-        ValueError: a plan that does not fit the model, bad ranks, NaN/Inf weights; the model is
-            then left exactly as it was.
+        ValueError: a plan that does not fit the model, bad ranks, NaN/Inf weights, an unknown
+            method, method="whiten" without calibration (or with a factorizer), calibration
+            with method="svd", calibration batches the model fails on or that give NaN/Inf;
+            the model is then left exactly as it was.
 
     Example:
         >>> import torch, lrdaccel as lrd
@@ -180,6 +191,17 @@ def decompose(
         plan = make_plan(model, ratio=2.0 if ratio is None else ratio, **plan_kwargs)
     elif ratio is not None or plan_kwargs:
         raise ValueError("give either a plan or ratio/plan options to decompose(), not both")
+    if method not in ("svd", "whiten"):
+        raise ValueError(f"method must be 'svd' or 'whiten', got {method!r}")
+    if method == "svd" and calibration is not None:
+        raise ValueError("calibration is only used by method='whiten'; pass method='whiten' or drop it")
+    if method == "whiten":
+        if calibration is None:
+            raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
+        if factorizer is not None:
+            raise ValueError("give either a factorizer or method='whiten', not both")
+        validate_plan(model, plan)  # before the calibration pass, which may be long
+        factorizer = whitening_factorizer(model, plan, calibration, n_iter=n_iter, progress=progress)
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = _count_macs(model, example_inputs)
     built = build_modules(model, plan, n_iter=n_iter, factorizer=factorizer, progress=progress)
@@ -208,9 +230,7 @@ def decompose(
 @torch.no_grad()
 def _relative_error(dense: nn.Module, low_rank: LowRankModule) -> float:
     original = dense.weight.detach().to(torch.float64)
-    approx = low_rank.to_dense().weight.detach().to(torch.float64)
-    if approx.shape != original.shape:  # HF Conv1D keeps its weight transposed
-        approx = approx.T
+    approx = low_rank.dense_weight().to(torch.float64)  # in the dense layer's own layout
     norm = original.norm()
     return float((original - approx).norm() / norm) if norm > 0 else float((original - approx).norm())
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 import lrdaccel as lrd
+from lrdaccel import data
 from lrdaccel.cli._common import add_model_args, load_model
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 
@@ -17,13 +20,50 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--plan", help="a plan JSON from `lrdaccel plan -o` or `lrdaccel optimize -o` "
                                        "(overrides --ratio and the other plan options)")
     parser.add_argument("--output", "-o", required=True, help="directory to save the decomposed model to")
+    parser.add_argument("--method", choices=("svd", "whiten"), default="svd",
+                        help="svd (default): minimise weight error; whiten: minimise output error on "
+                             "calibration images (activation-aware; needs --calibration)")
+    parser.add_argument("--calibration", type=_positive_int, metavar="N",
+                        help="number of calibration batches (of --batch-size images) for --method whiten")
+    parser.add_argument("--calibration-data", default="fashion-mnist", choices=data.NAMES,
+                        help="training split the calibration images come from, normalised with "
+                             "lrdaccel.data.normalize (default fashion-mnist)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--calibration must be a positive int, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--calibration must be a positive int, got {text!r}")
+    return value
+
+
+def calibration_batches(name: str, n_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """`n_batches` normalised image batches drawn (fixed seed) from the training split of `name`."""
+    images = data.load(name, "train").tensors[0]
+    if n_batches * batch_size > len(images):
+        raise ValueError(f"--calibration {n_batches} x --batch-size {batch_size} asks for more images "
+                         f"than {name!r} has ({len(images)})")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    chosen = data.normalize(images[order[:n_batches * batch_size]])
+    return list(chosen.split(batch_size))
 
 
 def run(args: argparse.Namespace) -> int:
     model, example = load_model(args)
     plan = lrd.Plan.load(args.plan) if args.plan else plan_from_args(model, args)
-    report = lrd.decompose(model, plan, example_inputs=example, progress=True)
+    if args.calibration is not None and args.method != "whiten":
+        raise ValueError("--calibration is only used by --method whiten")
+    calibration = None
+    if args.method == "whiten":
+        if args.calibration is None:
+            raise ValueError("--method whiten needs --calibration N (batches of calibration images)")
+        calibration = calibration_batches(args.calibration_data, args.calibration, args.batch_size)
+    report = lrd.decompose(model, plan, example_inputs=example, progress=True,
+                           method=args.method, calibration=calibration)
     print(report)
     lrd.save(model, args.output)
     print(f"saved to {args.output}")
