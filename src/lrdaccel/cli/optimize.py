@@ -1,11 +1,143 @@
-"""`lrdaccel optimize` (being built)."""
+"""`lrdaccel optimize`: time each decomposed layer on this device and choose its rank.
+
+Starts from the ratio's ranks (or a plan file), times each layer alone on the input it really
+sees, original and decomposed at candidate ranks, and keeps the rank that saves the most time for
+the capacity it gives up (or the original layer, where nothing beats it). Then times the whole
+model at ratio ranks and at the chosen ranks, interleaved, to show whether it paid off.
+"""
+
+from __future__ import annotations
 
 import argparse
 
+import lrdaccel as lrd
+from lrdaccel.cli._common import add_model_args, load_model
+from lrdaccel.cli.plan import add_plan_args, plan_from_args
+from lrdaccel.rankopt import (BenchmarkTimer, compare_end_to_end, default_cache_path, measure_staircase,
+                              plot_staircase, timing_table)
+from lrdaccel.rankopt.capture import capture_inputs
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    return subparsers.add_parser("optimize", help="(being built)")
+    parser = subparsers.add_parser(
+        "optimize", help="time decomposed layers on this device and choose faster ranks",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    add_plan_args(parser)
+    parser.add_argument("--plan", help="start from this plan JSON (from `lrdaccel plan -o`) instead of --ratio "
+                                       "and the other plan options")
+    parser.add_argument("--objective", choices=("infer", "train"), default="infer",
+                        help="what to make faster: 'infer' times forward passes under inference mode, "
+                             "'train' times forward + backward (default infer)")
+    parser.add_argument("--device", help="where to time, e.g. cpu, cuda, cuda:1 (default cpu); the layers are "
+                                         "copied there")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="precision to time in (default: the model's, float32)")
+    parser.add_argument("--cache", help=f"timing cache JSON file; a second run on the same machine measures "
+                                        f"nothing new (default {default_cache_path()})")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write a timing cache file")
+    parser.add_argument("--rule", choices=("tradeoff", "paper"), default="tradeoff",
+                        help="'tradeoff' scores each rank by relative time saved minus --tradeoff times "
+                             "relative parameters given up, against the ratio rank (a smooth time curve keeps "
+                             "the ratio rank, a staircase snaps to the step); 'paper' takes the rank just below "
+                             "the largest time drop under the ratio rank (arXiv 2407.20266, Algorithm 1) "
+                             "(default tradeoff)")
+    parser.add_argument("--tradeoff", type=float, default=1.0,
+                        help="weight of parameters given up against time saved in the tradeoff rule; higher "
+                             "keeps more capacity (default 1)")
+    parser.add_argument("--max-growth", type=float, default=0.0,
+                        help="also try ranks with up to this fraction more parameters than the ratio allows, "
+                             "e.g. 0.05 for 5%% (default 0: never more)")
+    parser.add_argument("--lowest", type=float, default=0.5,
+                        help="search down to this fraction of the ratio rank (default 0.5)")
+    parser.add_argument("--min-gain", type=float, default=0.02,
+                        help="a rank must beat the ratio rank's score by more than this to be chosen; guards "
+                             "against timing noise (default 0.02)")
+    parser.add_argument("--budget-s", type=float, default=20.0,
+                        help="seconds of measuring per distinct layer, friendliest ranks first; 0 for no "
+                             "bound (default 20)")
+    parser.add_argument("--min-run-time", type=float, default=0.2,
+                        help="seconds of repeated calls per layer measurement (default 0.2)")
+    parser.add_argument("--output", "-o", help="write the optimized plan as JSON here (for `lrdaccel compress --plan`)")
+    parser.add_argument("--check-rounds", type=int, default=5,
+                        help="interleaved rounds of the whole-model comparison (original, ratio ranks, optimized "
+                             "ranks); 0 skips it (default 5)")
+    parser.add_argument("--check-time", type=float, default=0.5,
+                        help="seconds of calls per model per round in the comparison (default 0.5)")
+    parser.add_argument("--staircase", help="also write a PNG of layer time against rank (the staircase) here")
+    parser.add_argument("--staircase-layer",
+                        help="the layer for --staircase (default: the decomposed layer with the most weights)")
+    parser.add_argument("--staircase-ranks", type=_rank_range,
+                        help="ranks for --staircase as FIRST:LAST, e.g. 240:272 (default: ratio rank -16 to +16)")
+    return parser
+
+
+def _rank_range(text: str) -> range:
+    try:
+        first, last = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--staircase-ranks must be FIRST:LAST, got {text!r}") from None
+    if not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"--staircase-ranks needs 1 <= FIRST <= LAST, got {text!r}")
+    return range(first, last + 1)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("lrdaccel optimize is being built")
+    for name in ("tradeoff", "max_growth", "budget_s", "min_run_time", "check_time"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    model, example = load_model(args)
+    plan = lrd.Plan.load(args.plan) if args.plan else plan_from_args(model, args)
+    cache = False if args.no_cache else args.cache
+    optimized = lrd.optimize_ranks(
+        model, plan, example, args.objective, device=args.device, dtype=args.dtype, cache=cache,
+        rule=args.rule, tradeoff=args.tradeoff, max_growth=args.max_growth, lowest=args.lowest,
+        min_gain=args.min_gain, budget_s=args.budget_s or None, timer=BenchmarkTimer(args.min_run_time),
+        progress=True,
+    )
+    print(optimized)
+    print()
+    print(timing_table(optimized))
+    info = optimized.meta["rank_optimization"]
+    print(f"\nsearch: {info['distinct_layers']} distinct layers, {info['timed']} timings measured, "
+          f"{info['cache_hits']} from cache, {info['seconds']:.1f} s on {info['device']}")
+    if args.output:
+        optimized.save(args.output)
+        print(f"optimized plan written to {args.output}")
+    if args.check_rounds > 0:
+        report = compare_end_to_end(
+            model, {"ratio ranks": plan, "optimized": optimized}, example, args.objective,
+            device=args.device, dtype=args.dtype, rounds=args.check_rounds, min_run_time=args.check_time,
+        )
+        print()
+        print(report)
+    if args.staircase:
+        _staircase(model, plan, example, args, cache)
+    return 0
+
+
+def _staircase(model, plan: lrd.Plan, example, args: argparse.Namespace, cache) -> None:
+    if args.staircase_layer:
+        row = plan[args.staircase_layer]
+        if not row.decomposed:
+            raise ValueError(f"--staircase-layer {row.name}: the plan keeps this layer ({row.reason})")
+    else:
+        if not plan.decomposed:
+            raise ValueError("--staircase: the plan decomposes no layer")
+        row = max(plan.decomposed, key=lambda r: r.params_before)
+    spec = capture_inputs(model, [row.name], example).get(row.name)
+    if spec is None:
+        raise ValueError(f"--staircase-layer {row.name}: the example inputs never reach this layer")
+    ratio_rank = row.ratio_rank if row.ratio_rank is not None else row.rank
+    centre = ratio_rank if isinstance(ratio_rank, int) else ratio_rank[0]
+    top = min(row.shape["in"], row.shape["out"])
+    ranks = args.staircase_ranks or range(max(1, centre - 16), min(top, centre + 16) + 1)
+    staircase = measure_staircase(
+        model.get_submodule(row.name), spec.shape, ranks, args.objective, device=args.device, dtype=args.dtype,
+        memory_format=spec.memory_format, cache=cache, timer=BenchmarkTimer(args.min_run_time),
+        label=f"{row.name} ({row.layer_type} {row.shape['out']}x{row.shape['in']}x{'x'.join(map(str, row.shape['kernel']))}), "
+              f"input {'x'.join(map(str, spec.shape))}, {args.objective}",
+    )
+    plot_staircase(staircase, args.staircase)
+    print(f"\nstaircase of {row.name} for ranks {ranks.start}..{ranks.stop - 1} written to {args.staircase}")

@@ -1,5 +1,37 @@
-"""Rank optimization (being built)."""
+"""Rank optimization: time decomposed layers on the target device and keep the ranks that pay.
 
+    import lrdaccel as lrd
+    from lrdaccel.rankopt import compare_end_to_end
+    plan = lrd.plan(model, ratio=2.0)
+    fast = lrd.optimize_ranks(model, plan, example_inputs, objective="infer")
+    print(compare_end_to_end(model, {"ratio ranks": plan, "optimized": fast}, example_inputs))
 
-def optimize_ranks(*args, **kwargs):
-    raise NotImplementedError("optimize_ranks is being built")
+Modules: capture (each layer's real input), timing (one layer alone, torch.utils.benchmark),
+measure + cache (times keyed by device/shape/rank, persisted as JSON), search (candidates and
+the scoring rules), optimize (the public verb), endtoend (whole-model check), plot (staircase).
+"""
+
+from lrdaccel.rankopt.cache import TimingCache, default_cache_path
+from lrdaccel.rankopt.capture import InputSpec, capture_inputs
+from lrdaccel.rankopt.endtoend import EndToEndReport, compare_end_to_end
+from lrdaccel.rankopt.optimize import optimize_ranks, timing_table
+from lrdaccel.rankopt.plot import Staircase, measure_staircase, plot_staircase
+from lrdaccel.rankopt.search import SearchSettings
+from lrdaccel.rankopt.timing import BenchmarkTimer, TimingJob
+
+__all__ = [
+    "BenchmarkTimer",
+    "EndToEndReport",
+    "InputSpec",
+    "SearchSettings",
+    "Staircase",
+    "TimingCache",
+    "TimingJob",
+    "capture_inputs",
+    "compare_end_to_end",
+    "default_cache_path",
+    "measure_staircase",
+    "optimize_ranks",
+    "plot_staircase",
+    "timing_table",
+]

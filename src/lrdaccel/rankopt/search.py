@@ -1,0 +1,298 @@
+"""Which rank to use for one layer, from measured times: the search and its two rules.
+
+Arithmetic on ranks, parameter counts and times only; how a time is measured (and cached, and
+bounded) is the caller's `measure` function.
+
+Rules:
+    "tradeoff" (default): score each candidate c against the ratio rank R by
+        score(c) = (t(R) - t(c)) / t(R)  -  tradeoff * (P(R) - P(c)) / P(R)
+    (relative time saved minus relative parameters given up) and take the best, if it beats R
+    by more than `min_gain` (measurement noise). On a staircase that snaps to the step; on a
+    smooth curve time saved never pays for the capacity lost, so R stays.
+    "paper" (arXiv 2407.20266, Algorithm 1): from R down to a lower bound, find the largest drop
+    in time between neighbouring ranks and take the rank just below it. Never above R. Ranks are
+    timed by 8 first, then every rank inside the largest drop until it lies between neighbours.
+Either way the original layer is kept where the chosen decomposition is not faster than it.
+
+Candidates: hardware-friendly ranks first (multiples of 64, 32, 16, then 8, nearest R first),
+then every rank within 7 of the best. Tucker-2 walks the line r_out = beta * r_in, then lets
+each side grow alone into the parameter budget, then refines each side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from lrdaccel.plan import LayerPlan, Rank
+
+RULES = ("tradeoff", "paper")
+REFINE = 7  # phase 1 steps by 8, so +-7 around the best reaches every rank between neighbours
+
+Measure = Callable[..., "float | None"]
+"""measure(rank, required=False) -> ms, or None once the layer's time budget is spent
+(never None when required). rank None means the original layer."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How to choose a rank.
+
+    Attributes:
+        rule: "tradeoff" (score time saved against parameters given up) or "paper" (Algorithm 1).
+        tradeoff: weight of relative parameters given up against relative time saved; >= 0.
+        max_growth: try ranks with up to this fraction more parameters than the ratio rank
+            (0: never more than the ratio allows); >= 0. Ignored by the paper's rule.
+        lowest: search down to this fraction of the ratio rank; in (0, 1].
+        min_gain: a candidate must beat the ratio rank's score by more than this (noise margin).
+        budget_s: seconds of measuring per distinct layer; the original and the ratio rank are
+            always measured. None: no bound.
+    """
+
+    rule: str = "tradeoff"
+    tradeoff: float = 1.0
+    max_growth: float = 0.0
+    lowest: float = 0.5
+    min_gain: float = 0.02
+    budget_s: float | None = 20.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        for name in ("tradeoff", "max_growth", "min_gain"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.lowest, bool) or not isinstance(self.lowest, (int, float)) or not 0 < self.lowest <= 1:
+            raise ValueError(f"lowest must be a number in (0, 1], got {self.lowest!r}")
+        if self.budget_s is not None and (
+            isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float)) or not self.budget_s > 0
+        ):
+            raise ValueError(f"budget_s must be None or a number of seconds > 0, got {self.budget_s!r}")
+
+
+@dataclass
+class Choice:
+    """The outcome for one layer. rank None: keep the original layer."""
+
+    rank: Rank
+    time_ms: float
+    time_original_ms: float
+    time_ratio_rank_ms: float
+    reason: str
+    times: dict = field(default_factory=dict)  # every measured rank -> ms
+    cut_by_budget: bool = False
+
+
+class _Space:
+    """The ranks allowed for one layer, their parameter counts, and the measurements so far."""
+
+    def __init__(self, row: LayerPlan, beta: float, settings: SearchSettings, measure: Measure):
+        self.row, self.beta, self.settings, self._measure = row, beta, settings, measure
+        self.ratio_rank = row.ratio_rank if row.ratio_rank is not None else row.rank
+        self.tucker = row.kind == "tucker2"
+        self.limits = (row.shape["in"], row.shape["out"]) if self.tucker else (min(row.shape["in"], row.shape["out"]),)
+        ratio_ranks = self.ratio_rank if self.tucker else (self.ratio_rank,)
+        self.lows = tuple(max(1, math.ceil(r * settings.lowest)) for r in ratio_ranks)
+        self.params_ratio = self.params(self.ratio_rank)
+        growth = 0.0 if settings.rule == "paper" else settings.max_growth
+        self.params_budget = self.params_ratio * (1 + growth)
+        self.times: dict = {}
+        self.cut = False
+
+    def params(self, rank: Rank) -> int:
+        return self.row.with_rank(rank, "").params_after
+
+    def allowed(self, rank: Rank) -> bool:
+        """Within [lowest * R, channels], the parameter budget, and cheaper in MACs than the original."""
+        ranks = rank if self.tucker else (rank,)
+        if any(not low <= r <= limit for r, low, limit in zip(ranks, self.lows, self.limits)):
+            return False
+        if rank == self.ratio_rank:
+            return True
+        candidate = self.row.with_rank(rank, "")
+        return candidate.params_after <= self.params_budget and candidate.macs_after < candidate.macs_before
+
+    def measure(self, ranks: Iterable[Rank]) -> None:
+        """Time each allowed rank not yet timed, in order, until the budget runs out."""
+        for rank in ranks:
+            if self.cut:
+                return
+            if rank in self.times or not self.allowed(rank):
+                continue
+            ms = self._measure(rank)
+            if ms is None:
+                self.cut = True
+                return
+            self.times[rank] = ms
+
+    # The beta line: Tucker-2 ranks as one number t -> (rank_in, rank_out); SVD ranks are t itself.
+    def on_line(self, t: int) -> Rank:
+        if not self.tucker:
+            return t
+        c_in, c_out = self.limits
+        return min(t, c_in), max(1, min(math.floor(self.beta * t), c_out))
+
+    def line_position(self) -> int:
+        if not self.tucker:
+            return self.ratio_rank
+        r_in, r_out = self.ratio_rank
+        return max(r_in, round(r_out / self.beta))
+
+    def line_range(self) -> tuple[int, int]:
+        """(lowest, highest) t on the line worth trying."""
+        t_ratio = self.line_position()
+        low = max(1, math.ceil(t_ratio * self.settings.lowest))
+        high = t_ratio
+        top = max(self.limits) if not self.tucker else max(self.limits[0], math.ceil(self.limits[1] / self.beta))
+        while high < top and self.allowed(self.on_line(high + 1)):
+            high += 1
+        return low, high
+
+
+def alignment(value: int) -> int:
+    """The largest of 64, 32, 16, 8 that divides `value`, else 1."""
+    for step in (64, 32, 16, 8):
+        if value % step == 0:
+            return step
+    return 1
+
+
+def _friendly_first(values: Iterable[int], centre: int) -> list[int]:
+    return sorted(set(values), key=lambda v: (-alignment(v), abs(v - centre), -v))
+
+
+def search_rank(row: LayerPlan, measure: Measure, settings: SearchSettings, beta: float = 1.0) -> Choice:
+    """Choose the rank of one decomposed layer from measured times.
+
+    Args:
+        row: the layer's plan row (kind svd / tucker2; ratio_rank or rank is the starting rank R).
+        measure: see `Measure`.
+        settings: the rule and its bounds.
+        beta: Tucker-2 rank_out / rank_in of the plan (the line searched first).
+
+    Returns:
+        A Choice: rank (None to keep the original), its time, the times of the original and of
+        R, a reason, and every time measured.
+    """
+    space = _Space(row, beta, settings, measure)
+    original = measure(None, required=True)
+    at_ratio = measure(space.ratio_rank, required=True)
+    space.times[space.ratio_rank] = at_ratio
+    if settings.rule == "paper":
+        rank, why = _paper_rule(space)
+    else:
+        rank, why = _tradeoff_rule(space)
+    time_ms = space.times[rank]
+    notes = f"; {len(space.times)} ranks timed" + (f", cut by the {settings.budget_s:g} s budget" if space.cut else "")
+    if time_ms >= original:
+        reason = (f"kept: best decomposition ({_fmt(rank)}, {time_ms:.3g} ms) is not faster than the "
+                  f"original ({original:.3g} ms){notes}")
+        return Choice(None, original, original, at_ratio, reason, dict(space.times), space.cut)
+    reason = f"{why}; {original / time_ms:.2f}x faster than the original{notes}"
+    return Choice(rank, time_ms, original, at_ratio, reason, dict(space.times), space.cut)
+
+
+def _score(space: _Space, rank: Rank, tradeoff: float) -> float:
+    t_ratio = space.times[space.ratio_rank]
+    saved = (t_ratio - space.times[rank]) / t_ratio
+    given_up = (space.params_ratio - space.params(rank)) / space.params_ratio
+    return saved - tradeoff * given_up
+
+
+def _best(space: _Space) -> Rank:
+    """Highest score; ties go to more parameters."""
+    tradeoff = space.settings.tradeoff
+    return max(space.times, key=lambda r: (_score(space, r, tradeoff), space.params(r)))
+
+
+def _tradeoff_rule(space: _Space) -> tuple[Rank, str]:
+    low, high = space.line_range()
+    centre = space.line_position()
+    line = [t for t in range(low, high + 1) if alignment(t) >= 8] + [high]
+    space.measure(space.on_line(t) for t in _friendly_first(line, centre))
+    if space.tucker:
+        space.measure(_grow_alone(space, _best(space)))
+        best = _best(space)
+        space.measure(_refine(space, best, axis=0))
+        best = _best(space)
+        space.measure(_refine(space, best, axis=1))
+    else:
+        space.measure(_refine(space, _best(space), axis=0))
+    best = _best(space)
+    score = _score(space, best, space.settings.tradeoff)
+    if best == space.ratio_rank or score <= space.settings.min_gain:
+        return space.ratio_rank, (f"ratio rank {_fmt(space.ratio_rank)} kept: no rank scored above "
+                                  f"+{space.settings.min_gain:g} (best {_fmt(best)}: {score:+.3f})")
+    t_ratio, t_best = space.times[space.ratio_rank], space.times[best]
+    params_change = space.params(best) / space.params_ratio - 1
+    return best, (f"rank {_fmt(best)} (ratio rank {_fmt(space.ratio_rank)}): {1 - t_best / t_ratio:+.1%} time "
+                  f"saved for {params_change:+.1%} params, score {score:+.3f}")
+
+
+def _grow_alone(space: _Space, best: Rank) -> list[Rank]:
+    """Tucker-2: from `best`, each side grown alone to the largest friendly rank the budget allows."""
+    grown = []
+    for axis in (0, 1):
+        rank = list(best)
+        while True:
+            rank[axis] += 1
+            if not space.allowed(tuple(rank)):
+                rank[axis] -= 1
+                break
+        top = rank[axis]
+        rank[axis] = top - top % 8 if top >= 8 else top
+        grown += [tuple(rank)]
+        rank[axis] = top
+        grown += [tuple(rank)]
+    return grown
+
+
+def _refine(space: _Space, best: Rank, axis: int) -> list[Rank]:
+    """Every rank within REFINE of `best` along one axis, friendly ranks first."""
+    centre = best if not space.tucker else best[axis]
+    values = _friendly_first(range(max(1, centre - REFINE), centre + REFINE + 1), centre)
+    if not space.tucker:
+        return values
+    return [tuple(v if i == axis else best[i] for i in (0, 1)) for v in values]
+
+
+def _paper_rule(space: _Space) -> tuple[Rank, str]:
+    """Largest time drop going down from R; the rank just below it. Coarse by 8, then every rank."""
+    low, _ = space.line_range()
+    high = space.line_position()
+    coarse = [t for t in range(low, high) if alignment(t) >= 8]
+    space.measure(space.on_line(t) for t in _friendly_first(coarse, high))
+    drop = _largest_drop(space)
+    # Narrow the largest drop to neighbouring ranks (the paper times every rank; this times those that matter).
+    while drop is not None and not space.cut and _line_t(space, drop[0]) - _line_t(space, drop[1]) > 1:
+        upper, lower, _ = drop
+        space.measure(space.on_line(t) for t in range(_line_t(space, upper) - 1, _line_t(space, lower), -1))
+        drop = _largest_drop(space)
+    if drop is None:
+        return space.ratio_rank, f"paper rule: time never falls below the ratio rank {_fmt(space.ratio_rank)}'s"
+    upper, lower, ms = drop
+    return lower, f"paper rule: largest time drop ({ms:.3g} ms) from rank {_fmt(upper)} to {_fmt(lower)}"
+
+
+def _line_t(space: _Space, rank: Rank) -> int:
+    if not space.tucker:
+        return rank
+    r_in, r_out = rank
+    return max(r_in, round(r_out / space.beta))
+
+
+def _largest_drop(space: _Space) -> tuple[Rank, Rank, float] | None:
+    """(upper, lower, ms) for the largest positive time drop between neighbouring measured ranks."""
+    ranks = sorted(space.times, key=lambda r: _line_t(space, r), reverse=True)
+    drops = [(space.times[a] - space.times[b], a, b) for a, b in zip(ranks, ranks[1:])]
+    positive = [d for d in drops if d[0] > 0]
+    if not positive:
+        return None
+    ms, upper, lower = max(positive, key=lambda d: d[0])
+    return upper, lower, ms
+
+
+def _fmt(rank: Rank) -> str:
+    return str(rank) if not isinstance(rank, tuple) else "{}x{}".format(*rank)
