@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-# Parents whose forward reads a child Linear's `.weight` directly instead of calling it, so
-# replacing that child would break (or silently bypass) it.
+# Parents whose forward always reads a child Linear's `.weight` instead of calling it: decomposing
+# that child buys nothing (LowRankModule.weight would rebuild the dense weight every call).
+# nn.TransformerEncoderLayer is not listed: only its eval-mode fast path reads linear1/linear2.weight
+# (getting the rebuilt dense weight, so still correct); training calls the factors.
 DIRECT_WEIGHT_READERS: dict[type, tuple[str, ...]] = {
     nn.MultiheadAttention: ("out_proj",),
-    # The inference fast path (eval, batch_first) passes linear1/linear2.weight to a fused kernel.
-    nn.TransformerEncoderLayer: ("linear1", "linear2"),
 }
 
 

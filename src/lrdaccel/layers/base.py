@@ -32,6 +32,25 @@ class LowRankModule(nn.Module):
         """Weight parameters of the factors (biases excluded)."""
         return sum(f.weight.numel() for f in self.factors)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight, in the replaced layer's layout (differentiable)."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense weight, rebuilt from the factors on each access.
+
+        Third-party code often reads `layer.weight` of the layer we replaced (HF ViT reads
+        `projection.weight.dtype` every forward); this keeps such code correct. It costs a small
+        matrix product, so hot paths should use the factors.
+        """
+        return self.dense_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The original bias, carried by the last factor."""
+        return self.factors[-1].bias
+
     def to_dense(self) -> nn.Module:
         raise NotImplementedError
 

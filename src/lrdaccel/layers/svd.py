@@ -81,23 +81,24 @@ class SVDLinear(LowRankModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    def dense_weight(self) -> torch.Tensor:
+        weight = self.second.weight @ self.first.weight
+        return weight.T if self.source == "Conv1D" else weight
+
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """The product as one layer, of the class it was built from (Linear or Conv1D)."""
-        weight = self.second.weight @ self.first.weight
-        bias = self.second.bias
         w = self.first.weight
         if self.source == "Conv1D":
             from transformers.pytorch_utils import Conv1D
 
             dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
-            dense.weight.copy_(weight.T)
-            dense.bias.copy_(bias)
         else:
-            dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
-            dense.weight.copy_(weight)
-            if bias is not None:
-                dense.bias.copy_(bias)
+            dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=w.device, dtype=w.dtype)
+        dense.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
         return dense.train(self.training)
 
 
@@ -150,15 +151,17 @@ class SVDConv2d(LowRankModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    def dense_weight(self) -> torch.Tensor:
+        return (self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0])[:, :, None, None]
+
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
         f = self.first
-        bias = self.second.bias
         dense = nn.Conv2d(
             self.in_channels, self.out_channels, 1, stride=f.stride, padding=f.padding, dilation=f.dilation,
-            padding_mode=f.padding_mode, bias=bias is not None, device=f.weight.device, dtype=f.weight.dtype,
+            padding_mode=f.padding_mode, bias=self.bias is not None, device=f.weight.device, dtype=f.weight.dtype,
         )
-        dense.weight.copy_((self.second.weight[:, :, 0, 0] @ f.weight[:, :, 0, 0])[:, :, None, None])
-        if bias is not None:
-            dense.bias.copy_(bias)
+        dense.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
         return dense.train(self.training)

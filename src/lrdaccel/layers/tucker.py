@@ -84,17 +84,19 @@ class TuckerConv2d(LowRankModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.core(self.first(x)))
 
+    def dense_weight(self) -> torch.Tensor:
+        return torch.einsum("srhw,os,ri->oihw", self.core.weight, self.last.weight[:, :, 0, 0],
+                            self.first.weight[:, :, 0, 0])
+
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
         c = self.core
-        bias = self.last.bias
         dense = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, stride=c.stride, padding=c.padding,
-            dilation=c.dilation, padding_mode=c.padding_mode, bias=bias is not None,
+            dilation=c.dilation, padding_mode=c.padding_mode, bias=self.bias is not None,
             device=c.weight.device, dtype=c.weight.dtype,
         )
-        weight = torch.einsum("srhw,os,ri->oihw", c.weight, self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0])
-        dense.weight.copy_(weight)
-        if bias is not None:
-            dense.bias.copy_(bias)
+        dense.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
         return dense.train(self.training)
