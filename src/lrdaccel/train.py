@@ -180,7 +180,7 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
     config = replace(config, **settings)
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
-    created = _init_distributed()
+    created = init_distributed()
     try:
         return _Run(model, train_data, eval_data, config, teacher, transform, device, progress).run()
     finally:
@@ -470,7 +470,7 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _init_distributed() -> bool:
+def init_distributed() -> bool:
     """Join the process group torchrun describes, if any. Returns True if this call created it."""
     if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
