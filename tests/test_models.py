@@ -27,7 +27,8 @@ def _hf_vit():
 def _hf_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config()), {"input_ids": torch.randint(0, 50257, (1, 16))}
+    # GPT-2 small's real widths (768, Conv1D 768x2304 ...), two of its twelve blocks to keep CI short.
+    return GPT2LMHeadModel(GPT2Config(n_layer=2)), {"input_ids": torch.randint(0, 50257, (1, 16))}
 
 
 def _minilm():
