@@ -8,6 +8,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lrdaccel as lrd
@@ -259,3 +261,56 @@ def test_a_plan_for_another_model_is_rejected():
     model, other = linear_model(64), linear_model(32)
     with pytest.raises(ValueError, match="another architecture"):
         optimize(model, lrd.plan(other, ratio=2.0), FakeTimer(lambda r: 1.0))
+
+
+def test_paper_rule_on_a_tucker_layer_with_a_clamped_side():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3))  # a ResNet stem: rank_in is capped at 3
+    plan = lrd.plan(model, ratio=2.0)
+    r_in, r_out = plan["0"].rank
+    assert r_in == 3
+    timer = FakeTimer(lambda rank: staircase(rank[1], step=r_out - 2))
+    row = optimize(model, plan, timer, inputs=torch.randn(1, 3, 16, 16), rule="paper")["0"]
+    assert row.rank == (3, r_out - 2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    conv=st.booleans(),
+    c_in=st.integers(8, 160), c_out=st.integers(8, 160),
+    ratio=st.floats(1.3, 4.0),
+    rule=st.sampled_from(["tradeoff", "paper"]),
+    tradeoff=st.floats(0.0, 3.0),
+    max_growth=st.floats(0.0, 0.3),
+    slope=st.floats(0.0, 0.2), step_at=st.integers(1, 160), jump=st.floats(0.0, 5.0),
+    original=st.floats(0.5, 30.0),
+)
+def test_any_choice_is_within_bounds_and_never_slower_than_the_original(
+        conv, c_in, c_out, ratio, rule, tradeoff, max_growth, slope, step_at, jump, original):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(c_in, c_out, 3, padding=1) if conv else nn.Linear(c_in, c_out)
+    model = nn.Sequential(layer)
+    plan = lrd.plan(model, ratio=ratio)
+    source = plan["0"]
+
+    def ms(rank):
+        r = rank if isinstance(rank, int) else rank[0] + rank[1]
+        return 1.0 + slope * r + (jump if r > step_at else 0.0)
+
+    x = torch.randn(1, c_in, 4, 4) if conv else torch.randn(2, c_in)
+    row = optimize(model, plan, FakeTimer(ms, original_ms=original), inputs=x, rule=rule, tradeoff=tradeoff,
+                   max_growth=max_growth)["0"]
+    if not source.decomposed:
+        assert row == source
+        return
+    assert row.time_original_ms == original and row.time_ratio_rank_ms == ms(source.rank)
+    if row.kind == "keep":
+        assert row.time_ms == original and row.rank is None
+        return
+    assert row.time_ms == ms(row.rank) < original
+    ranks = row.rank if conv else (row.rank,)
+    limits = (c_in, c_out) if conv else (min(c_in, c_out),)
+    assert all(1 <= r <= limit for r, limit in zip(ranks, limits))
+    growth = 0.0 if rule == "paper" else max_growth
+    assert row.params_after <= source.params_after * (1 + growth) + 1e-9
+    assert row.rank == source.rank or row.macs_after < row.macs_before

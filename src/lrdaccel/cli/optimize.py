@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import lrdaccel as lrd
+from lrdaccel.plan import LayerPlan
 from lrdaccel.cli._common import add_model_args, load_model
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 from lrdaccel.rankopt import (BenchmarkTimer, compare_end_to_end, default_cache_path, measure_staircase,
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     model, example = load_model(args)
     plan = lrd.Plan.load(args.plan) if args.plan else plan_from_args(model, args)
+    staircase_row = _staircase_row(plan, args.staircase_layer) if args.staircase else None
     cache = False if args.no_cache else args.cache
     optimized = lrd.optimize_ranks(
         model, plan, example, args.objective, device=args.device, dtype=args.dtype, cache=cache,
@@ -112,20 +114,27 @@ def run(args: argparse.Namespace) -> int:
         )
         print()
         print(report)
-    if args.staircase:
-        _staircase(model, plan, example, args, cache)
+    if staircase_row is not None:
+        _staircase(model, staircase_row, example, args, cache)
     return 0
 
 
-def _staircase(model, plan: lrd.Plan, example, args: argparse.Namespace, cache) -> None:
-    if args.staircase_layer:
-        row = plan[args.staircase_layer]
-        if not row.decomposed:
-            raise ValueError(f"--staircase-layer {row.name}: the plan keeps this layer ({row.reason})")
-    else:
+def _staircase_row(plan: lrd.Plan, name: str | None) -> LayerPlan:
+    """The --staircase layer: the one named, else the decomposed layer with the most weights."""
+    if name is None:
         if not plan.decomposed:
             raise ValueError("--staircase: the plan decomposes no layer")
-        row = max(plan.decomposed, key=lambda r: r.params_before)
+        return max(plan.decomposed, key=lambda r: r.params_before)
+    try:
+        row = plan[name]
+    except KeyError:
+        raise ValueError(f"--staircase-layer {name}: no such layer in the plan") from None
+    if not row.decomposed:
+        raise ValueError(f"--staircase-layer {name}: the plan keeps this layer ({row.reason})")
+    return row
+
+
+def _staircase(model, row: LayerPlan, example, args: argparse.Namespace, cache) -> None:
     spec = capture_inputs(model, [row.name], example).get(row.name)
     if spec is None:
         raise ValueError(f"--staircase-layer {row.name}: the example inputs never reach this layer")
@@ -133,11 +142,11 @@ def _staircase(model, plan: lrd.Plan, example, args: argparse.Namespace, cache) 
     centre = ratio_rank if isinstance(ratio_rank, int) else ratio_rank[0]
     top = min(row.shape["in"], row.shape["out"])
     ranks = args.staircase_ranks or range(max(1, centre - 16), min(top, centre + 16) + 1)
+    weight = "x".join(str(d) for d in (row.shape["out"], row.shape["in"], *row.shape["kernel"]))
     staircase = measure_staircase(
         model.get_submodule(row.name), spec.shape, ranks, args.objective, device=args.device, dtype=args.dtype,
         memory_format=spec.memory_format, cache=cache, timer=BenchmarkTimer(args.min_run_time),
-        label=f"{row.name} ({row.layer_type} {row.shape['out']}x{row.shape['in']}x{'x'.join(map(str, row.shape['kernel']))}), "
-              f"input {'x'.join(map(str, spec.shape))}, {args.objective}",
+        label=f"{row.name} ({row.layer_type} {weight}), input {'x'.join(map(str, spec.shape))}, {args.objective}",
     )
     plot_staircase(staircase, args.staircase)
     print(f"\nstaircase of {row.name} for ranks {ranks.start}..{ranks.stop - 1} written to {args.staircase}")

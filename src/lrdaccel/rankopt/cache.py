@@ -132,7 +132,8 @@ def _read(path: Path) -> dict[str, CachedTime]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"timing cache {path}: cannot read it as JSON ({error}); delete it or pass another path") from None
+        raise ValueError(f"timing cache {path}: cannot read it as JSON ({error}); "
+                         f"delete it or pass another path") from None
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
         raise ValueError(f"timing cache {path}: not an lrdaccel timing cache (missing format={CACHE_FORMAT!r})")
     version = data.get("version")

@@ -11,7 +11,8 @@ Rules:
     smooth curve time saved never pays for the capacity lost, so R stays.
     "paper" (arXiv 2407.20266, Algorithm 1): from R down to a lower bound, find the largest drop
     in time between neighbouring ranks and take the rank just below it. Never above R. Ranks are
-    timed by 8 first, then every rank inside the largest drop until it lies between neighbours.
+    timed by 8 first (every rank in short ranges), then every rank inside the largest drop until
+    it lies between neighbours.
 Either way the original layer is kept where the chosen decomposition is not faster than it.
 
 Candidates: hardware-friendly ranks first (multiples of 64, 32, 16, then 8, nearest R first),
@@ -185,7 +186,10 @@ def search_rank(row: LayerPlan, measure: Measure, settings: SearchSettings, beta
     else:
         rank, why = _tradeoff_rule(space)
     time_ms = space.times[rank]
-    notes = f"; {len(space.times)} ranks timed" + (f", cut by the {settings.budget_s:g} s budget" if space.cut else "")
+    count = len(space.times)
+    notes = f"; {count} rank{'' if count == 1 else 's'} timed"
+    if space.cut:
+        notes += f", cut by the {settings.budget_s:g} s budget"
     if time_ms >= original:
         reason = (f"kept: best decomposition ({_fmt(rank)}, {time_ms:.3g} ms) is not faster than the "
                   f"original ({original:.3g} ms){notes}")
@@ -220,11 +224,15 @@ def _tradeoff_rule(space: _Space) -> tuple[Rank, str]:
         space.measure(_refine(space, best, axis=1))
     else:
         space.measure(_refine(space, _best(space), axis=0))
+    others = [rank for rank in space.times if rank != space.ratio_rank]
     best = _best(space)
     score = _score(space, best, space.settings.tradeoff)
     if best == space.ratio_rank or score <= space.settings.min_gain:
-        return space.ratio_rank, (f"ratio rank {_fmt(space.ratio_rank)} kept: no rank scored above "
-                                  f"+{space.settings.min_gain:g} (best {_fmt(best)}: {score:+.3f})")
+        runner_up = max(others, key=lambda r: _score(space, r, space.settings.tradeoff), default=None)
+        detail = "" if runner_up is None else (
+            f" (best other: {_fmt(runner_up)}, {_score(space, runner_up, space.settings.tradeoff):+.3f})")
+        return space.ratio_rank, (f"ratio rank {_fmt(space.ratio_rank)} kept: no other rank scored above "
+                                  f"+{space.settings.min_gain:g}{detail}")
     t_ratio, t_best = space.times[space.ratio_rank], space.times[best]
     params_change = space.params(best) / space.params_ratio - 1
     return best, (f"rank {_fmt(best)} (ratio rank {_fmt(space.ratio_rank)}): {1 - t_best / t_ratio:+.1%} time "
@@ -262,13 +270,16 @@ def _paper_rule(space: _Space) -> tuple[Rank, str]:
     """Largest time drop going down from R; the rank just below it. Coarse by 8, then every rank."""
     low, _ = space.line_range()
     high = space.line_position()
-    coarse = [t for t in range(low, high) if alignment(t) >= 8]
+    coarse = [t for t in range(low, high) if alignment(t) >= 8 or high - low <= 2 * REFINE]
     space.measure(space.on_line(t) for t in _friendly_first(coarse, high))
     drop = _largest_drop(space)
     # Narrow the largest drop to neighbouring ranks (the paper times every rank; this times those that matter).
     while drop is not None and not space.cut and _line_t(space, drop[0]) - _line_t(space, drop[1]) > 1:
         upper, lower, _ = drop
+        timed = len(space.times)
         space.measure(space.on_line(t) for t in range(_line_t(space, upper) - 1, _line_t(space, lower), -1))
+        if len(space.times) == timed:  # nothing between them may be timed (bounds): the drop is as narrow as it gets
+            break
         drop = _largest_drop(space)
     if drop is None:
         return space.ratio_rank, f"paper rule: time never falls below the ratio rank {_fmt(space.ratio_rank)}'s"
