@@ -1,0 +1,241 @@
+"""Turn a results JSON (bench or demo) into a Markdown report and a PNG bar chart.
+
+The numbers are the results file's; this module only formats and draws them, so a report can be
+re-drawn from a committed results file (`lrdaccel bench --report results.json`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from lrdaccel.bench.schema import BENCH_FORMAT, check_results
+
+MARKDOWN_NAME = "report.md"
+PLOT_NAME = "report.png"
+
+
+def _si(value: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _ratio(spread: Mapping) -> str:
+    """'1.23x (1.20-1.25)': median, then min-max over the repeats."""
+    return f"{spread['median']:.2f}x ({spread['min']:.2f}-{spread['max']:.2f})"
+
+
+def _machine_line(results: Mapping) -> str:
+    m = results["machine"]
+    return (f"Machine: {m.get('device_name', m.get('device'))} ({m.get('device')}), {m.get('cpu_count')} CPUs, "
+            f"{m.get('torch_threads')} torch threads; torch {m.get('torch')}; lrdaccel "
+            f"{results['lrdaccel_version']}; {results['created']}.")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+# Bench -------------------------------------------------------------------------------------------
+
+def bench_markdown(results: Mapping) -> str:
+    config = results["config"]
+    lines = [
+        "# lrdaccel bench",
+        "",
+        f"Ratio {config['ratio']:g}; batch {config['batch_size']}; {config['repeats']} interleaved repeats "
+        f"(A B A B ..., {config['warmup']} warm-up call per step); rank optimization objective "
+        f"`{config['objective']}`; bf16 autocast {'on' if config['autocast_bf16'] else 'off'}; channels_last "
+        f"{'on' if config['channels_last'] else 'off'}{'; quick' if config.get('quick') else ''}.",
+        _machine_line(results),
+        "",
+        "Each cell is the ratio to the original: the median over repeats, then min-max. Throughput above "
+        "1 is faster. Training throughput of a freezing row is averaged over one cycle of its phases. "
+        "Freezing does not change the inference graph, so freezing rows show the inference of the model "
+        "they freeze.",
+    ]
+    for model in results["models"]:
+        rows = model["rows"]
+        base = rows[0]
+        batch = model["batch_size"]
+        plans = model["plans"]
+        opt = plans["optimized"]
+        lines += [
+            "",
+            f"## {model['name']}",
+            "",
+            f"{model.get('description', '')}; input {'x'.join(str(s) for s in model['input_shape'])}, batch {batch}. "
+            f"Original: {base['params']:,} parameters, {_si(base['macs'] / batch)} MACs per item, "
+            f"{base['infer_items_per_s']['median']:.1f} items/s inference, "
+            f"{base['train_items_per_s']['median']:.1f} items/s training.",
+            f"Rank optimization: {opt['decomposed']} of {opt['candidates']} candidate layers decomposed "
+            f"({plans['ratio']['decomposed']} at ratio ranks), {opt['changed_from_ratio_ranks']} changed, "
+            f"{opt['kept_as_original_by_search']} kept as the original layer"
+            + (f", {opt['seconds']:.0f} s of layer timing." if "seconds" in opt else "."),
+            "",
+        ]
+        table = []
+        for row in rows:
+            infer = _ratio(row["infer_ratio"])
+            if row.get("infer_measured_as", row["variant"]) != row["variant"]:
+                infer += " *"
+            table.append([row["label"], f"{row['params_ratio']:.3f}x", f"{row['macs_ratio']:.3f}x", infer,
+                          _ratio(row["train_ratio"]) + (f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else "")])
+        lines += _table(["variant", "parameters", "MACs", "inference throughput", "training throughput"], table)
+        lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
+    return "\n".join(lines) + "\n"
+
+
+def bench_plot(results: Mapping, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    labels = [row["label"] for row in models[0]["rows"]]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3 * len(models) + 4), 4.5), sharey=True)
+    width = 0.8 / len(labels)
+    for ax, key, title in ((axes[0], "infer_ratio", "inference throughput"),
+                           (axes[1], "train_ratio", "training throughput")):
+        for i, label in enumerate(labels):
+            medians, low, high = [], [], []
+            for model in models:
+                spread = next(r[key] for r in model["rows"] if r["label"] == label)
+                medians.append(spread["median"])
+                low.append(spread["median"] - spread["min"])
+                high.append(spread["max"] - spread["median"])
+            xs = [m + (i - (len(labels) - 1) / 2) * width for m in range(len(models))]
+            ax.bar(xs, medians, width, yerr=[low, high], capsize=2, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(models)), [m["name"] for m in models])
+        ax.set_title(f"{title} / original")
+    axes[0].set_ylabel("ratio to the original (median, min-max)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"lrdaccel bench, ratio {results['config']['ratio']:g}, {results['machine']['device_name']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# Demo --------------------------------------------------------------------------------------------
+
+def demo_markdown(results: Mapping) -> str:
+    config, original, decomposed = results["config"], results["original"], results["decomposed"]
+    ratios, throughput = results["ratios"], results["throughput"]
+    dataset = results["dataset"]
+    points = 100 * (decomposed["accuracy"] - original["accuracy"])
+    phases = throughput["decomposed"].get("train_phases", 1)
+    lines = [
+        f"# lrdaccel demo: {results['model']} on {dataset['name']}",
+        "",
+        f"{dataset['train_size']:,} training / {dataset['test_size']:,} test images; original trained "
+        f"{config['epochs']} epochs; decomposed at ratio {config['ratio']:g}, "
+        + (f"ranks optimized for `{config['objective']}` by timing each layer here" if config.get("optimize", True)
+           else "at the ratio's ranks")
+        + f"; fine-tuned {config['finetune_epochs']} epochs with `{config['schedule']}` freezing"
+        + ("; quick run on a small slice." if config.get("quick") else "."),
+        _machine_line(results),
+        "",
+    ]
+    lines += _table(["", "original", "decomposed", "decomposed / original"], [
+        ["parameters", f"{original['params']:,}", f"{decomposed['params']:,}", f"{ratios['params']:.3f}x"],
+        ["MACs per image", f"{original['macs']:,}", f"{decomposed['macs']:,}", f"{ratios['macs']:.3f}x"],
+        ["test accuracy", f"{100 * original['accuracy']:.2f}%",
+         f"{100 * decomposed['accuracy']:.2f}% (before fine-tuning: {100 * decomposed['accuracy_before_finetune']:.2f}%)",
+         f"{points:+.2f} points"],
+        [f"inference throughput (batch {throughput['batch_size']})",
+         f"{throughput['original']['infer_items_per_s']['median']:,.0f} img/s",
+         f"{throughput['decomposed']['infer_items_per_s']['median']:,.0f} img/s", _ratio(ratios["infer"])],
+        [f"training throughput (batch {throughput['batch_size']})",
+         f"{throughput['original']['train_items_per_s']['median']:,.0f} img/s",
+         f"{throughput['decomposed']['train_items_per_s']['median']:,.0f} img/s"
+         + (f" (mean over {phases} freezing phases)" if phases > 1 else ""), _ratio(ratios["train"])],
+    ])
+    lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats."]
+    lines += [f"Note: {note}." for note in results.get("notes", [])]
+    lines += ["", "## Fine-tuning", ""]
+    lines += _table(["epoch", "freezing phases", "trainable share", "train loss", "test accuracy", "seconds"], [
+        [h["epoch"], ", ".join(str(p) for p in h["phases"]), f"{100 * h['trainable_share']:.1f}%", f"{h['loss']:.4f}",
+         f"{100 * h['accuracy']:.2f}%", f"{h['seconds']:.1f}"] for h in decomposed["history"]])
+    lines += ["", "## Layers", ""]
+    lines += _table(["layer", "ratio rank", "chosen", "reason"], [
+        [row["name"], _rank(row["ratio_rank"]), _rank(row["rank"]) if row["kind"] != "keep" else "original",
+         row["reason"]] for row in decomposed["layers"]])
+    lines += ["", "## Time per stage", ""]
+    lines += _table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["stages"].items()])
+    return "\n".join(lines) + "\n"
+
+
+def _rank(rank) -> str:
+    if rank is None:
+        return "-"
+    return str(rank) if isinstance(rank, int) else "x".join(str(r) for r in rank)
+
+
+def demo_plot(results: Mapping, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    ratios = results["ratios"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["parameters", "MACs", "inference\nthroughput", "training\nthroughput"]
+    medians = [ratios["params"], ratios["macs"], ratios["infer"]["median"], ratios["train"]["median"]]
+    left.bar(names[:2], medians[:2], color="#7a9")
+    measured = [ratios["infer"], ratios["train"]]
+    left.bar(names[2:], medians[2:], color="#58c", capsize=3,
+             yerr=[[s["median"] - s["min"] for s in measured], [s["max"] - s["median"] for s in measured]])
+    for x, value in enumerate(medians):
+        left.annotate(f"{value:.2f}x", (x, 0), ha="center", va="bottom", fontsize=9, color="white",
+                      xytext=(0, 3), textcoords="offset points")
+    left.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    left.set_ylabel("decomposed / original")
+    left.set_title("what changed")
+    history = results["decomposed"]["history"]
+    epochs = [0] + [h["epoch"] for h in history]
+    accuracies = [100 * results["decomposed"]["accuracy_before_finetune"]] + [100 * h["accuracy"] for h in history]
+    right.plot(epochs, accuracies, marker="o", label="decomposed")
+    right.axhline(100 * results["original"]["accuracy"], color="black", linestyle="--", label="original")
+    right.set_xlabel("fine-tuning epoch (0: right after decomposition)")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_ylabel("test accuracy (%)")
+    right.set_title(f"{results['model']} on {results['dataset']['name']}")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# Entry points ------------------------------------------------------------------------------------
+
+def render_markdown(results: Mapping) -> str:
+    """The Markdown report of a checked results dict (bench or demo)."""
+    results = check_results(results)
+    return (bench_markdown if results["format"] == BENCH_FORMAT else demo_markdown)(results)
+
+
+def write_report(results: Mapping, out_dir: str | Path) -> dict[str, Path]:
+    """Write `report.md` and `report.png` into `out_dir`; returns their paths.
+
+    Raises:
+        ValueError: the results are not well-formed (the message names the key).
+    """
+    results = check_results(results)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = out_dir / MARKDOWN_NAME
+    markdown.write_text(render_markdown(results))
+    plot = bench_plot if results["format"] == BENCH_FORMAT else demo_plot
+    return {"markdown": markdown, "plot": plot(results, out_dir / PLOT_NAME)}

@@ -1,0 +1,128 @@
+"""What a results file must hold, checked before a report is drawn from it.
+
+Two kinds share a header (format, version, lrdaccel_version, created, machine, config):
+"lrdaccel.bench" (the throughput table: models -> rows) and "lrdaccel.demo" (the demo run).
+A ratio spread is {"min", "median", "max", "values"} with min <= median <= max.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+BENCH_FORMAT = "lrdaccel.bench"
+DEMO_FORMAT = "lrdaccel.demo"
+RESULTS_VERSION = 1
+HEADER_KEYS = ("format", "version", "lrdaccel_version", "created", "machine", "config")
+BENCH_ROW_KEYS = ("variant", "label", "params", "macs", "params_ratio", "macs_ratio", "infer_ratio",
+                  "train_ratio", "infer_items_per_s", "train_items_per_s", "train_phases")
+SPREAD_KEYS = ("min", "median", "max", "values")
+
+
+def _require(mapping: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{where}: expected an object, got {type(mapping).__name__}")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}")
+
+
+def _positive(value: Any, where: str, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: expected a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+def check_spread(spread: Any, where: str) -> None:
+    """A {"min", "median", "max", "values"} of positive numbers, in order."""
+    _require(spread, SPREAD_KEYS, where)
+    values = spread["values"]
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}.values: expected a non-empty list, got {values!r}")
+    for i, value in enumerate(values):
+        _positive(value, f"{where}.values[{i}]")
+    for key in ("min", "median", "max"):
+        _positive(spread[key], f"{where}.{key}")
+    if not spread["min"] <= spread["median"] <= spread["max"]:
+        raise ValueError(f"{where}: min <= median <= max does not hold: {spread['min']}, {spread['median']}, "
+                         f"{spread['max']}")
+    if not math.isclose(min(values), spread["min"]) or not math.isclose(max(values), spread["max"]):
+        raise ValueError(f"{where}: min/max do not match the values")
+
+
+def _check_bench(results: Mapping, where: str) -> None:
+    models = results.get("models")
+    if not isinstance(models, list) or not models:
+        raise ValueError(f"{where}.models: expected a non-empty list")
+    for i, model in enumerate(models):
+        at = f"{where}.models[{i}]"
+        _require(model, ("name", "input_shape", "batch_size", "plans", "rows"), at)
+        rows = model["rows"]
+        if not isinstance(rows, list) or not rows or rows[0].get("variant") != "original":
+            raise ValueError(f"{at}.rows: expected a list starting with the 'original' row")
+        for j, row in enumerate(rows):
+            row_at = f"{at}.rows[{j}]"
+            _require(row, BENCH_ROW_KEYS, row_at)
+            _positive(row["params"], f"{row_at}.params", integer=True)
+            _positive(row["macs"], f"{row_at}.macs", integer=True)
+            _positive(row["params_ratio"], f"{row_at}.params_ratio")
+            _positive(row["macs_ratio"], f"{row_at}.macs_ratio")
+            _positive(row["train_phases"], f"{row_at}.train_phases", integer=True)
+            for key in ("infer_ratio", "train_ratio", "infer_items_per_s", "train_items_per_s"):
+                check_spread(row[key], f"{row_at}.{key}")
+        base = rows[0]
+        for key in ("infer_ratio", "train_ratio"):
+            if any(not math.isclose(v, 1.0) for v in base[key]["values"]):
+                raise ValueError(f"{at}.rows[0].{key}: the original's ratio to itself must be 1")
+
+
+def _check_demo(results: Mapping, where: str) -> None:
+    _require(results, ("dataset", "model", "original", "decomposed", "ratios", "throughput", "stages"), where)
+    for side in ("original", "decomposed"):
+        _require(results[side], ("params", "macs", "accuracy", "history"), f"{where}.{side}")
+        _positive(results[side]["params"], f"{where}.{side}.params", integer=True)
+        _positive(results[side]["macs"], f"{where}.{side}.macs", integer=True)
+        value = results[side]["accuracy"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{where}.{side}.accuracy: expected a fraction in [0, 1], got {value!r}")
+    _require(results["decomposed"], ("accuracy_before_finetune", "layers"), f"{where}.decomposed")
+    _require(results["ratios"], ("params", "macs", "infer", "train"), f"{where}.ratios")
+    _positive(results["ratios"]["params"], f"{where}.ratios.params")
+    _positive(results["ratios"]["macs"], f"{where}.ratios.macs")
+    check_spread(results["ratios"]["infer"], f"{where}.ratios.infer")
+    check_spread(results["ratios"]["train"], f"{where}.ratios.train")
+
+
+def check_results(results: Any, source: str = "results") -> dict:
+    """Raise ValueError naming the first key that is missing or wrong; return the results.
+
+    Raises:
+        ValueError: not an lrdaccel results object, a newer version, or a malformed field.
+    """
+    if not isinstance(results, Mapping) or results.get("format") not in (BENCH_FORMAT, DEMO_FORMAT):
+        raise ValueError(f"{source}: not an lrdaccel results file (format must be {BENCH_FORMAT!r} or "
+                         f"{DEMO_FORMAT!r})")
+    _require(results, HEADER_KEYS, source)
+    version = results["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version > RESULTS_VERSION:
+        raise ValueError(f"{source}: results version {version!r} is newer than this lrdaccel reads "
+                         f"({RESULTS_VERSION}); upgrade lrdaccel")
+    (_check_bench if results["format"] == BENCH_FORMAT else _check_demo)(results, source)
+    return dict(results)
+
+
+def load_results(path: str | Path) -> dict:
+    """Read and check a results JSON file.
+
+    Raises:
+        ValueError: not JSON, or not well-formed results (the message names the file and key).
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    return check_results(results, str(path))

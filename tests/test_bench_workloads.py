@@ -1,0 +1,118 @@
+"""What the bench times: counts, inference and training steps, freezing phases."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lrdaccel as lrd
+from lrdaccel.bench.counting import count_macs, count_params
+from lrdaccel.bench.throughput import BenchConfig, structural_copy
+from lrdaccel.bench.workloads import Runtime, inference_phase, make_freezer, output_tensor, training_phases
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.Flatten(),
+                         nn.Linear(16 * 6 * 6, 10))
+
+
+def test_counts_are_exact():
+    model = _net()
+    assert count_params(model) == (8 * 16 * 9 + 16) + (16 * 16 + 16) + (576 * 10 + 10)
+    x = torch.randn(2, 8, 6, 6)
+    # per image: 3x3 conv 16*8*9 per pixel, 1x1 conv 16*16 per pixel, 36 pixels; linear 576*10
+    assert count_macs(model, x) == 2 * (36 * (16 * 8 * 9 + 16 * 16) + 576 * 10)
+    model[0].weight.requires_grad_(False)
+    assert count_params(model, trainable_only=True) == count_params(model) - 8 * 16 * 9
+
+
+def test_count_macs_restores_the_mode():
+    model = _net().train()
+    count_macs(model, torch.randn(1, 8, 6, 6))
+    assert model.training
+
+
+def test_structural_copy_has_the_planned_shapes_and_leaves_the_original():
+    model = _net()
+    plan = lrd.plan(model, ratio=2.0)
+    copied = structural_copy(model, plan, Runtime())
+    assert isinstance(model[0], nn.Conv2d)
+    assert isinstance(copied[0], lrd.TuckerConv2d) and copied[0].rank == plan["0"].rank
+    assert count_params(copied) == count_params(model) - sum(r.params_before - r.params_after for r in plan.decomposed)
+
+
+def test_output_tensor():
+    t = torch.ones(2)
+
+    class Out:
+        logits = t
+
+    assert output_tensor(t) is t and output_tensor(Out()) is t and output_tensor((t, 1)) is t
+    with pytest.raises(ValueError, match="output tensor"):
+        output_tensor({"a": 1})
+
+
+def test_inference_phase_changes_nothing():
+    model = _net().train()
+    state = copy.deepcopy(model.state_dict())
+    phase = inference_phase(model, torch.randn(2, 8, 6, 6), Runtime())
+    phase.prepare()
+    phase.step()
+    assert not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_training_phases_follow_the_freezer_and_frozen_factors_do_not_move():
+    model = _net()
+    lrd.decompose(model, ratio=2.0)  # a Tucker-2 (3 factors) and two SVD layers (2 factors)
+    phases = training_phases(model, torch.randn(4, 8, 6, 6), Runtime(), schedule="rotate")
+    assert len(phases) == 6  # lcm(3, 2): one full cycle of the schedule
+    for index, phase in enumerate(phases):
+        phase.prepare()
+        assert model.training
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        phase.step()
+        assert frozen, f"phase {index} froze nothing"
+        for name, value in frozen.items():
+            assert torch.equal(model.get_parameter(name), value), f"frozen {name} moved in phase {index}"
+        assert any(not torch.equal(model.get_parameter(n), v) for n, v in trainable.items())
+        tucker_trainable = [i for i, f in enumerate(model[0].factors) if f.weight.requires_grad]
+        assert tucker_trainable == [index % 3]
+
+
+def test_static_schedule_is_one_phase_and_unknown_schedules_fail():
+    model = _net()
+    lrd.decompose(model, ratio=2.0)
+    assert len(training_phases(model, torch.randn(2, 8, 6, 6), Runtime(), schedule="static")) == 1
+    with pytest.raises(ValueError, match="schedule"):
+        make_freezer(model, "sometimes")
+
+
+def test_runtime_rejects_bad_devices():
+    with pytest.raises(ValueError, match="device"):
+        Runtime("not-a-device")
+    assert Runtime.default_for("cpu") == Runtime("cpu", False, False)
+
+
+def test_runtime_channels_last_places_conv_models_and_4d_inputs():
+    runtime = Runtime("cpu", channels_last=True)
+    model = runtime.place_model(_net())
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = runtime.place_inputs({"pixel_values": torch.randn(2, 8, 6, 6), "mask": torch.ones(2, 3)})
+    assert x["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"models": ["nope"]}, "unknown model"),
+    ({"models": []}, "at least one"),
+    ({"repeats": 0}, "repeats"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"ratio": 1.0}, "ratio"),
+    ({"objective": "fast"}, "objective"),
+    ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "nope"}, "device"),
+])
+def test_bench_config_validates(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(**kwargs)
