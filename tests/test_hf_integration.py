@@ -62,6 +62,7 @@ def tiny_vit():
     return model
 
 
+@pytest.mark.slow
 def test_trainer_run_keeps_frozen_factors_bitwise(tmp_path):
     model = tiny_vit()
     factor_names = {f"{layer}.{n}" for layer, m in model.named_modules() if isinstance(m, lrd.LowRankModule)
