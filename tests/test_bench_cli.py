@@ -44,6 +44,14 @@ def test_bench_quick_writes_well_formed_results(tmp_path, capsys):
     assert rows["lrd_seq"]["trainable_params"]["max"] < rows["lrd"]["trainable_params"]["max"]
     assert rows["lrd_seq"]["infer_ratio"] == rows["lrd"]["infer_ratio"]  # same inference graph
 
+    # Evidence for the analysis: the search's per-layer times and the top operators.
+    assert [layer["name"] for layer in model["optimized_layers"]] == [row.name for row in plan.decomposed]
+    for key in ("original", "lrd_both"):
+        for what in ("infer", "train"):
+            ops = model["profile"][key][what]
+            assert ops and all(op["ms"] > 0 for op in ops)
+            assert any("conv" in op["op"] for op in ops)
+
     report = (out / "report.md").read_text()
     assert report in capsys.readouterr().out
     assert "| LRD (ratio ranks) |" in report and "## fmnist-cnn" in report

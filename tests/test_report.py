@@ -34,6 +34,9 @@ def test_bench_markdown_table(bench):
     assert "Original: 25,557,032 parameters, 4.1G MACs per item, 40.0 items/s inference, 12.0 items/s training." in text
     assert "49 of 54 candidate layers decomposed (53 at ratio ranks), 17 changed, 4 kept" in text
     assert "cpu:Example CPU x2 threads" in text and "2025-01-02T03:04:05+00:00" in text
+    assert "| `aten::convolution_backward` | - | - | 700.0 | 420.5 |" in text
+    assert "| `aten::mkldnn_convolution` | 300.0 | 240.0 | 310.0 | 250.0 |" in text
+    assert "| total of the listed | 340.0 | 281.0 | 1010.0 | 670.5 |" in text
 
 
 def test_demo_markdown_table(demo):

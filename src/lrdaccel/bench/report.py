@@ -88,7 +88,27 @@ def bench_markdown(results: Mapping) -> str:
                           _ratio(row["train_ratio"]) + (f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else "")])
         lines += _table(["variant", "parameters", "MACs", "inference throughput", "training throughput"], table)
         lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
+        lines += _profile_table(model.get("profile") or {}, batch)
     return "\n".join(lines) + "\n"
+
+
+def _profile_table(profile: Mapping, batch: int, limit: int = 8) -> list[str]:
+    """The operators that take the most time, original vs LRD + both, ms per step (torch.profiler)."""
+    if not profile:
+        return []
+    cells = {(key, what): {entry["op"]: entry["ms"] for entry in profile[key][what]}
+             for key in profile for what in ("infer", "train")}
+    columns = [("original", "infer"), ("lrd_both", "infer"), ("original", "train"), ("lrd_both", "train")]
+    ops = []
+    for column in (("original", "infer"), ("original", "train"), ("lrd_both", "infer"), ("lrd_both", "train")):
+        for op in sorted(cells[column], key=cells[column].get, reverse=True)[:limit]:
+            if op not in ops:
+                ops.append(op)
+    rows = [[f"`{op}`"] + [f"{cells[c][op]:.1f}" if op in cells[c] else "-" for c in columns] for op in ops]
+    totals = ["total of the listed"] + [f"{sum(cells[c].get(op, 0.0) for op in ops):.1f}" for c in columns]
+    return ["", f"Where the time goes (torch.profiler self time, ms per step of batch {batch}; training averaged "
+                "over the freezing cycle):", ""] + _table(
+        ["operator", "original infer", "LRD + both infer", "original train", "LRD + both train"], rows + [totals])
 
 
 def bench_plot(results: Mapping, path: Path) -> Path:

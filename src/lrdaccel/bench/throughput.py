@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 import lrdaccel as lrd
 from lrdaccel import zoo
 from lrdaccel.bench.counting import count_macs, count_params
+from lrdaccel.bench.profiling import top_operators
 from lrdaccel.bench.schema import BENCH_FORMAT, RESULTS_VERSION
 from lrdaccel.bench.timing import Workload, measure_interleaved, ratio_to_baseline, spread
 from lrdaccel.bench.workloads import Runtime, inference_phase, training_phases
 from lrdaccel.plan import Plan
 from lrdaccel.rankopt import BenchmarkTimer
+from lrdaccel.rankopt.cache import device_name
 from lrdaccel.surgery import build_modules, swap_modules
 
 FULL_MODELS = ("resnet50", "resnet101", "resnet152", "vit-b16")
@@ -84,6 +86,8 @@ class BenchConfig:
             no file, or a path.
         rank_budget_s: seconds rank optimization may spend timing each distinct layer.
         rank_min_run_time: seconds of repeated calls per layer timing in the rank search.
+        profile: record the top operators of one inference and one training cycle of the
+            original and of "LRD + both" (torch.profiler), to explain the ratios.
         quick: a fast look; recorded in the results.
     """
 
@@ -100,6 +104,7 @@ class BenchConfig:
     timing_cache: str | None = None
     rank_budget_s: float = 20.0
     rank_min_run_time: float = 0.2
+    profile: bool = True
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -150,14 +155,8 @@ def machine_info(runtime: Runtime) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
     }
-    try:
-        from lrdaccel.rankopt.cache import device_name
-
-        info["device_name"] = device_name(device)
-    except ImportError:
-        pass
+    info["device_name"] = device_name(device)
     return info
 
 
@@ -255,6 +254,14 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
             "train_phase_seconds": train_timings.per_phase[variant.key],
             "trainable_params": spread(trainable[variant.key]),
         })
+    profiles = {}
+    if config.profile:
+        infer_phases = {w.name: w.phases for w in infer}
+        train_phases = {w.name: w.phases for w in train}
+        profiles = {key: {"infer": top_operators(infer_phases[key], runtime.device),
+                          "train": top_operators(train_phases[key], runtime.device)}
+                    for key in ("original", "lrd_both")}
+        profiles["lrd_both"]["infer"] = top_operators(infer_phases["lrd_opt"], runtime.device)
     return {
         "name": name,
         "description": spec.description,
@@ -265,7 +272,16 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
             "optimized": _plan_summary(optimized_plan, ratio_plan, optimize_seconds),
         },
         "rows": rows,
+        "optimized_layers": [_layer_row(row, base) for row, base in zip(optimized_plan, ratio_plan) if base.decomposed],
+        "profile": profiles,
     }
+
+
+def _layer_row(row, base) -> dict:
+    """One layer of the optimized plan: the ratio rank, the chosen one, and the measured times."""
+    return {"name": row.name, "ratio_rank": base.rank, "kind": row.kind, "rank": row.rank,
+            "time_original_ms": row.time_original_ms, "time_ratio_rank_ms": row.time_ratio_rank_ms,
+            "time_ms": row.time_ms}
 
 
 def _trainable_per_phase(model: nn.Module, workload: Workload) -> list[int]:

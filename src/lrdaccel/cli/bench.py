@@ -70,6 +70,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rank-min-run-time", type=float, default=None,
                         help=f"seconds of repeated calls per layer timing in the rank search (default "
                              f"{FULL['rank_min_run_time']:g}; {QUICK['rank_min_run_time']:g} with --quick)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="record the top operators (torch.profiler) of the original and of LRD + both, "
+                             "inference and training, in the results and the report (default on)")
     parser.add_argument("--timing-cache", default=None,
                         help="rank optimization's per-layer timing cache: a JSON path, or 'none' for no file "
                              "(default: lrdaccel's file in the user cache directory)")
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         rank_budget_s=_pick(args.rank_budget, defaults["rank_budget_s"]),
         rank_min_run_time=_pick(args.rank_min_run_time, defaults["rank_min_run_time"]),
+        profile=args.profile,
         quick=args.quick,
     )
     results = run_bench(config, progress=not args.no_progress)
