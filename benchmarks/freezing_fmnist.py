@@ -55,8 +55,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per schedule (default 2)")
     parser.add_argument("--phases-per-epoch", type=int, default=3, help="rotate switches per epoch (default 3)")
     parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads per process "
+                             "spin against other processes and run several times slower)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     train, test = standardised()
     model = zoo.get("fmnist-cnn").build()
