@@ -142,6 +142,7 @@ OPTIMIZERS = {
     "adam_foreach_wd": lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=0.1, foreach=True),
     "adamw_wd": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
     "adamw_wd_forloop": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, foreach=False),
+    "adamw_wd_fused": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True),
 }
 
 
