@@ -93,8 +93,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads per process "
+                             "spin against other processes and run several times slower)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     dense = build_model()
     decomposed = build_model()
@@ -112,11 +116,10 @@ def main() -> None:
         return steps["dense" if name == "dense" else "decomposed"]
 
     flops, shares = {}, {}
-    for name, (model, phases) in rows.items():  # warm-up, FLOPs and trainable share, one step per phase
+    for name, (model, phases) in rows.items():  # FLOPs and trainable share; the counted step is the warm-up
         flops[name], shares[name] = [], []
         for label, prepare in phases:
             prepare()
-            step_of(name)()
             with FlopCounterMode(display=False) as counter:
                 step_of(name)()
             flops[name].append(counter.get_total_flops())
