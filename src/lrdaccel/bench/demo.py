@@ -24,7 +24,7 @@ from lrdaccel import data, zoo
 from lrdaccel.bench.counting import count_macs, count_params
 from lrdaccel.bench.report import write_report
 from lrdaccel.bench.schema import DEMO_FORMAT
-from lrdaccel.bench.throughput import OBJECTIVES, results_header, timing_cache_arg
+from lrdaccel.bench.throughput import OBJECTIVES, record_end_load, results_header, timing_cache_arg
 from lrdaccel.bench.timing import Workload, measure_interleaved, ratio_to_baseline, spread
 from lrdaccel.bench.training import accuracy, prepare_data
 from lrdaccel.bench.workloads import FREEZING_SCHEDULES, Runtime, inference_phase, training_phases
@@ -48,7 +48,7 @@ class DemoConfig:
         schedule: SequentialFreezer schedule while fine-tuning.
         objective: what rank optimization times: "infer" or "train".
         batch_size: training batch, and the batch of the throughput measurements.
-        lr / finetune_lr: AdamW peak learning rates (one-cycle / cosine).
+        lr / finetune_lr: AdamW peak learning rates, decayed by a cosine over each run.
         train_limit / test_limit: use only the first N images of each split (None: all).
         repeats / min_run_time: throughput measurement (interleaved repeats, seconds each).
         seed: weights and shuffling.
@@ -192,6 +192,7 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(verbose)
+    results = results_header(DEMO_FORMAT, asdict(config), Runtime())
     torch.manual_seed(config.seed)
     train, test = stages.run(f"load {config.dataset}", lambda: prepare_data(
         config.dataset, config.train_limit, config.test_limit))
@@ -225,7 +226,6 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
     one = inputs[:1]
     counts = {name: {"params": count_params(model), "macs": count_macs(model, one)}
               for name, model in (("original", original), ("decomposed", decomposed))}
-    results = results_header(DEMO_FORMAT, asdict(config), Runtime())
     results.update({
         "dataset": {"name": config.dataset, "train_size": len(train), "test_size": len(test)},
         "model": config.model,
@@ -241,6 +241,7 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
         "stages": stages.seconds,
         "notes": notes,
     })
+    record_end_load(results)
     lrd.save(decomposed, out / "model")
     plan.save(out / "plan.json")
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

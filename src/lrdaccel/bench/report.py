@@ -30,8 +30,13 @@ def _ratio(spread: Mapping) -> str:
 
 def _machine_line(results: Mapping) -> str:
     m = results["machine"]
+    load = ""
+    if "load_average_1m" in m:
+        load = f"; load average {m['load_average_1m']:g} at start"
+        if "load_average_1m_at_end" in m:
+            load += f", {m['load_average_1m_at_end']:g} at end"
     return (f"Machine: {m.get('device_name', m.get('device'))} ({m.get('device')}), {m.get('cpu_count')} CPUs, "
-            f"{m.get('torch_threads')} torch threads; torch {m.get('torch')}; lrdaccel "
+            f"{m.get('torch_threads')} torch threads{load}; torch {m.get('torch')}; lrdaccel "
             f"{results['lrdaccel_version']}; {results['created']}.")
 
 
@@ -88,6 +93,7 @@ def bench_markdown(results: Mapping) -> str:
                           _ratio(row["train_ratio"]) + (f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else "")])
         lines += _table(["variant", "parameters", "MACs", "inference throughput", "training throughput"], table)
         lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
+        lines += [f"Note: {note}." for note in model.get("notes", [])]
         lines += _profile_table(model.get("profile") or {}, batch)
     return "\n".join(lines) + "\n"
 

@@ -29,6 +29,7 @@ from lrdaccel.bench.profiling import top_operators
 from lrdaccel.bench.schema import BENCH_FORMAT, RESULTS_VERSION
 from lrdaccel.bench.timing import Workload, measure_interleaved, ratio_to_baseline, spread
 from lrdaccel.bench.workloads import Runtime, inference_phase, training_phases
+from lrdaccel.layers import LowRankModule
 from lrdaccel.plan import Plan
 from lrdaccel.rankopt import BenchmarkTimer
 from lrdaccel.rankopt.cache import device_name
@@ -157,6 +158,8 @@ def machine_info(runtime: Runtime) -> dict:
         "device": str(device),
     }
     info["device_name"] = device_name(device)
+    if hasattr(os, "getloadavg"):  # other work on the machine skews throughput: record how busy it was
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)
     return info
 
 
@@ -223,8 +226,15 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
             base = next(v.key for v in VARIANTS if v.plan == variant.plan and v.schedule is None)
             models[variant.key] = copy.deepcopy(models[base])
 
+    notes, schedules = [], {}
+    for variant in VARIANTS:
+        schedules[variant.key] = variant.schedule
+        if variant.schedule and not any(isinstance(m, LowRankModule) for m in models[variant.key].modules()):
+            schedules[variant.key] = None
+            notes.append(f"{variant.label}: the {variant.plan} plan decomposes no layer, so there is nothing to "
+                         f"freeze; it trains like the model it would freeze")
     infer = [Workload(v.key, [inference_phase(models[v.key], inputs, runtime)]) for v in VARIANTS if not v.infer_as]
-    train = [Workload(v.key, training_phases(models[v.key], inputs, runtime, v.schedule)) for v in VARIANTS]
+    train = [Workload(v.key, training_phases(models[v.key], inputs, runtime, schedules[v.key])) for v in VARIANTS]
     trainable = {w.name: _trainable_per_phase(models[w.name], w) for w in train}
 
     infer_timings = measure_interleaved(infer, config.repeats, config.warmup, config.min_run_time, progress)
@@ -240,7 +250,7 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
             "variant": variant.key,
             "label": variant.label,
             "plan": variant.plan,
-            "schedule": variant.schedule,
+            "schedule": schedules[variant.key],
             "params": params,
             "macs": macs,
             "params_ratio": params / base_params,
@@ -258,10 +268,10 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
     if config.profile:
         infer_phases = {w.name: w.phases for w in infer}
         train_phases = {w.name: w.phases for w in train}
-        profiles = {key: {"infer": top_operators(infer_phases[key], runtime.device),
+        infer_as = {v.key: v.infer_as or v.key for v in VARIANTS}
+        profiles = {key: {"infer": top_operators(infer_phases[infer_as[key]], runtime.device),
                           "train": top_operators(train_phases[key], runtime.device)}
                     for key in ("original", "lrd_both")}
-        profiles["lrd_both"]["infer"] = top_operators(infer_phases["lrd_opt"], runtime.device)
     return {
         "name": name,
         "description": spec.description,
@@ -274,6 +284,7 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
         "rows": rows,
         "optimized_layers": [_layer_row(row, base) for row, base in zip(optimized_plan, ratio_plan) if base.decomposed],
         "profile": profiles,
+        "notes": notes,
     }
 
 
@@ -306,4 +317,11 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     results["models"] = []
     for name in tqdm(config.models, desc="models", unit="model", disable=not progress):
         results["models"].append(bench_model(name, config, progress))
+    record_end_load(results)
     return results
+
+
+def record_end_load(results: dict) -> None:
+    """Add the machine's load average at the end of the run next to the one at the start."""
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
