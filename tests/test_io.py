@@ -64,9 +64,9 @@ def test_tied_weights_stay_tied(tmp_path):
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = nn.Embedding(40, 16)
-            self.proj = nn.Linear(16, 16)
-            self.head = nn.Linear(16, 40, bias=False)
+            self.emb = nn.Embedding(40, 64)
+            self.proj = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 40, bias=False)
             self.head.weight = self.emb.weight
 
         def forward(self, ids):
@@ -74,6 +74,7 @@ def test_tied_weights_stay_tied(tmp_path):
 
     model = Tied()
     lrd.decompose(model, ratio=2)
+    assert isinstance(model.proj, lrd.SVDLinear)
     lrd.save(model, tmp_path)
     assert "head.weight" in json.loads((tmp_path / CONFIG_NAME).read_text())["aliases"]
     loaded = lrd.load(tmp_path, Tied())

@@ -81,12 +81,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "aliases": aliases,
         "plan": plan_of(model).to_dict(),
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
+    """Call write(temporary_path) beside target, then rename: readers never see half a file."""
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:

@@ -236,7 +236,7 @@ def plan(
     include: Selector = None,
     exclude: Selector = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    min_rank: int = 1,
+    min_rank: int = 8,
     beta: float = 1.0,
 ) -> Plan:
     """Plan the decomposition of `model` without changing it.
@@ -251,7 +251,9 @@ def plan(
         include / exclude: a full regex on the module name, a list of names or dotted suffixes,
             or a callable (module, name) -> bool. Exclusion wins.
         filter_fn: an extra callable (module, name) -> bool every decomposed layer must pass.
-        min_rank: ratio-derived ranks below this are raised to it (then the MAC check applies).
+        min_rank: a layer whose ratio rank falls below this (or below its channel count, where
+            that is smaller) is kept: it saves few parameters and loses much, like a 1-channel
+            image stem at Tucker ranks (1, 2). Explicit `ranks` are exempt.
         beta: Tucker-2 rank_out / rank_in.
 
     Raises:
@@ -305,7 +307,10 @@ def plan(
             rows.append(LayerPlan(name, entry.kind, rank, reason, type(module).__name__, shape, stride, ratio_rank=rank))
         else:
             layer_ratio = per_layer_ratio.get(name, ratio)
-            rank = _ratio_rank(entry.kind, shape, layer_ratio, beta, min_rank)
+            rank = _ratio_rank(entry.kind, shape, layer_ratio, beta)
+            if _below_min_rank(rank, shape, min_rank):
+                rows.append(keep(f"ratio {layer_ratio:g} gives rank {rank}, below min_rank {min_rank}"))
+                continue
             row = LayerPlan(name, entry.kind, rank, f"ratio {layer_ratio:g}", type(module).__name__, shape, stride,
                             ratio_rank=rank)
             if row.macs_after >= row.macs_before:
@@ -365,10 +370,17 @@ def _tucker_pair(rank: Rank) -> tuple[int, int]:
     return (rank, rank) if isinstance(rank, int) else tuple(rank)
 
 
-def _ratio_rank(kind: str, shape: dict, ratio: float, beta: float, min_rank: int) -> Rank:
-    """The ratio's rank, raised to min_rank, never above the channel counts."""
+def _ratio_rank(kind: str, shape: dict, ratio: float, beta: float) -> Rank:
+    """The ratio's rank, never above the channel counts (may be 0 for a tiny layer)."""
     c_out, c_in = shape["out"], shape["in"]
     if kind == "svd":
-        return min(max(svd_rank(c_out, c_in, ratio), min_rank), c_out, c_in)
-    r_in, r_out = tucker2_ranks(c_in, c_out, math.prod(shape["kernel"]), ratio, beta)
-    return min(max(r_in, min_rank), c_in), min(max(r_out, min_rank), c_out)
+        return min(svd_rank(c_out, c_in, ratio), c_out, c_in)
+    return tucker2_ranks(c_in, c_out, math.prod(shape["kernel"]), ratio, beta)
+
+
+def _below_min_rank(rank: Rank, shape: dict, min_rank: int) -> bool:
+    """True where a rank is under min_rank, unless it already spans its whole channel mode."""
+    if isinstance(rank, int):
+        return rank < min(min_rank, shape["out"], shape["in"])
+    r_in, r_out = rank
+    return r_in < min(min_rank, shape["in"]) or r_out < min(min_rank, shape["out"])

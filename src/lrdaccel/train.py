@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lrdaccel._modules import unwrap
 from lrdaccel.freezing import SCHEDULES, SequentialFreezer
-from lrdaccel.io import _atomic_write
+from lrdaccel.io import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "lrdaccel.finetune"
@@ -421,7 +421,7 @@ class _Run:
                 "rng": states,
             }
             self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.checkpoint_path, lambda path: torch.save(checkpoint, path))
+            atomic_write(self.checkpoint_path, lambda path: torch.save(checkpoint, path))
         if self.world > 1:
             dist.barrier()
 

@@ -13,7 +13,9 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
                         help="per-layer compression ratio: original weight params / decomposed (default 2)")
     parser.add_argument("--include", help="full regex on module names to decompose (default: all candidates)")
     parser.add_argument("--exclude", help="full regex on module names to keep as they are")
-    parser.add_argument("--min-rank", type=int, default=1, help="never use a rank below this (default 1)")
+    parser.add_argument("--min-rank", type=int, default=8,
+                        help="keep a layer whose ratio rank falls below this (or below its channel count, "
+                             "if smaller): it would save little and lose much (default 8)")
     parser.add_argument("--beta", type=float, default=1.0, help="Tucker-2 rank_out / rank_in (default 1)")
 
 
