@@ -13,23 +13,24 @@ from lrdaccel.bench.workloads import Runtime, inference_phase, make_freezer, out
 
 
 def _net():
-    return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.Flatten(),
-                         nn.Linear(16 * 6 * 6, 10))
+    # wide enough that every layer's ratio-2 rank is above the plan's min_rank
+    return nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.Flatten(),
+                         nn.Linear(32 * 6 * 6, 64))
 
 
 def test_counts_are_exact():
     model = _net()
-    assert count_params(model) == (8 * 16 * 9 + 16) + (16 * 16 + 16) + (576 * 10 + 10)
-    x = torch.randn(2, 8, 6, 6)
-    # per image: 3x3 conv 16*8*9 per pixel, 1x1 conv 16*16 per pixel, 36 pixels; linear 576*10
-    assert count_macs(model, x) == 2 * (36 * (16 * 8 * 9 + 16 * 16) + 576 * 10)
+    assert count_params(model) == (16 * 32 * 9 + 32) + (32 * 32 + 32) + (1152 * 64 + 64)
+    x = torch.randn(2, 16, 6, 6)
+    # per image: 3x3 conv 32*16*9 per pixel, 1x1 conv 32*32 per pixel, 36 pixels; linear 1152*64
+    assert count_macs(model, x) == 2 * (36 * (32 * 16 * 9 + 32 * 32) + 1152 * 64)
     model[0].weight.requires_grad_(False)
-    assert count_params(model, trainable_only=True) == count_params(model) - 8 * 16 * 9
+    assert count_params(model, trainable_only=True) == count_params(model) - 16 * 32 * 9
 
 
 def test_count_macs_restores_the_mode():
     model = _net().train()
-    count_macs(model, torch.randn(1, 8, 6, 6))
+    count_macs(model, torch.randn(1, 16, 6, 6))
     assert model.training
 
 
@@ -38,6 +39,7 @@ def test_structural_copy_has_the_planned_shapes_and_leaves_the_original():
     plan = lrd.plan(model, ratio=2.0)
     copied = structural_copy(model, plan, Runtime())
     assert isinstance(model[0], nn.Conv2d)
+    assert len(plan.decomposed) == 3
     assert isinstance(copied[0], lrd.TuckerConv2d) and copied[0].rank == plan["0"].rank
     assert count_params(copied) == count_params(model) - sum(r.params_before - r.params_after for r in plan.decomposed)
 
@@ -56,7 +58,7 @@ def test_output_tensor():
 def test_inference_phase_changes_nothing():
     model = _net().train()
     state = copy.deepcopy(model.state_dict())
-    phase = inference_phase(model, torch.randn(2, 8, 6, 6), Runtime())
+    phase = inference_phase(model, torch.randn(2, 16, 6, 6), Runtime())
     phase.prepare()
     phase.step()
     assert not model.training
@@ -66,7 +68,7 @@ def test_inference_phase_changes_nothing():
 def test_training_phases_follow_the_freezer_and_frozen_factors_do_not_move():
     model = _net()
     lrd.decompose(model, ratio=2.0)  # a Tucker-2 (3 factors) and two SVD layers (2 factors)
-    phases = training_phases(model, torch.randn(4, 8, 6, 6), Runtime(), schedule="rotate")
+    phases = training_phases(model, torch.randn(4, 16, 6, 6), Runtime(), schedule="rotate")
     assert len(phases) == 6  # lcm(3, 2): one full cycle of the schedule
     for index, phase in enumerate(phases):
         phase.prepare()
@@ -85,7 +87,7 @@ def test_training_phases_follow_the_freezer_and_frozen_factors_do_not_move():
 def test_static_schedule_is_one_phase_and_unknown_schedules_fail():
     model = _net()
     lrd.decompose(model, ratio=2.0)
-    assert len(training_phases(model, torch.randn(2, 8, 6, 6), Runtime(), schedule="static")) == 1
+    assert len(training_phases(model, torch.randn(2, 16, 6, 6), Runtime(), schedule="static")) == 1
     with pytest.raises(ValueError, match="schedule"):
         make_freezer(model, "sometimes")
 
@@ -100,7 +102,7 @@ def test_runtime_channels_last_places_conv_models_and_4d_inputs():
     runtime = Runtime("cpu", channels_last=True)
     model = runtime.place_model(_net())
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-    x = runtime.place_inputs({"pixel_values": torch.randn(2, 8, 6, 6), "mask": torch.ones(2, 3)})
+    x = runtime.place_inputs({"pixel_values": torch.randn(2, 16, 6, 6), "mask": torch.ones(2, 3)})
     assert x["pixel_values"].is_contiguous(memory_format=torch.channels_last)
 
 

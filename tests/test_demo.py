@@ -52,9 +52,11 @@ def test_demo_without_rank_optimization_freezes_every_decomposed_layer(tmp_path)
     assert main(args) == 0
     results = load_results(out / "results.json")
     layers = results["decomposed"]["layers"]
-    # ratio ranks everywhere but the patch projection that reads the 1-channel image
-    assert [r["name"] for r in layers if r["kind"] == "keep"] == ["model.vit.embeddings.patch_embeddings.projection"]
-    assert all(r["rank"] == r["ratio_rank"] for r in layers if r["kind"] != "keep")
+    # ratio ranks in every encoder layer; the patch projection that reads the 1-channel image is kept
+    kept = {r["name"]: r["reason"] for r in layers if r["kind"] == "keep"}
+    assert kept["model.vit.embeddings.patch_embeddings.projection"] == "rejected by filter_fn"
+    encoder = [r for r in layers if ".layers." in r["name"]]
+    assert len(encoder) == 24 and all(r["rank"] == r["ratio_rank"] for r in encoder)
     assert results["throughput"]["decomposed"]["train_phases"] == 1  # static: one phase
     assert all(h["trainable_share"] < 1 for h in results["decomposed"]["history"])
 
@@ -85,4 +87,5 @@ def test_default_dataset_falls_back_to_mnist5k(monkeypatch):
 def test_keep_input_layer_rejects_only_the_layer_reading_the_image():
     model = zoo.get("fmnist-cnn").build()
     plan = lrd.plan(model, ratio=2.0, filter_fn=keep_input_layer(1))
-    assert [row.name for row in plan if not row.decomposed] == ["stem.0"]
+    assert [row.name for row in plan if row.reason == "rejected by filter_fn"] == ["stem.0"]
+    assert all(row.decomposed for row in plan if row.name.startswith("blocks."))
