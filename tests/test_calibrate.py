@@ -279,7 +279,7 @@ def test_whitened_model_has_lower_output_error_same_structure_and_ranks():
     calibration, held_out = [images(16, seed=s) for s in range(10, 14)], images(32, seed=99)
     with torch.no_grad():
         reference = base(held_out)
-    plan = lrd.plan(base, ratio=2.5)
+    plan = lrd.plan(base, ratio=2.5, min_rank=1)  # every layer, small ones too
     plain, whitened = copy.deepcopy(base), copy.deepcopy(base)
     lrd.decompose(plain, plan)
     report = lrd.decompose(whitened, plan, calibration=calibration, method="whiten")
@@ -305,7 +305,7 @@ def test_full_rank_whitened_model_is_exact():
 
 def test_save_and_load_of_a_whitened_model(tmp_path):
     model = trained_net()
-    lrd.decompose(model, ratio=2.0, calibration=[images(8)], method="whiten")
+    lrd.decompose(model, ratio=2.0, min_rank=1, calibration=[images(8)], method="whiten")
     x = images(4, seed=3)
     with torch.no_grad():
         expected = model(x)
@@ -318,7 +318,7 @@ def test_save_and_load_of_a_whitened_model(tmp_path):
 def test_whitened_layers_train_like_plain_ones():
     """Factors are ordinary parameters: one SGD step moves them and the loss is finite."""
     model = trained_net()
-    lrd.decompose(model, ratio=2.0, calibration=[images(8)], method="whiten")
+    lrd.decompose(model, ratio=2.0, min_rank=1, calibration=[images(8)], method="whiten")
     model.train()
     before = model.conv.core.weight.detach().clone()
     loss = model(images(4)).square().mean()
@@ -342,7 +342,7 @@ def test_decompose_whiten_bad_inputs_leave_the_model_unchanged(kwargs, message):
     model.train()
     before = state(model)
     with pytest.raises(ValueError, match=message):
-        lrd.decompose(model, ratio=2.0, **kwargs)
+        lrd.decompose(model, ratio=2.0, min_rank=1, **kwargs)
     assert unchanged(model, before) and hooks_of(model) == 0 and all(m.training for m in model.modules())
 
 

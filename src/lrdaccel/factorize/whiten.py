@@ -29,9 +29,11 @@ import torch
 
 from lrdaccel.factorize.tucker import tucker2
 
-# Relative to the mean input energy. Small enough that whitening still follows the inputs'
-# spectrum over ~4 decades, large enough that S^{-1} stays well conditioned in float64.
-DEFAULT_DAMPING = 1e-4
+# Relative to the mean input energy: whitening follows the inputs' spectrum over two decades and
+# treats directions weaker than that alike. It regularises what a few calibration batches cannot
+# estimate (MiniLM's 1536-wide FFN inputs from ~500 tokens: 1e-2 matched or beat 1e-4 and 1e-6
+# on held-out sentences; on the Fashion-MNIST CNN 1e-6..1e-1 gave the same accuracy).
+DEFAULT_DAMPING = 1e-2
 
 
 class WhiteningError(ValueError):
