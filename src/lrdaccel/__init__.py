@@ -17,9 +17,12 @@ from lrdaccel.layers import LowRankModule, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.plan import LayerPlan, Plan, plan
 from lrdaccel.rankopt import optimize_ranks
 from lrdaccel.surgery import DecomposeReport, LayerReport, decompose
+from lrdaccel.train import FinetuneConfig, History, finetune
 
 __all__ = [
     "DecomposeReport",
+    "FinetuneConfig",
+    "History",
     "LayerPlan",
     "LayerReport",
     "LowRankModule",
@@ -30,6 +33,7 @@ __all__ = [
     "TuckerConv2d",
     "__version__",
     "decompose",
+    "finetune",
     "load",
     "optimize_ranks",
     "plan",
