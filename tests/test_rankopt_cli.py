@@ -18,7 +18,7 @@ def tiny_model() -> nn.Module:
                          nn.Linear(32 * 6 * 6, 10))
 
 
-MODEL = [f"--model={__name__}:tiny_model", "--input-shape=3,6,6", "--batch-size=2"]
+MODEL = [f"--model={__name__}:tiny_model", "--input-shape=3,6,6", "--batch-size=2", "--min-rank=1"]
 FAST = ["--budget-s=0.2", "--min-run-time=0.005", "--check-time=0.005", "--check-rounds=1"]
 
 

@@ -235,7 +235,8 @@ def test_timer_sees_the_captured_input():
         return 1.0
 
     x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
-    lrd.optimize_ranks(model, lrd.plan(model, ratio=2.0), x, timer=timer, cache=False, objective="train")
+    lrd.optimize_ranks(model, lrd.plan(model, ratio=2.0, min_rank=1), x, timer=timer, cache=False,
+                       objective="train")
     shapes = {shape for _, shape in seen}
     assert shapes == {(2, 8, 10, 10), (2, 16, 5, 5)}
     assert set(seen.values()) == {"channels_last"}

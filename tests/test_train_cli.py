@@ -26,7 +26,7 @@ COMMON = ["--dataset", "digits", "--train-limit", "96", "--test-limit", "32", "-
 
 def test_finetune_decompose_distill_save(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--distill", "--freeze", "static",
+    code = main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--min-rank", "1", "--distill", "--freeze", "static",
                  "--optimizer", "adamw", "--lr", "1e-3", "-o", str(out), *COMMON])
     assert code == 0
     history = json.loads((out / "history.json").read_text())
@@ -39,7 +39,7 @@ def test_finetune_decompose_distill_save(tmp_path, capsys):
 def test_finetune_from_saved_dir_stop_and_resume(tmp_path):
     saved = tmp_path / "compressed"
     model = tiny_classifier()
-    lrd.decompose(model, ratio=1.5)
+    lrd.decompose(model, ratio=1.5, min_rank=1)
     lrd.save(model, saved)
     checkpoints = tmp_path / "ckpt"
     args = ["finetune", "--model", FACTORY, "--from", str(saved), "--every-steps", "2",

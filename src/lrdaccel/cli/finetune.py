@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="a decomposed model saved by `lrdaccel compress -o DIR`, rebuilt on --model")
     source.add_argument("--ratio", type=float,
                         help="decompose --model here at this per-layer compression ratio (instead of --from)")
+    source.add_argument("--min-rank", type=int, default=8,
+                        help="with --ratio: keep a layer whose ratio rank falls below this (default 8)")
 
     run = parser.add_argument_group("data and training")
     run.add_argument("--dataset", default="fashion-mnist", choices=data.NAMES, help="dataset (default fashion-mnist)")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.source:
         lrd.load(args.source, model)
     elif args.ratio:
-        lrd.decompose(model, ratio=args.ratio)
+        lrd.decompose(model, ratio=args.ratio, min_rank=args.min_rank)
     train, test = _datasets(args)
     created = init_distributed()
     try:
