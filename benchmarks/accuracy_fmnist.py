@@ -167,16 +167,23 @@ def plot(results: dict, path: Path) -> None:
 
     models = results["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    colors = {"none": "tab:blue", "rotate": "tab:orange", "static": "tab:green"}
+    markers = ["o", "s", "^", "D"]
     for ax, model in zip(axes[0], models):
+        ratios = sorted({run["ratio"] for run in model["runs"]})
+        lowest = 100.0
         for run in model["runs"]:
             xs = [0] + [p["epoch"] for p in run["curve"]]
             ys = [100 * run["accuracy_after_decompose"]] + [100 * p["accuracy"] for p in run["curve"]]
-            style = "-" if run["distill"] else ":"
-            ax.plot(xs, ys, style, marker=".", label=f"r{run['ratio']:g} {run['schedule']}{' KD' if run['distill'] else ''}")
+            lowest = min(lowest, *ys)
+            ax.plot(xs, ys, "-" if run["distill"] else ":", color=colors.get(run["schedule"], "gray"),
+                    marker=markers[ratios.index(run["ratio"]) % len(markers)], markersize=4,
+                    label=f"ratio {run['ratio']:g}, {run['schedule']}{', KD' if run['distill'] else ''}")
         acc = 100 * model["original"]["accuracy"]
         ax.axhline(acc, color="black", linestyle="--", linewidth=0.8, label="original")
-        ax.axhline(acc - results["config"]["target"], color="gray", linestyle=":", linewidth=0.8)
-        ax.set_ylim(max(0, acc - 15), acc + 2)
+        ax.axhline(acc - results["config"]["target"], color="gray", linestyle=":", linewidth=0.8,
+                   label=f"original - {results['config']['target']:g} points")
+        ax.set_ylim(lowest - 0.5, acc + 0.5)
         ax.set_title(model["name"])
         ax.set_xlabel("fine-tuning epochs")
         ax.set_ylabel("test accuracy (%)")
