@@ -35,10 +35,34 @@ def _check_rank(name: str, rank: int, out_features: int, in_features: int) -> No
         )
 
 
-class SVDLinear(LowRankModule):
-    """nn.Linear (or HF Conv1D) as Linear(in, rank, bias=False) -> Linear(rank, out, bias)."""
+class _TwoFactors(LowRankModule):
+    """What SVDLinear and SVDConv2d share: first (in -> rank) then second (rank -> out, bias)."""
 
     kind = "svd"
+
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "_TwoFactors":
+        """Set the factors from the SVD of a 2-D weight [out, in] and copy the bias."""
+        first, second = svd_split(weight, self.rank)
+        assign(self.first.weight, first)
+        assign(self.second.weight, second)
+        if bias is not None:
+            assign(self.second.bias, bias)
+        return self
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        return [self.first, self.second]
+
+    @property
+    def rank(self) -> int:
+        return self.first.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class SVDLinear(_TwoFactors):
+    """nn.Linear (or HF Conv1D) as Linear(in, rank, bias=False) -> Linear(rank, out, bias)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, source: str = "Linear"):
         super().__init__()
@@ -59,27 +83,10 @@ class SVDLinear(LowRankModule):
     def from_dense(cls, dense: nn.Module, rank: int, name: str = "") -> "SVDLinear":
         weight = dense_linear_weight(dense)
         check_finite(weight, name)
-        layer = cls.like(dense, rank, name)
-        first, second = svd_split(weight, rank)
-        assign(layer.first.weight, first)
-        assign(layer.second.weight, second)
-        if dense.bias is not None:
-            assign(layer.second.bias, dense.bias)
-        return layer
-
-    @property
-    def factors(self) -> list[nn.Module]:
-        return [self.first, self.second]
-
-    @property
-    def rank(self) -> int:
-        return self.first.out_features
+        return cls.like(dense, rank, name)._fill(weight, dense.bias)
 
     def dense_params(self) -> int:
         return self.in_features * self.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
 
     def dense_weight(self) -> torch.Tensor:
         weight = self.second.weight @ self.first.weight
@@ -102,10 +109,8 @@ class SVDLinear(LowRankModule):
         return dense.train(self.training)
 
 
-class SVDConv2d(LowRankModule):
+class SVDConv2d(_TwoFactors):
     """A 1x1 nn.Conv2d (groups=1) as Conv2d(C, rank, 1, stride, padding) -> Conv2d(rank, S, 1, bias)."""
-
-    kind = "svd"
 
     def __init__(self, dense: nn.Conv2d, rank: int):
         super().__init__()
@@ -129,27 +134,10 @@ class SVDConv2d(LowRankModule):
     @classmethod
     def from_dense(cls, dense: nn.Conv2d, rank: int, name: str = "") -> "SVDConv2d":
         check_finite(dense.weight, name)
-        layer = cls.like(dense, rank, name)
-        first, second = svd_split(dense.weight[:, :, 0, 0], rank)
-        assign(layer.first.weight, first)
-        assign(layer.second.weight, second)
-        if dense.bias is not None:
-            assign(layer.second.bias, dense.bias)
-        return layer
-
-    @property
-    def factors(self) -> list[nn.Module]:
-        return [self.first, self.second]
-
-    @property
-    def rank(self) -> int:
-        return self.first.out_channels
+        return cls.like(dense, rank, name)._fill(dense.weight[:, :, 0, 0], dense.bias)
 
     def dense_params(self) -> int:
         return self.in_channels * self.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
 
     def dense_weight(self) -> torch.Tensor:
         return (self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0])[:, :, None, None]
