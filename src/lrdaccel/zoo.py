@@ -146,7 +146,8 @@ def minilm_tokenizer():
 
 
 _SPECS = [
-    ModelSpec("resnet50", "HF ResNet-50 (ResNetConfig(), 1000 classes), random weights, 224x224", _hf_resnet([3, 4, 6, 3]), (3, 224, 224)),
+    ModelSpec("resnet50", "HF ResNet-50 (ResNetConfig(), 1000 classes), random weights, 224x224",
+              _hf_resnet([3, 4, 6, 3]), (3, 224, 224)),
     ModelSpec("resnet101", "HF ResNet-101, random weights, 224x224", _hf_resnet([3, 4, 23, 3]), (3, 224, 224)),
     ModelSpec("resnet152", "HF ResNet-152, random weights, 224x224", _hf_resnet([3, 8, 36, 3]), (3, 224, 224)),
     ModelSpec("resnet-mini", "HF ResNet with one bottleneck block per stage (depths 1,1,1,1), random weights, "

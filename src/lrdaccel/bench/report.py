@@ -89,8 +89,8 @@ def bench_markdown(results: Mapping) -> str:
             infer = _ratio(row["infer_ratio"])
             if row.get("infer_measured_as", row["variant"]) != row["variant"]:
                 infer += " *"
-            table.append([row["label"], f"{row['params_ratio']:.3f}x", f"{row['macs_ratio']:.3f}x", infer,
-                          _ratio(row["train_ratio"]) + (f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else "")])
+            train = _ratio(row["train_ratio"]) + (f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else "")
+            table.append([row["label"], f"{row['params_ratio']:.3f}x", f"{row['macs_ratio']:.3f}x", infer, train])
         lines += _table(["variant", "parameters", "MACs", "inference throughput", "training throughput"], table)
         lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
         lines += [f"Note: {note}." for note in model.get("notes", [])]

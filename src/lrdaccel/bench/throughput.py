@@ -16,7 +16,6 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
