@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from lrdaccel import zoo
+from lrdaccel.bench.cpu import busy_warning, parse_threads, set_threads
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
 from lrdaccel.bench.staircase import write_staircase
@@ -60,7 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="run under bf16 autocast (default: on for cuda, off on cpu)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels_last memory format for conv models (default: on for cuda, off on cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_threads, default=None,
+                        help="torch CPU threads, or 'auto': torch's choice on an idle machine, 1 on a busy one "
+                             "(default: torch's choice; time on a quiet machine)")
     parser.add_argument("--staircase", action=argparse.BooleanOptionalAction, default=None,
                         help="also time a [512,512,3,3] conv under Tucker-2 across ranks and plot time vs rank "
                              "(default: on, off with --quick)")
@@ -84,6 +88,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _threads(text: str):
+    try:
+        return parse_threads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _pick(value, default):
     return default if value is None else value
 
@@ -96,10 +107,9 @@ def run(args: argparse.Namespace) -> int:
         print(render_markdown(results))
         print(f"wrote {paths['markdown']} and {paths['plot']}")
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    for message in (set_threads(args.threads), busy_warning()):
+        if message:
+            print(message, file=sys.stderr)
     defaults = QUICK if args.quick else FULL
     on_gpu = torch.device(args.device).type == "cuda"
     config = BenchConfig(

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from lrdaccel import data
+from lrdaccel.bench.cpu import parse_threads, set_threads
 from lrdaccel.bench.demo import DEMO_MODELS, DemoConfig, run_demo
 from lrdaccel.bench.report import render_markdown
 from lrdaccel.bench.throughput import OBJECTIVES
@@ -63,19 +62,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rank-budget", type=float, default=None,
                         help=f"seconds rank optimization may spend timing each distinct layer "
                              f"(default {DEFAULTS.rank_budget_s:g}; 0.5 with --quick)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is much faster when other jobs "
-                             "share the CPU, as OpenMP threads then wait on each other)")
+    parser.add_argument("--threads", type=_threads, default="auto",
+                        help="torch CPU threads, or 'auto' (default): torch's choice on an idle machine, 1 when "
+                             "other work keeps the CPU busy (threads that do not all get a core wait on each other)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"seed (default {DEFAULTS.seed})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
+def _threads(text: str):
+    try:
+        return parse_threads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    message = set_threads(args.threads)
+    if message:
+        print(message)
     overrides = {key: value for key, value in {
         "out": args.out, "dataset": args.dataset, "model": args.model, "ratio": args.ratio,
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "schedule": args.schedule,
