@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lrdaccel import zoo
+from lrdaccel.bench.cpu import parse_threads
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--input-shape", type=_shape, default=None,
         help="example input shape without the batch, e.g. 3,224,224 (default: the zoo model's own)",
     )
+
+
+def threads_type(text: str):
+    """argparse type for --threads: an int >= 1 or 'auto', with lrdaccel.bench.cpu's message."""
+    try:
+        return parse_threads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from lrdaccel import zoo
-from lrdaccel.bench.cpu import busy_warning, parse_threads, set_threads
+from lrdaccel.bench.cpu import busy_warning, set_threads
+from lrdaccel.cli._common import threads_type
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
 from lrdaccel.bench.staircase import write_staircase
@@ -62,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="run under bf16 autocast (default: on for cuda, off on cpu)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels_last memory format for conv models (default: on for cuda, off on cpu)")
-    parser.add_argument("--threads", type=_threads, default=None,
+    parser.add_argument("--threads", type=threads_type, default=None,
                         help="torch CPU threads, or 'auto': torch's choice on an idle machine, 1 on a busy one "
                              "(default: torch's choice; time on a quiet machine)")
     parser.add_argument("--staircase", action=argparse.BooleanOptionalAction, default=None,
@@ -86,13 +87,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="do not measure: redraw report.md and report.png from this results.json into --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
-
-
-def _threads(text: str):
-    try:
-        return parse_threads(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _pick(value, default):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from lrdaccel import data
-from lrdaccel.bench.cpu import parse_threads, set_threads
+from lrdaccel.bench.cpu import set_threads
+from lrdaccel.cli._common import threads_type
 from lrdaccel.bench.demo import DEMO_MODELS, DemoConfig, run_demo
 from lrdaccel.bench.report import render_markdown
 from lrdaccel.bench.throughput import OBJECTIVES
@@ -62,19 +63,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rank-budget", type=float, default=None,
                         help=f"seconds rank optimization may spend timing each distinct layer "
                              f"(default {DEFAULTS.rank_budget_s:g}; 0.5 with --quick)")
-    parser.add_argument("--threads", type=_threads, default="auto",
+    parser.add_argument("--threads", type=threads_type, default="auto",
                         help="torch CPU threads, or 'auto' (default): torch's choice on an idle machine, 1 when "
                              "other work keeps the CPU busy (threads that do not all get a core wait on each other)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"seed (default {DEFAULTS.seed})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
-
-
-def _threads(text: str):
-    try:
-        return parse_threads(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
