@@ -33,10 +33,11 @@ import torch
 
 import lrdaccel as lrd
 from lrdaccel import zoo
-from lrdaccel.bench.counting import count_params
-from lrdaccel.bench.demo import keep_input_layer
-from lrdaccel.bench.training import accuracy, prepare_data
-from lrdaccel.train import finetune as run_finetune
+from lrdaccel.bench.demo_pipeline import keep_input_layer
+from lrdaccel.data import standardized_splits
+from lrdaccel.measure.counting import count_params
+from lrdaccel.training.evaluate import accuracy
+from lrdaccel.training.loop import finetune as run_finetune
 
 ORIGINAL_TRAINING = {  # epochs and AdamW peak learning rate (cosine decay) to train each original
     "fmnist-cnn": (4, 3e-3),
@@ -134,7 +135,7 @@ def markdown(results: dict) -> str:
         f"fine-tuning AdamW lr {config['finetune_lr']:g} (cosine over {config['max_epochs']:g} epoch), batch "
         f"{config['batch_size']}, evaluated every 1/{config['evals_per_epoch']} epoch, stopped once within "
         f"{config['target']:g} points of the original. Freezing phases switch at every evaluation. KD: "
-        f"distillation from the original (lrdaccel.train defaults: 0.5 task loss + 0.5 KL at temperature 4). "
+        f"distillation from the original (lrdaccel.finetune defaults: 0.5 task loss + 0.5 KL at temperature 4). "
         f"Time: training wall time, evaluation excluded. {results['machine']}; {results['created']}.",
     ]
     for model in results["models"]:
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     if any(s not in SCHEDULES for s in schedules):
         raise SystemExit(f"--schedules: each must be one of {SCHEDULES}, got {schedules}")
     distills = {"both": (False, True), "yes": (True,), "no": (False,)}[args.distill]
-    train, test = prepare_data(args.dataset, args.train_limit, args.test_limit)
+    train, test = standardized_splits(args.dataset, args.train_limit, args.test_limit)
     start = time.perf_counter()
     results = {
         "format": "lrdaccel.accuracy", "version": 1, "lrdaccel_version": lrd.__version__,

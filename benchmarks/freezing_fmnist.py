@@ -9,7 +9,7 @@ decomposed copy, the same number of epochs and with the same data order, three w
 `rotate` and `static`. Rotate switches `--phases-per-epoch` times per epoch (every_steps), so
 that even a short run trains every factor of the Tucker-2 layers. Test accuracy is on the full
 10k test images after every epoch; wall time is the training time of each epoch (evaluation
-excluded). Everything runs through `lrdaccel.train.finetune`, like `lrdaccel finetune` does.
+excluded). Everything runs through `lrd.finetune`, like `lrdaccel finetune` does.
 """
 
 from __future__ import annotations
@@ -23,30 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
 
 import lrdaccel as lrd
 from lrdaccel import data, zoo
-from lrdaccel.train import finetune
+from lrdaccel.training.evaluate import accuracy
+from lrdaccel.training.loop import finetune
 
 RESULTS = Path(__file__).with_name("results")
 SCHEDULES = (None, "rotate", "static")
-
-
-def standardised() -> tuple[TensorDataset, TensorDataset]:
-    train, test = data.load("fashion-mnist", "train"), data.load("fashion-mnist", "test")
-    images = train.tensors[0]
-    mean, std = float(images.mean()), float(images.std())
-    return tuple(TensorDataset(data.normalize(d.tensors[0], mean, std), d.tensors[1]) for d in (train, test))
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, test: TensorDataset) -> float:
-    model.eval()
-    x, y = test.tensors
-    correct = sum((model(x[i:i + 1000]).argmax(-1) == y[i:i + 1000]).sum().item() for i in range(0, len(y), 1000))
-    model.train()
-    return correct / len(y)
 
 
 def main() -> None:
@@ -62,18 +46,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    train, test = standardised()
+    train, test = data.standardized_splits("fashion-mnist")
     model = zoo.get("fmnist-cnn").build()
     pretrain = finetune(model, train, test, schedule=None, epochs=args.pretrain_epochs, optimizer="adamw", lr=3e-3,
                         weight_decay=5e-4, batch_size=args.batch, seed=0)
     print(pretrain)
-    dense_accuracy = accuracy(model, test)
+    dense_accuracy = accuracy(model, test, progress=False)
 
     decomposed = copy.deepcopy(model)
     start = time.perf_counter()
     report = lrd.decompose(decomposed, ratio=2.0)
     decompose_seconds = time.perf_counter() - start
-    decomposed_accuracy = accuracy(decomposed, test)
+    decomposed_accuracy = accuracy(decomposed, test, progress=False)
     print(f"dense {100 * dense_accuracy:.2f}% -> decomposed {100 * decomposed_accuracy:.2f}% before fine-tuning; "
           f"parameters {report.model_params_before:,} -> {report.model_params_after:,}")
 

@@ -28,7 +28,7 @@ from torch import nn
 import lrdaccel as lrd
 from lrdaccel import zoo
 from lrdaccel.rankopt import compare_end_to_end, measure_staircase, plot_staircase, timing_table
-from lrdaccel.rankopt.cache import device_name
+from lrdaccel.measure.machine import device_name
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "rankopt_resnet50"

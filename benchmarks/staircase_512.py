@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrdaccel.rankopt.plot import measure_staircase, plot_staircase
+from lrdaccel.rankopt.staircase import measure_staircase, plot_staircase
 
 
 def main() -> None:

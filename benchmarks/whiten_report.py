@@ -9,7 +9,7 @@ Two real models, each decomposed both ways from the same plan:
   other sentences on other subjects.
 - The zoo's "fmnist-cnn" trained on Fashion-MNIST, at ratios 2 / 3 (the 1-channel stem kept, as
   the demo does): logits error and test accuracy right after decomposition, and after one epoch
-  of fine-tuning (lrdaccel.train.finetune, all factors trainable, SGD, cosine LR). Calibration:
+  of fine-tuning (lrd.finetune, all factors trainable, SGD, cosine LR). Calibration:
   8 batches of 128 training images.
 
 "Layer output error" is per decomposed layer, on held-out inputs the ORIGINAL model feeds it:
@@ -42,9 +42,9 @@ from torch.utils.data import TensorDataset
 
 import lrdaccel as lrd
 from lrdaccel import data, zoo
-from lrdaccel.bench.demo import keep_input_layer
-from lrdaccel.bench.training import accuracy
-from lrdaccel.train import finetune
+from lrdaccel.bench.demo_pipeline import keep_input_layer
+from lrdaccel.training.evaluate import accuracy
+from lrdaccel.training.loop import finetune
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -315,7 +315,7 @@ def cnn_section(ratios: tuple[float, ...], train_limit: int | None, test_limit: 
         "original_accuracy": original_accuracy,
         "train_images": len(train), "test_images": len(test),
         "calibration": f"{len(calibration)} batches of 128 training images (seed 1)",
-        "finetune": "1 epoch, lrdaccel.train.finetune: SGD momentum 0.9, lr 0.01 cosine, batch 128, no freezing",
+        "finetune": "1 epoch, lrd.finetune: SGD momentum 0.9, lr 0.01 cosine, batch 128, no freezing",
         "rows": rows,
     }
 

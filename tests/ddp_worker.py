@@ -1,4 +1,4 @@
-"""Worker for tests/test_ddp.py, run as `torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR`.
+"""Worker for tests/test_training_ddp.py, run as `torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR`.
 
 Part 1 drives SequentialFreezer.wrap_ddp by hand and checks, at every step, that the factors
 frozen in the phase did not move and that every parameter is identical on both ranks. Part 2 runs
@@ -21,7 +21,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 import lrdaccel as lrd
 from lrdaccel import data
-from lrdaccel.train import finetune
+from lrdaccel.training.loop import finetune
 
 STEPS_PER_PHASE = 3
 EPOCHS = 2

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.bench.counting import count_macs, count_params
-from lrdaccel.bench.throughput import BenchConfig, structural_copy
-from lrdaccel.bench.workloads import Runtime, inference_phase, make_freezer, output_tensor, training_phases
+from lrdaccel.measure.counting import count_macs, count_params
+from lrdaccel.bench.paper_table import BenchConfig, structural_copy
+from lrdaccel._modules import output_tensor
+from lrdaccel.bench.workloads import make_freezer, training_phases
+from lrdaccel.measure.steps import Placement as Runtime, inference_phase
 
 
 def _net():

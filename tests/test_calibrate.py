@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.calibrate import InputStats, collect_input_stats, whitened_layer, whitening_factorizer
+from lrdaccel.calibrate import InputStats, collect_input_stats
 from test_whiten import anisotropic_inputs
 
 
@@ -110,7 +110,7 @@ def test_hf_conv1d_stats_and_full_rank_whitened_layer_is_exact():
     x = anisotropic_inputs(64, 8, decades=4).reshape(4, 16, 8)
     stats = collect_input_stats(model, ["0"], [x])
     torch.testing.assert_close(stats["0"].sum_outer, x.reshape(-1, 8).T @ x.reshape(-1, 8))
-    layer = whitened_layer(model[0], 8, "0", stats["0"])
+    layer = lrd.SVDLinear.from_dense(model[0], 8, "0", input_covariance=stats["0"].covariance())
     assert isinstance(layer, lrd.SVDLinear) and layer.source == "Conv1D"
     with torch.no_grad():
         torch.testing.assert_close(layer(x), model(x), rtol=1e-10, atol=1e-10)
@@ -248,7 +248,7 @@ def test_all_zero_inputs_fall_back_to_plain_tucker_with_a_warning():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     stats = collect_input_stats(nn.Sequential(conv), ["0"], [torch.zeros(2, 4, 5, 5)])
     with pytest.warns(UserWarning, match=r"layer 'blk.conv': .*zero.*plain Tucker-2 \(HOOI\)"):
-        layer = whitened_layer(conv, (2, 3), "blk.conv", stats["0"])
+        layer = lrd.TuckerConv2d.from_dense(conv, (2, 3), "blk.conv", input_covariance=stats["0"].covariance())
     expected = lrd.TuckerConv2d.from_dense(conv, (2, 3))
     torch.testing.assert_close(layer.to_dense().weight, expected.to_dense().weight)
 
@@ -257,12 +257,11 @@ def test_no_damping_and_a_dead_channel_falls_back_instead_of_failing():
     model = nn.Sequential(nn.Linear(5, 5))
     x = torch.randn(20, 5)
     x[:, 2] = 0
-    factorize = whitening_factorizer(model, lrd.plan(model, ranks={"0": 2}), [x], damping=0.0)
     with pytest.warns(UserWarning, match="layer '0': damped input covariance is not positive definite"):
-        layer = factorize(model[0], lrd.plan(model, ranks={"0": 2})["0"])
-    assert layer.rank == 2
+        lrd.decompose(model, lrd.plan(model, ranks={"0": 2}), method="whiten", calibration=[x], damping=0.0)
+    assert model[0].rank == 2
     with pytest.raises(ValueError, match="damping"):
-        whitening_factorizer(model, lrd.plan(model, ranks={"0": 2}), [x], damping=-1.0)
+        lrd.decompose(nn.Sequential(nn.Linear(5, 5)), ranks={"0": 2}, method="whiten", calibration=[x], damping=-1.0)
 
 
 # ---- decompose(method="whiten") ----------------------------------------------------------------
@@ -328,10 +327,10 @@ def test_whitened_layers_train_like_plain_ones():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="bogus", calibration=[None]), "method must be 'svd' or 'whiten', got 'bogus'"),
+    (dict(method="bogus", calibration=[None]), "method must be one of \\('svd', 'whiten'\\), got 'bogus'"),
     (dict(method="whiten"), "needs calibration"),
     (dict(calibration=[torch.zeros(1)]), "only used by method='whiten'"),
-    (dict(method="whiten", calibration=[images(2)], factorizer=lambda d, r: None), "either a factorizer"),
+    (dict(method="whiten", calibration=[images(2)], factorizer=lambda d, r: None), "unknown .*factorizer"),
     (dict(method="whiten", calibration=[]), "no batches"),
     (dict(method="whiten", calibration=images(2)), "single Tensor"),
     (dict(method="whiten", calibration=[images(2), torch.randn(2, 3)]), "calibration batch 1"),

@@ -14,7 +14,7 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.io import CONFIG_NAME, WEIGHTS_NAME
-from test_plan import Net
+from test_planning import Net
 from test_surgery import snapshot, unchanged
 
 ROOT = Path(__file__).resolve().parent
@@ -50,7 +50,7 @@ def test_load_in_another_process_gives_identical_outputs(saved, tmp_path):
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         import lrdaccel as lrd
-        from test_plan import Net
+        from test_planning import Net
         torch.manual_seed(12345)  # different random init: every weight must come from the file
         model = lrd.load({str(out)!r}, Net()).eval()
         with torch.no_grad():

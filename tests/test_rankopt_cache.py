@@ -11,7 +11,7 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.rankopt import TimingCache, default_cache_path
-from lrdaccel.rankopt.cache import device_name
+from lrdaccel.measure.machine import device_name
 
 
 class CountingTimer:

@@ -14,7 +14,7 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.factorize import svd_params, tucker2_params
-from lrdaccel.rankopt.optimize import NOT_REACHED
+from lrdaccel.rankopt.choose import NOT_REACHED
 
 
 class FakeTimer:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lrdaccel as lrd
-from test_plan import Net
+from test_planning import Net
 
 
 def snapshot(model):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import lrdaccel as lrd
+from lrdaccel._modules import call_model
 from lrdaccel import zoo
 
 SMALL = ("fmnist-cnn", "fmnist-vit", "resnet-mini", "vit-tiny")
@@ -16,7 +17,7 @@ def _forward(name: str, batch: int = 2):
     spec = zoo.get(name)
     model = spec.build().eval()
     with torch.no_grad():
-        output = lrd.surgery.call_model(model, spec.example_inputs(batch))
+        output = call_model(model, spec.example_inputs(batch))
     return spec, model, output
 
 

@@ -9,17 +9,16 @@
     model = lrd.load("out/", base_model)
 """
 
-__version__ = "0.1.0"
-
-from lrdaccel.freezing import SequentialFreezer
+from lrdaccel._version import __version__
 from lrdaccel.io import load, save
 from lrdaccel.layers import LowRankModule, SVDConv2d, SVDLinear, TuckerConv2d
-from lrdaccel.plan import LayerPlan, Plan, plan
-from lrdaccel.rankopt import optimize_ranks
-from lrdaccel.surgery import DecomposeReport, LayerReport, decompose
-from lrdaccel.train import FinetuneConfig, History, finetune
+from lrdaccel.planning import LayerPlan, Plan, PlanConfig, plan
+from lrdaccel.rankopt import SearchSettings, optimize_ranks
+from lrdaccel.surgery import DecomposeConfig, DecomposeReport, LayerReport, decompose
+from lrdaccel.training import FinetuneConfig, History, SequentialFreezer, finetune
 
 __all__ = [
+    "DecomposeConfig",
     "DecomposeReport",
     "FinetuneConfig",
     "History",
@@ -27,9 +26,11 @@ __all__ = [
     "LayerReport",
     "LowRankModule",
     "Plan",
+    "PlanConfig",
     "SVDConv2d",
-    "SequentialFreezer",
     "SVDLinear",
+    "SearchSettings",
+    "SequentialFreezer",
     "TuckerConv2d",
     "__version__",
     "decompose",

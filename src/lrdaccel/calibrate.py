@@ -3,8 +3,8 @@
 `collect_input_stats` runs the model on calibration batches with forward pre-hooks on the
 chosen layers and streams sum(x x^T) and the count of input vectors into a float64 accumulator
 per layer: memory is channels^2 per layer whatever the number of batches, and no activation is
-kept. `whitening_factorizer` turns those statistics into the `factorizer(dense, row)` that
-`decompose(..., method="whiten")` passes to the surgery, so ranks, structure, freezing and
+kept. The layers' `from_dense(..., input_covariance=stats.covariance())` turn the statistics
+into factors (`decompose(..., method="whiten")` does this), so ranks, structure, freezing and
 save/load are exactly those of plain decomposition.
 
 What counts as "the input" of each layer type (the vectors its weight multiplies):
@@ -18,7 +18,6 @@ What counts as "the input" of each layer type (the vectors its weight multiplies
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,19 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel.factorize import check_finite
-from lrdaccel.factorize.whiten import (
-    DEFAULT_DAMPING,
-    WhiteningError,
-    check_damping,
-    whitened_svd_split,
-    whitened_tucker2,
-)
-from lrdaccel.layers import LowRankModule, SVDConv2d, TuckerConv2d, entry_for
-from lrdaccel.layers.base import assign
-from lrdaccel.layers.svd import dense_linear_weight
-from lrdaccel.layers.tucker import DEFAULT_HOOI_ITERS
-from lrdaccel.plan import LayerPlan, Plan
+from lrdaccel._modules import call_model, model_device, move_inputs
+from lrdaccel.layers import entry_for
 
 # Input vectors folded into the accumulator at once: bounds the float64 copy of an activation
 # (~32 MiB at this many elements) however large the calibration batch.
@@ -96,28 +84,6 @@ def _pad_like(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (pw, pw, ph, ph), mode=mode)
 
 
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        moved = [_to_device(value, device) for value in batch]
-        return moved if isinstance(batch, list) else tuple(moved)
-    return batch
-
-
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):  # dict, or a transformers BatchEncoding
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def _check_iterable(calibration: Any) -> None:
     if calibration is None:
         raise ValueError("calibration batches are required: give a DataLoader or a list of batches")
@@ -165,8 +131,7 @@ def collect_input_stats(
             raise ValueError(f"layer {name!r}: cannot collect input statistics of a {type(module).__name__}")
         modules[name] = module
     stats = {name: InputStats() for name in modules}
-    parameter = next(model.parameters(), None)
-    device = None if parameter is None else parameter.device
+    device = model_device(model)
     modes = {module: module.training for module in model.modules()}
     handles = []
     try:
@@ -176,7 +141,7 @@ def collect_input_stats(
         n_batches = 0
         for index, batch in enumerate(tqdm(calibration, desc="calibrating", unit="batch", disable=not progress)):
             try:
-                _call(model, _to_device(batch, device))
+                call_model(model, move_inputs(batch, device))
             except Exception as error:  # whatever the model raises, say which batch and how it was called
                 raise ValueError(
                     f"calibration batch {index}: the model failed on it ({type(error).__name__}: {error}); "
@@ -202,80 +167,3 @@ def _recorder(module: nn.Module, stats: InputStats) -> Callable:
         stats.add(_input_rows(module, x.detach()))
 
     return hook
-
-
-def whitened_layer(
-    dense: nn.Module,
-    rank: Any,
-    name: str,
-    stats: InputStats | None,
-    damping: float = DEFAULT_DAMPING,
-    n_iter: int | None = None,
-) -> LowRankModule:
-    """The decomposed layer for `dense` at `rank`, factorized to minimise output error on the
-    inputs `stats` describes; plain SVD / HOOI with a warning naming the layer where the inputs
-    were never seen or give no usable whitening factor.
-
-    Raises:
-        ValueError: bad rank or NaN/Inf weights (as plain decomposition does).
-    """
-    entry = entry_for(dense)
-    if entry is None:
-        raise ValueError(f"layer {name!r}: {type(dense).__name__} cannot be decomposed")
-    layer_class = entry.layer_class
-    n_iter = DEFAULT_HOOI_ITERS if n_iter is None else n_iter
-
-    def plain(why: str) -> LowRankModule:
-        plain_name = "Tucker-2 (HOOI)" if layer_class is TuckerConv2d else "SVD"
-        warnings.warn(f"layer {name!r}: {why}; using plain {plain_name} instead of whitening", stacklevel=3)
-        if layer_class is TuckerConv2d:
-            return layer_class.from_dense(dense, rank, name, n_iter=n_iter)
-        return layer_class.from_dense(dense, rank, name)
-
-    if stats is None or not stats.count:
-        return plain("no calibration input reached it")
-    layer = layer_class.like(dense, rank, name)
-    covariance = stats.covariance()
-    try:
-        if layer_class is TuckerConv2d:
-            check_finite(dense.weight, name)
-            u_in, core, u_out = whitened_tucker2(dense.weight, covariance, *layer.rank, n_iter=n_iter, damping=damping)
-            assign(layer.first.weight, u_in.T)
-            assign(layer.core.weight, core)
-            assign(layer.last.weight, u_out)
-        else:
-            weight = dense.weight[:, :, 0, 0] if layer_class is SVDConv2d else dense_linear_weight(dense)
-            check_finite(weight, name)
-            first, second = whitened_svd_split(weight, covariance, layer.rank, damping=damping)
-            assign(layer.first.weight, first)
-            assign(layer.second.weight, second)
-    except WhiteningError as error:
-        return plain(str(error))
-    bias = dense.bias
-    if bias is not None:
-        assign(layer.factors[-1].bias, bias)
-    return layer
-
-
-def whitening_factorizer(
-    model: nn.Module,
-    plan: Plan,
-    calibration: Iterable[Any],
-    *,
-    damping: float = DEFAULT_DAMPING,
-    n_iter: int | None = None,
-    progress: bool = False,
-) -> Callable[[nn.Module, LayerPlan], LowRankModule]:
-    """Collect the input statistics of `plan`'s decomposed layers and return the matching
-    `factorizer(dense, row)` for `decompose` / `build_modules`.
-
-    Raises:
-        ValueError: see `collect_input_stats`; damping negative or not finite.
-    """
-    check_damping(damping)
-    stats = collect_input_stats(model, [row.name for row in plan.decomposed], calibration, progress=progress)
-
-    def factorize(dense: nn.Module, row: LayerPlan) -> LowRankModule:
-        return whitened_layer(dense, row.rank, row.name, stats.get(row.name), damping=damping, n_iter=n_iter)
-
-    return factorize

@@ -98,3 +98,14 @@ def available(name: str) -> bool:
 def normalize(images: torch.Tensor, mean: float = 0.2860, std: float = 0.3530) -> torch.Tensor:
     """Standardise images (defaults: Fashion-MNIST train statistics)."""
     return (images - mean) / std
+
+
+def standardized_splits(name: str, train_limit: int | None = None, test_limit: int | None = None,
+                        ) -> tuple[TensorDataset, TensorDataset]:
+    """Train and test splits of a dataset, both standardised by the train split's mean and std."""
+    train = load(name, "train", limit=train_limit)
+    test = load(name, "test", limit=test_limit)
+    images = train.tensors[0]
+    mean, std = float(images.mean()), float(images.std())
+    return (TensorDataset(normalize(images, mean, std), train.tensors[1]),
+            TensorDataset(normalize(test.tensors[0], mean, std), test.tensors[1]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,10 +16,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lrdaccel._files import atomic_write, check_header
 from lrdaccel._modules import unwrap
+from lrdaccel._version import __version__
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.registry import dense_shape
-from lrdaccel.plan import LayerPlan, Plan
+from lrdaccel.planning import LayerPlan, Plan
 from lrdaccel.surgery import build_modules, swap_modules
 
 CONFIG_NAME = "lrdaccel_config.json"
@@ -58,8 +59,6 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """
     if not _is_writer():
         return
-    from lrdaccel import __version__
-
     model = unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -86,18 +85,6 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
 
 
-def atomic_write(target: Path, write) -> None:
-    """Call write(temporary_path) beside target, then rename: readers never see half a file."""
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
@@ -106,11 +93,7 @@ def read_config(directory: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
-        raise ValueError(f"{path}: not an lrdaccel model config (format {CONFIG_FORMAT!r} missing)")
-    version = config.get("version")
-    if not isinstance(version, int) or version > CONFIG_VERSION:
-        raise ValueError(f"{path}: config version {version!r} is newer than this lrdaccel reads; upgrade lrdaccel")
+    check_header(config, CONFIG_FORMAT, CONFIG_VERSION, str(path), "model config")
     return config
 
 

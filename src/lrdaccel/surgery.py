@@ -6,19 +6,50 @@ assignment and is rolled back if it fails part-way.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from lrdaccel._modules import parent_and_attr, unwrap
-from lrdaccel.calibrate import whitening_factorizer
-from lrdaccel.layers import LowRankModule, entry_for
+from lrdaccel._settings import check_choice, check_int, resolve
+from lrdaccel.calibrate import InputStats, collect_input_stats
+from lrdaccel.factorize.whiten import DEFAULT_DAMPING, check_damping
+from lrdaccel.layers import LowRankModule, TuckerConv2d, entry_for
+from lrdaccel.layers.base import warn_plain
 from lrdaccel.layers.registry import dense_shape
-from lrdaccel.plan import LayerPlan, Plan, plan as make_plan
+from lrdaccel.measure.counting import macs_by_module
+from lrdaccel.planning import Plan
+from lrdaccel.planning import plan as make_plan
+
+METHODS = ("svd", "whiten")
+
+
+@dataclass
+class DecomposeConfig:
+    """How `decompose` factorizes each planned layer.
+
+    Attributes:
+        method: "svd" (default): minimise weight error (plain SVD / HOOI). "whiten": minimise
+            output error on calibration inputs (truncation-aware whitening for SVD layers,
+            input-covariance-weighted HOOI for Tucker-2; see lrdaccel.factorize.whiten). Same
+            ranks and structure either way, so optimize_ranks, freezing and save/load apply.
+        n_iter: HOOI refinement sweeps for Tucker-2 (None: the default, 2).
+        damping: whitening's relative diagonal loading (method="whiten").
+    """
+
+    method: str = "svd"
+    n_iter: int | None = None
+    damping: float = DEFAULT_DAMPING
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_int("n_iter", self.n_iter, 0, optional=True)
+        check_damping(self.damping)
 
 
 @dataclass
@@ -95,16 +126,19 @@ def build_modules(
     model: nn.Module,
     plan: Plan,
     factorize: bool = True,
-    n_iter: int | None = None,
+    config: DecomposeConfig | None = None,
+    input_stats: dict[str, InputStats] | None = None,
     progress: bool = False,
-    factorizer: Callable[[nn.Module, LayerPlan], LowRankModule] | None = None,
 ) -> dict[str, LowRankModule]:
     """New modules for every decomposed row, the model untouched.
 
-    factorize=False builds the right shapes only (for loading weights or timing); a
-    `factorizer(dense, row)` replaces the default SVD / HOOI factorization.
+    factorize=False builds the right shapes only (for loading weights or timing). With
+    `input_stats` (from `lrdaccel.calibrate.collect_input_stats`) each layer is whitened by its
+    inputs' covariance; a layer the calibration never reached falls back to the plain
+    factorization with a warning naming it.
     """
     validate_plan(model, plan)
+    config = config or DecomposeConfig()
     built = {}
     rows = plan.decomposed
     for row in tqdm(rows, desc="decomposing", unit="layer", disable=not progress or not rows):
@@ -112,12 +146,15 @@ def build_modules(
         layer_class = entry_for(dense).layer_class
         if not factorize:
             built[row.name] = layer_class.like(dense, row.rank, row.name)
-        elif factorizer is not None:
-            built[row.name] = factorizer(dense, row)
-        elif row.kind == "tucker2" and n_iter is not None:
-            built[row.name] = layer_class.from_dense(dense, row.rank, row.name, n_iter=n_iter)
-        else:
-            built[row.name] = layer_class.from_dense(dense, row.rank, row.name)
+            continue
+        options = {"n_iter": config.n_iter} if layer_class is TuckerConv2d else {}
+        if input_stats is not None:
+            stats = input_stats.get(row.name)
+            if stats is None or not stats.count:
+                warn_plain(row.name, "no calibration input reached it", layer_class.plain_method)
+            else:
+                options.update(input_covariance=stats.covariance(), damping=config.damping)
+        built[row.name] = layer_class.from_dense(dense, row.rank, row.name, **options)
     return built
 
 
@@ -143,38 +180,33 @@ def decompose(
     *,
     ratio: float | None = None,
     example_inputs: Any = None,
-    n_iter: int | None = None,
-    factorizer: Callable[[nn.Module, LayerPlan], LowRankModule] | None = None,
-    progress: bool = False,
     calibration: Any = None,
-    method: str = "svd",
-    **plan_kwargs: Any,
+    config: DecomposeConfig | None = None,
+    progress: bool = False,
+    **settings: Any,
 ) -> DecomposeReport:
-    """Decompose `model` in place according to `plan` (or `plan(model, ratio, **plan_kwargs)`).
+    """Decompose `model` in place according to `plan` (or `lrd.plan(model, ratio, **plan settings)`).
 
     Args:
         model: the model to change; wrappers (DDP, torch.compile) are looked through.
         plan: from `lrd.plan` / `lrd.optimize_ranks`; give either this or `ratio`.
         example_inputs: a tensor, tuple or dict for the model; when given, MACs in the report
             are counted by torch.utils.flop_counter per forward of it.
-        n_iter: HOOI refinement sweeps for Tucker-2 (default 2).
-        factorizer: `factorizer(dense, row) -> LowRankModule` in place of plain SVD/HOOI.
-        progress: show a tqdm bar.
         calibration: batches for method="whiten" (a DataLoader, list or other iterable; each
             batch called as model(tensor), model(*tuple) or model(**dict), so drop labels).
-        method: "svd" (default): minimise weight error (plain SVD / HOOI). "whiten": minimise
-            output error on the calibration inputs (truncation-aware whitening for SVD layers,
-            input-covariance-weighted HOOI for Tucker-2; see lrdaccel.calibrate). Same ranks and
-            structure either way, so optimize_ranks, freezing and save/load apply unchanged.
+        config: a DecomposeConfig (method, n_iter, damping).
+        progress: show a tqdm bar.
+        **settings: DecomposeConfig fields; without a plan, also PlanConfig fields
+            (`decompose(model, ratio=2.0, min_rank=4)`).
 
     Returns:
         A DecomposeReport: per layer parameters, MACs and relative weight error, and totals.
 
     Raises:
         ValueError: a plan that does not fit the model, bad ranks, NaN/Inf weights, an unknown
-            method, method="whiten" without calibration (or with a factorizer), calibration
-            with method="svd", calibration batches the model fails on or that give NaN/Inf;
-            the model is then left exactly as it was.
+            method or setting, method="whiten" without calibration, calibration with
+            method="svd", calibration batches the model fails on or that give NaN/Inf; the model
+            is then left exactly as it was.
 
     Example:
         >>> import torch, lrdaccel as lrd
@@ -183,31 +215,31 @@ def decompose(
         >>> type(model[0]).__name__, model[0].rank
         ('SVDLinear', 16)
     """
-    import time
-
     start = time.perf_counter()
     model = unwrap(model)
+    decompose_fields = {f.name for f in dataclasses.fields(DecomposeConfig)}
+    plan_settings = {k: v for k, v in settings.items() if k not in decompose_fields}
+    config = resolve(DecomposeConfig, config, {k: v for k, v in settings.items() if k in decompose_fields},
+                     "decompose")
     if plan is None:
-        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, **plan_kwargs)
-    elif ratio is not None or plan_kwargs:
+        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, **plan_settings)
+    elif ratio is not None or plan_settings:
         raise ValueError("give either a plan or ratio/plan options to decompose(), not both")
-    if method not in ("svd", "whiten"):
-        raise ValueError(f"method must be 'svd' or 'whiten', got {method!r}")
-    if method == "svd" and calibration is not None:
+    if config.method == "svd" and calibration is not None:
         raise ValueError("calibration is only used by method='whiten'; pass method='whiten' or drop it")
-    if method == "whiten":
+    input_stats = None
+    if config.method == "whiten":
         if calibration is None:
             raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
-        if factorizer is not None:
-            raise ValueError("give either a factorizer or method='whiten', not both")
         validate_plan(model, plan)  # before the calibration pass, which may be long
-        factorizer = whitening_factorizer(model, plan, calibration, n_iter=n_iter, progress=progress)
+        input_stats = collect_input_stats(model, [row.name for row in plan.decomposed], calibration,
+                                          progress=progress)
     params_before = sum(p.numel() for p in model.parameters())
-    macs_before = _count_macs(model, example_inputs)
-    built = build_modules(model, plan, n_iter=n_iter, factorizer=factorizer, progress=progress)
+    macs_before = None if example_inputs is None else macs_by_module(model, example_inputs)
+    built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress)
     errors = {name: _relative_error(model.get_submodule(name), new) for name, new in built.items()}
     swap_modules(model, built)
-    macs_after = _count_macs(model, example_inputs)
+    macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
     rows = []
     for row in plan.decomposed:
         before, after = row.macs_before, row.macs_after
@@ -233,33 +265,3 @@ def _relative_error(dense: nn.Module, low_rank: LowRankModule) -> float:
     approx = low_rank.dense_weight().to(torch.float64)  # in the dense layer's own layout
     norm = original.norm()
     return float((original - approx).norm() / norm) if norm > 0 else float((original - approx).norm())
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call with a tensor, a tuple of positional args, or a dict of keyword args."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-@torch.no_grad()
-def _count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]] | None:
-    """(whole-model MACs, MACs per module name) for one forward, or None without inputs."""
-    if inputs is None:
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False, depth=None) as counter:
-            call_model(model, inputs)
-    finally:
-        model.train(was_training)
-    prefix = type(model).__name__ + "."
-    per_module = {
-        key[len(prefix):]: sum(counts.values()) // 2
-        for key, counts in counter.get_flop_counts().items()
-        if key.startswith(prefix)
-    }
-    return counter.get_total_flops() // 2, per_module

@@ -7,10 +7,15 @@ A ratio spread is {"min", "median", "max", "values"} with min <= median <= max.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
+
+from lrdaccel._files import check_header
+from lrdaccel._version import __version__
+from lrdaccel.measure.machine import load_average, machine_info
 
 BENCH_FORMAT = "lrdaccel.bench"
 DEMO_FORMAT = "lrdaccel.demo"
@@ -101,14 +106,8 @@ def check_results(results: Any, source: str = "results") -> dict:
     Raises:
         ValueError: not an lrdaccel results object, a newer version, or a malformed field.
     """
-    if not isinstance(results, Mapping) or results.get("format") not in (BENCH_FORMAT, DEMO_FORMAT):
-        raise ValueError(f"{source}: not an lrdaccel results file (format must be {BENCH_FORMAT!r} or "
-                         f"{DEMO_FORMAT!r})")
+    check_header(results, (BENCH_FORMAT, DEMO_FORMAT), RESULTS_VERSION, source, "results file")
     _require(results, HEADER_KEYS, source)
-    version = results["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version > RESULTS_VERSION:
-        raise ValueError(f"{source}: results version {version!r} is newer than this lrdaccel reads "
-                         f"({RESULTS_VERSION}); upgrade lrdaccel")
     (_check_bench if results["format"] == BENCH_FORMAT else _check_demo)(results, source)
     return dict(results)
 
@@ -126,3 +125,22 @@ def load_results(path: str | Path) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     return check_results(results, str(path))
+
+
+def results_header(kind: str, config: dict, device: str = "cpu") -> dict:
+    """The fields every results file starts with."""
+    return {
+        "format": kind,
+        "version": RESULTS_VERSION,
+        "lrdaccel_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "config": config,
+    }
+
+
+def record_end_load(results: dict) -> None:
+    """Add the machine's load average at the end of the run next to the one at the start."""
+    load = load_average()
+    if load is not None:
+        results["machine"]["load_average_1m_at_end"] = round(load, 2)

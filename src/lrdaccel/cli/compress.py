@@ -6,10 +6,13 @@ import argparse
 
 import torch
 
-import lrdaccel as lrd
 from lrdaccel import data
-from lrdaccel.cli._common import add_model_args, load_model
+from lrdaccel.cli._common import add_model_args, load_model, positive_int
+from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
+from lrdaccel.io import save
+from lrdaccel.planning import Plan
+from lrdaccel.surgery import METHODS, DecomposeConfig, decompose
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,25 +23,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--plan", help="a plan JSON from `lrdaccel plan -o` or `lrdaccel optimize -o` "
                                        "(overrides --ratio and the other plan options)")
     parser.add_argument("--output", "-o", required=True, help="directory to save the decomposed model to")
-    parser.add_argument("--method", choices=("svd", "whiten"), default="svd",
-                        help="svd (default): minimise weight error; whiten: minimise output error on "
-                             "calibration images (activation-aware; needs --calibration)")
-    parser.add_argument("--calibration", type=_positive_int, metavar="N",
+    add_config_args(parser, DecomposeConfig, ("method", "n_iter", "damping"), choices={"method": METHODS},
+                    notes={"method": "whiten needs --calibration"})
+    parser.add_argument("--calibration", type=positive_int, metavar="N",
                         help="number of calibration batches (of --batch-size images) for --method whiten")
     parser.add_argument("--calibration-data", default="fashion-mnist", choices=data.NAMES,
                         help="training split the calibration images come from, normalised with "
                              "lrdaccel.data.normalize (default fashion-mnist)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--calibration must be a positive int, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--calibration must be a positive int, got {text!r}")
-    return value
 
 
 def calibration_batches(name: str, n_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -53,18 +45,18 @@ def calibration_batches(name: str, n_batches: int, batch_size: int, seed: int = 
 
 
 def run(args: argparse.Namespace) -> int:
-    model, example = load_model(args)
-    plan = lrd.Plan.load(args.plan) if args.plan else plan_from_args(model, args)
-    if args.calibration is not None and args.method != "whiten":
+    config = DecomposeConfig(**given(args, DecomposeConfig))
+    if args.calibration is not None and config.method != "whiten":
         raise ValueError("--calibration is only used by --method whiten")
+    if config.method == "whiten" and args.calibration is None:
+        raise ValueError("--method whiten needs --calibration N (batches of calibration images)")
+    model, example = load_model(args)
+    plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args)
     calibration = None
-    if args.method == "whiten":
-        if args.calibration is None:
-            raise ValueError("--method whiten needs --calibration N (batches of calibration images)")
+    if config.method == "whiten":
         calibration = calibration_batches(args.calibration_data, args.calibration, args.batch_size)
-    report = lrd.decompose(model, plan, example_inputs=example, progress=True,
-                           method=args.method, calibration=calibration)
+    report = decompose(model, plan, example_inputs=example, calibration=calibration, config=config, progress=True)
     print(report)
-    lrd.save(model, args.output)
+    save(model, args.output)
     print(f"saved to {args.output}")
     return 0

@@ -9,14 +9,17 @@ model at ratio ranks and at the chosen ranks, interleaved, to show whether it pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-import lrdaccel as lrd
-from lrdaccel.plan import LayerPlan
-from lrdaccel.cli._common import add_model_args, load_model
+from lrdaccel.cli._common import add_model_args, load_model, non_negative_float, non_negative_int
+from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
-from lrdaccel.rankopt import (BenchmarkTimer, compare_end_to_end, default_cache_path, measure_staircase,
-                              plot_staircase, timing_table)
-from lrdaccel.rankopt.capture import capture_inputs
+from lrdaccel.measure.timer import OBJECTIVES
+from lrdaccel.planning import LayerPlan, Plan
+from lrdaccel.rankopt import (SearchSettings, capture_inputs, compare_end_to_end, default_cache_path, measure_staircase,
+                              optimize_ranks, plot_staircase, timing_table)
+from lrdaccel.rankopt.layer_timing import BenchmarkTimer
+from lrdaccel.rankopt.search import RULES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,43 +31,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_plan_args(parser)
     parser.add_argument("--plan", help="start from this plan JSON (from `lrdaccel plan -o`) instead of --ratio "
                                        "and the other plan options")
-    parser.add_argument("--objective", choices=("infer", "train"), default="infer",
-                        help="what to make faster: 'infer' times forward passes under inference mode, "
-                             "'train' times forward + backward (default infer)")
-    parser.add_argument("--device", help="where to time, e.g. cpu, cuda, cuda:1 (default cpu); the layers are "
-                                         "copied there")
+    search = parser.add_argument_group("rank search")
+    add_config_args(search, SearchSettings, [f.name for f in dataclasses.fields(SearchSettings)],
+                    choices={"objective": OBJECTIVES, "rule": RULES})
+    parser.add_argument("--device", help="where to time, e.g. cpu, cuda, cuda:1 (default: the model's, cpu); the "
+                                         "layers are copied there")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="precision to time in (default: the model's, float32)")
     parser.add_argument("--cache", help=f"timing cache JSON file; a second run on the same machine measures "
                                         f"nothing new (default {default_cache_path()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write a timing cache file")
-    parser.add_argument("--rule", choices=("tradeoff", "paper"), default="tradeoff",
-                        help="'tradeoff' scores each rank by relative time saved minus --tradeoff times "
-                             "relative parameters given up, against the ratio rank (a smooth time curve keeps "
-                             "the ratio rank, a staircase snaps to the step); 'paper' takes the rank just below "
-                             "the largest time drop under the ratio rank (arXiv 2407.20266, Algorithm 1) "
-                             "(default tradeoff)")
-    parser.add_argument("--tradeoff", type=float, default=1.0,
-                        help="weight of parameters given up against time saved in the tradeoff rule; higher "
-                             "keeps more capacity (default 1)")
-    parser.add_argument("--max-growth", type=float, default=0.0,
-                        help="also try ranks with up to this fraction more parameters than the ratio allows, "
-                             "e.g. 0.05 for 5%% (default 0: never more)")
-    parser.add_argument("--lowest", type=float, default=0.5,
-                        help="search down to this fraction of the ratio rank (default 0.5)")
-    parser.add_argument("--min-gain", type=float, default=0.02,
-                        help="a rank must beat the ratio rank's score by more than this to be chosen; guards "
-                             "against timing noise (default 0.02)")
-    parser.add_argument("--budget-s", type=float, default=20.0,
-                        help="seconds of measuring per distinct layer, friendliest ranks first; 0 for no "
-                             "bound (default 20)")
-    parser.add_argument("--min-run-time", type=float, default=0.2,
-                        help="seconds of repeated calls per layer measurement (default 0.2)")
     parser.add_argument("--output", "-o", help="write the optimized plan as JSON here (for `lrdaccel compress --plan`)")
-    parser.add_argument("--check-rounds", type=int, default=5,
+    parser.add_argument("--check-rounds", type=non_negative_int, default=5,
                         help="interleaved rounds of the whole-model comparison (original, ratio ranks, optimized "
                              "ranks); 0 skips it (default 5)")
-    parser.add_argument("--check-time", type=float, default=0.5,
+    parser.add_argument("--check-time", type=non_negative_float, default=0.5,
                         help="seconds of calls per model per round in the comparison (default 0.5)")
     parser.add_argument("--staircase", help="also write a PNG of layer time against rank (the staircase) here")
     parser.add_argument("--staircase-layer",
@@ -85,19 +66,13 @@ def _rank_range(text: str) -> range:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("tradeoff", "max_growth", "budget_s", "min_run_time", "check_time"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    settings = SearchSettings(**given(args, SearchSettings))
     model, example = load_model(args)
-    plan = lrd.Plan.load(args.plan) if args.plan else plan_from_args(model, args)
+    plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args)
     staircase_row = _staircase_row(plan, args.staircase_layer) if args.staircase else None
     cache = False if args.no_cache else args.cache
-    optimized = lrd.optimize_ranks(
-        model, plan, example, args.objective, device=args.device, dtype=args.dtype, cache=cache,
-        rule=args.rule, tradeoff=args.tradeoff, max_growth=args.max_growth, lowest=args.lowest,
-        min_gain=args.min_gain, budget_s=args.budget_s or None, timer=BenchmarkTimer(args.min_run_time),
-        progress=True,
-    )
+    optimized = optimize_ranks(model, plan, example, settings=settings, device=args.device, dtype=args.dtype,
+                               cache=cache, progress=True)
     print(optimized)
     print()
     print(timing_table(optimized))
@@ -109,17 +84,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"optimized plan written to {args.output}")
     if args.check_rounds > 0:
         report = compare_end_to_end(
-            model, {"ratio ranks": plan, "optimized": optimized}, example, args.objective,
+            model, {"ratio ranks": plan, "optimized": optimized}, example, settings.objective,
             device=args.device, dtype=args.dtype, rounds=args.check_rounds, min_run_time=args.check_time,
         )
         print()
         print(report)
     if staircase_row is not None:
-        _staircase(model, staircase_row, example, args, cache)
+        _staircase(model, staircase_row, example, args, settings, cache)
     return 0
 
 
-def _staircase_row(plan: lrd.Plan, name: str | None) -> LayerPlan:
+def _staircase_row(plan: Plan, name: str | None) -> LayerPlan:
     """The --staircase layer: the one named, else the decomposed layer with the most weights."""
     if name is None:
         if not plan.decomposed:
@@ -134,7 +109,8 @@ def _staircase_row(plan: lrd.Plan, name: str | None) -> LayerPlan:
     return row
 
 
-def _staircase(model, row: LayerPlan, example, args: argparse.Namespace, cache) -> None:
+def _staircase(model, row: LayerPlan, example, args: argparse.Namespace, settings: SearchSettings,
+               cache) -> None:
     spec = capture_inputs(model, [row.name], example).get(row.name)
     if spec is None:
         raise ValueError(f"--staircase-layer {row.name}: the example inputs never reach this layer")
@@ -144,9 +120,9 @@ def _staircase(model, row: LayerPlan, example, args: argparse.Namespace, cache) 
     ranks = args.staircase_ranks or range(max(1, centre - 16), min(top, centre + 16) + 1)
     weight = "x".join(str(d) for d in (row.shape["out"], row.shape["in"], *row.shape["kernel"]))
     staircase = measure_staircase(
-        model.get_submodule(row.name), spec.shape, ranks, args.objective, device=args.device, dtype=args.dtype,
-        memory_format=spec.memory_format, cache=cache, timer=BenchmarkTimer(args.min_run_time),
-        label=f"{row.name} ({row.layer_type} {weight}), input {'x'.join(map(str, spec.shape))}, {args.objective}",
+        model.get_submodule(row.name), spec.shape, ranks, settings.objective, device=args.device, dtype=args.dtype,
+        memory_format=spec.memory_format, cache=cache, timer=BenchmarkTimer(settings.min_run_time),
+        label=f"{row.name} ({row.layer_type} {weight}), input {'x'.join(map(str, spec.shape))}, {settings.objective}",
     )
     plot_staircase(staircase, args.staircase)
     print(f"\nstaircase of {row.name} for ranks {ranks.start}..{ranks.stop - 1} written to {args.staircase}")

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-import lrdaccel as lrd
 from lrdaccel.cli._common import add_model_args, load_model
+from lrdaccel.cli._config_args import add_config_args, given
+from lrdaccel.planning import Plan, PlanConfig, plan
+
+PLAN_OPTIONS = ("ratio", "include", "exclude", "min_rank", "beta")
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ratio", type=float, default=2.0,
-                        help="per-layer compression ratio: original weight params / decomposed (default 2)")
-    parser.add_argument("--include", help="full regex on module names to decompose (default: all candidates)")
-    parser.add_argument("--exclude", help="full regex on module names to keep as they are")
-    parser.add_argument("--min-rank", type=int, default=8,
-                        help="keep a layer whose ratio rank falls below this (or below its channel count, "
-                             "if smaller): it would save little and lose much (default 8)")
-    parser.add_argument("--beta", type=float, default=1.0, help="Tucker-2 rank_out / rank_in (default 1)")
+    add_config_args(parser, PlanConfig, PLAN_OPTIONS)
 
 
-def plan_from_args(model, args: argparse.Namespace) -> lrd.Plan:
-    return lrd.plan(model, ratio=args.ratio, include=args.include, exclude=args.exclude,
-                    min_rank=args.min_rank, beta=args.beta)
+def plan_from_args(model, args: argparse.Namespace) -> Plan:
+    return plan(model, **given(args, PlanConfig))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,9 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     model, _ = load_model(args)
-    plan = plan_from_args(model, args)
-    print(plan)
+    result = plan_from_args(model, args)
+    print(result)
     if args.output:
-        plan.save(args.output)
+        result.save(args.output)
         print(f"plan written to {args.output}")
     return 0

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from lrdaccel.factorize.tucker import tucker2
+from lrdaccel.factorize.tucker2 import tucker2
 
 # Relative to the mean input energy: whitening follows the inputs' spectrum over two decades and
 # treats directions weaker than that alike. It regularises what a few calibration batches cannot

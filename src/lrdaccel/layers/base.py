@@ -1,9 +1,15 @@
-"""What every decomposed layer shares: its factors in data-flow order, a rank, a dense view."""
+"""What every decomposed layer shares: its factors in data-flow order, a rank, a dense view, and
+filling the factors from a dense weight, plainly or whitened by the layer's input statistics."""
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
 import torch
 from torch import nn
+
+from lrdaccel.factorize.whiten import WhiteningError
 
 
 class LowRankModule(nn.Module):
@@ -14,6 +20,7 @@ class LowRankModule(nn.Module):
     """
 
     kind: str = ""
+    plain_method: str = ""  # what from_dense falls back to where whitening is impossible, for messages
 
     @property
     def factors(self) -> list[nn.Module]:
@@ -74,3 +81,19 @@ def copy_module_state(source: nn.Module, target: nn.Module) -> nn.Module:
 @torch.no_grad()
 def assign(parameter: nn.Parameter, value: torch.Tensor) -> None:
     parameter.copy_(value.reshape(parameter.shape))
+
+
+def whitened_or_plain(name: str, plain_method: str, whitened: Callable[[], object] | None,
+                      plain: Callable[[], object]) -> object:
+    """The whitened factorization where input statistics were given and usable, else the plain
+    one; a warning naming the layer says when statistics were given but could not be used."""
+    if whitened is not None:
+        try:
+            return whitened()
+        except WhiteningError as error:
+            warn_plain(name, str(error), plain_method)
+    return plain()
+
+
+def warn_plain(name: str, why: str, plain_method: str) -> None:
+    warnings.warn(f"layer {name!r}: {why}; using plain {plain_method} instead of whitening", stacklevel=4)

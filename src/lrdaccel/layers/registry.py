@@ -6,7 +6,6 @@ candidate; an entry that accepts the type but not this instance (a grouped conv)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,7 +56,3 @@ def dense_shape(module: nn.Module) -> dict:
         return {"out": module.out_channels, "in": module.in_channels, "kernel": list(module.kernel_size)}
     out_features, in_features = dense_linear_weight(module).shape
     return {"out": out_features, "in": in_features, "kernel": [1, 1]}
-
-
-def weight_params(shape: dict) -> int:
-    return shape["out"] * shape["in"] * math.prod(shape["kernel"])

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lrdaccel.factorize import check_finite, svd_split
-from lrdaccel.layers.base import LowRankModule, assign, copy_module_state
+from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_svd_split
+from lrdaccel.layers.base import LowRankModule, assign, copy_module_state, whitened_or_plain
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -39,10 +40,17 @@ class _TwoFactors(LowRankModule):
     """What SVDLinear and SVDConv2d share: first (in -> rank) then second (rank -> out, bias)."""
 
     kind = "svd"
+    plain_method = "SVD"
 
-    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "_TwoFactors":
-        """Set the factors from the SVD of a 2-D weight [out, in] and copy the bias."""
-        first, second = svd_split(weight, self.rank)
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str,
+              input_covariance: torch.Tensor | None, damping: float) -> "_TwoFactors":
+        """Set the factors from the SVD of a 2-D weight [out, in] (whitened by the input
+        covariance where given) and copy the bias."""
+        check_finite(weight, name)
+        whitened = None
+        if input_covariance is not None:
+            whitened = lambda: whitened_svd_split(weight, input_covariance, self.rank, damping)  # noqa: E731
+        first, second = whitened_or_plain(name, self.plain_method, whitened, lambda: svd_split(weight, self.rank))
         assign(self.first.weight, first)
         assign(self.second.weight, second)
         if bias is not None:
@@ -80,10 +88,12 @@ class SVDLinear(_TwoFactors):
         return copy_module_state(dense, layer)
 
     @classmethod
-    def from_dense(cls, dense: nn.Module, rank: int, name: str = "") -> "SVDLinear":
-        weight = dense_linear_weight(dense)
-        check_finite(weight, name)
-        return cls.like(dense, rank, name)._fill(weight, dense.bias)
+    def from_dense(cls, dense: nn.Module, rank: int, name: str = "", input_covariance: torch.Tensor | None = None,
+                   damping: float = DEFAULT_DAMPING) -> "SVDLinear":
+        """The factorized layer; with `input_covariance` (E[x x^T] of the layer's inputs, from
+        `lrdaccel.calibrate`) the factors minimise output error rather than weight error."""
+        layer = cls.like(dense, rank, name)
+        return layer._fill(dense_linear_weight(dense), dense.bias, name, input_covariance, damping)
 
     def dense_params(self) -> int:
         return self.in_features * self.out_features
@@ -132,9 +142,11 @@ class SVDConv2d(_TwoFactors):
         return copy_module_state(dense, cls(dense, rank))
 
     @classmethod
-    def from_dense(cls, dense: nn.Conv2d, rank: int, name: str = "") -> "SVDConv2d":
-        check_finite(dense.weight, name)
-        return cls.like(dense, rank, name)._fill(dense.weight[:, :, 0, 0], dense.bias)
+    def from_dense(cls, dense: nn.Conv2d, rank: int, name: str = "", input_covariance: torch.Tensor | None = None,
+                   damping: float = DEFAULT_DAMPING) -> "SVDConv2d":
+        """As `SVDLinear.from_dense`; the covariance is over the pixels the conv reads."""
+        layer = cls.like(dense, rank, name)
+        return layer._fill(dense.weight[:, :, 0, 0], dense.bias, name, input_covariance, damping)
 
     def dense_params(self) -> int:
         return self.in_channels * self.out_channels

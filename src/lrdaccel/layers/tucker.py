@@ -13,31 +13,18 @@ import torch
 from torch import nn
 
 from lrdaccel.factorize import check_finite, tucker2
-from lrdaccel.layers.base import LowRankModule, assign, copy_module_state
+from lrdaccel.factorize.ranks import tucker_pair
+from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_tucker2
+from lrdaccel.layers.base import LowRankModule, assign, copy_module_state, whitened_or_plain
 
 DEFAULT_HOOI_ITERS = 2
-
-
-def _as_pair(rank, name: str, in_channels: int, out_channels: int) -> tuple[int, int]:
-    pair = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else tuple(rank)
-    ok = (
-        len(pair) == 2
-        and all(isinstance(r, int) and not isinstance(r, bool) for r in pair)
-        and 0 < pair[0] <= in_channels
-        and 0 < pair[1] <= out_channels
-    )
-    if not ok:
-        raise ValueError(
-            f"layer {name!r}: Tucker-2 rank must be an int or (rank_in, rank_out) with "
-            f"1 <= rank_in <= {in_channels} and 1 <= rank_out <= {out_channels}, got {rank!r}"
-        )
-    return pair
 
 
 class TuckerConv2d(LowRankModule):
     """A k x k nn.Conv2d (groups=1) as a Tucker-2 chain of three convs."""
 
     kind = "tucker2"
+    plain_method = "Tucker-2 (HOOI)"
 
     def __init__(self, dense: nn.Conv2d, rank_in: int, rank_out: int):
         super().__init__()
@@ -55,14 +42,24 @@ class TuckerConv2d(LowRankModule):
         """The right shapes, device and dtype for `dense` at `rank`, without factorizing."""
         if dense.groups != 1:
             raise ValueError(f"layer {name!r}: Tucker-2 needs groups=1, got groups={dense.groups}")
-        rank_in, rank_out = _as_pair(rank, name, dense.in_channels, dense.out_channels)
+        rank_in, rank_out = tucker_pair(rank, name, dense.in_channels, dense.out_channels)
         return copy_module_state(dense, cls(dense, rank_in, rank_out))
 
     @classmethod
-    def from_dense(cls, dense: nn.Conv2d, rank, name: str = "", n_iter: int = DEFAULT_HOOI_ITERS) -> "TuckerConv2d":
-        check_finite(dense.weight, name)
+    def from_dense(cls, dense: nn.Conv2d, rank, name: str = "", n_iter: int | None = None,
+                   input_covariance: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING) -> "TuckerConv2d":
+        """The factorized layer: HOOI with `n_iter` sweeps (default 2); with `input_covariance`
+        (the input channels' E[x x^T] over positions, from `lrdaccel.calibrate`) the kernel is
+        weighted on its input-channel mode so the factors minimise output error."""
+        n_iter = DEFAULT_HOOI_ITERS if n_iter is None else n_iter
         layer = cls.like(dense, rank, name)
-        u_in, core, u_out = tucker2(dense.weight, *layer.rank, n_iter=n_iter)
+        check_finite(dense.weight, name)
+        whitened = None
+        if input_covariance is not None:
+            whitened = lambda: whitened_tucker2(  # noqa: E731
+                dense.weight, input_covariance, *layer.rank, n_iter=n_iter, damping=damping)
+        u_in, core, u_out = whitened_or_plain(name, cls.plain_method, whitened,
+                                              lambda: tucker2(dense.weight, *layer.rank, n_iter=n_iter))
         assign(layer.first.weight, u_in.T)
         assign(layer.core.weight, core)
         assign(layer.last.weight, u_out)

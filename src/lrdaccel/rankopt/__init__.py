@@ -6,18 +6,19 @@
     fast = lrd.optimize_ranks(model, plan, example_inputs, objective="infer")
     print(compare_end_to_end(model, {"ratio ranks": plan, "optimized": fast}, example_inputs))
 
-Modules: capture (each layer's real input), timing (one layer alone, torch.utils.benchmark),
-measure + cache (times keyed by device/shape/rank, persisted as JSON), search (candidates and
-the scoring rules), optimize (the public verb), endtoend (whole-model check), plot (staircase).
+Modules: capture (each layer's real input), layer_timing (one layer alone, on the measure core),
+layer_times + cache (times keyed by device/shape/rank, persisted as JSON), search (candidates
+and the scoring rules), choose (`optimize_ranks`, the public verb), whole_model (whole-model
+check), staircase (time against rank, and its plot).
 """
 
 from lrdaccel.rankopt.cache import TimingCache, default_cache_path
 from lrdaccel.rankopt.capture import InputSpec, capture_inputs
-from lrdaccel.rankopt.endtoend import EndToEndReport, compare_end_to_end
-from lrdaccel.rankopt.optimize import optimize_ranks, timing_table
-from lrdaccel.rankopt.plot import Staircase, measure_staircase, plot_staircase
+from lrdaccel.rankopt.choose import optimize_ranks, timing_table
+from lrdaccel.rankopt.layer_timing import BenchmarkTimer, TimingJob
 from lrdaccel.rankopt.search import SearchSettings
-from lrdaccel.rankopt.timing import BenchmarkTimer, TimingJob
+from lrdaccel.rankopt.staircase import Staircase, measure_staircase, plot_staircase
+from lrdaccel.rankopt.whole_model import EndToEndReport, compare_end_to_end
 
 __all__ = [
     "BenchmarkTimer",

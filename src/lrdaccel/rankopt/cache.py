@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-import torch
+from lrdaccel._files import atomic_write, check_header
 
 CACHE_FORMAT = "lrdaccel.timings"
 CACHE_VERSION = 1
@@ -37,30 +35,6 @@ def default_cache_path() -> Path:
     """$XDG_CACHE_HOME/lrdaccel/timings.json, else ~/.cache/lrdaccel/timings.json."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "lrdaccel" / CACHE_FILE
-
-
-def device_name(device: torch.device | str) -> str:
-    """A name for the hardware a time was measured on: GPU name, or CPU model and thread count.
-
-    CPU times depend on how many threads torch uses, so that is part of the name.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        return f"cpu:{_cpu_model()} x{torch.get_num_threads()} threads"
-    return device.type
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 class TimingCache:
@@ -115,15 +89,8 @@ class TimingCache:
             "version": CACHE_VERSION,
             "entries": {k: {"ms": v.ms, "cost_s": v.cost_s} for k, v in sorted(merged.items())},
         }
-        fd, tmp = tempfile.mkstemp(prefix=".timings-", suffix=".json", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=1)
-                handle.write("\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        text = json.dumps(data, indent=1) + "\n"
+        atomic_write(self.path, lambda path: Path(path).write_text(text))
         self._entries = merged
         self._dirty = False
 
@@ -134,12 +101,7 @@ def _read(path: Path) -> dict[str, CachedTime]:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"timing cache {path}: cannot read it as JSON ({error}); "
                          f"delete it or pass another path") from None
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
-        raise ValueError(f"timing cache {path}: not an lrdaccel timing cache (missing format={CACHE_FORMAT!r})")
-    version = data.get("version")
-    if not isinstance(version, int) or version > CACHE_VERSION:
-        raise ValueError(f"timing cache {path}: version {version!r} is newer than this lrdaccel reads "
-                         f"({CACHE_VERSION}); upgrade lrdaccel")
+    check_header(data, CACHE_FORMAT, CACHE_VERSION, f"timing cache {path}", "timing cache")
     entries = {}
     for key, value in (data.get("entries") or {}).items():
         try:

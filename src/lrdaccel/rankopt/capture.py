@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from lrdaccel.surgery import call_model
+from lrdaccel._modules import call_model
 
 
 @dataclass(frozen=True)

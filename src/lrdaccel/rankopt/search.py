@@ -26,7 +26,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from lrdaccel.plan import LayerPlan, Rank
+from lrdaccel._settings import check_choice, check_number
+from lrdaccel.factorize.ranks import Rank
+from lrdaccel.measure.timer import OBJECTIVES
+from lrdaccel.planning import LayerPlan
 
 RULES = ("tradeoff", "paper")
 REFINE = 7  # phase 1 steps by 8, so +-7 around the best reaches every rank between neighbours
@@ -38,9 +41,11 @@ Measure = Callable[..., "float | None"]
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How to choose a rank.
+    """How `optimize_ranks` chooses ranks.
 
     Attributes:
+        objective: what to make faster: "infer" (forward under inference mode) or "train"
+            (forward + backward).
         rule: "tradeoff" (score time saved against parameters given up) or "paper" (Algorithm 1).
         tradeoff: weight of relative parameters given up against relative time saved; >= 0.
         max_growth: try ranks with up to this fraction more parameters than the ratio rank
@@ -49,28 +54,26 @@ class SearchSettings:
         min_gain: a candidate must beat the ratio rank's score by more than this (noise margin).
         budget_s: seconds of measuring per distinct layer; the original and the ratio rank are
             always measured. None: no bound.
+        min_run_time: seconds of repeated calls per layer measurement (the default timer's).
     """
 
+    objective: str = "infer"
     rule: str = "tradeoff"
     tradeoff: float = 1.0
     max_growth: float = 0.0
     lowest: float = 0.5
     min_gain: float = 0.02
     budget_s: float | None = 20.0
+    min_run_time: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("rule", self.rule, RULES)
         for name in ("tradeoff", "max_growth", "min_gain"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.lowest, bool) or not isinstance(self.lowest, (int, float)) or not 0 < self.lowest <= 1:
-            raise ValueError(f"lowest must be a number in (0, 1], got {self.lowest!r}")
-        if self.budget_s is not None and (
-            isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float)) or not self.budget_s > 0
-        ):
-            raise ValueError(f"budget_s must be None or a number of seconds > 0, got {self.budget_s!r}")
+            check_number(name, getattr(self, name), at_least=0)
+        check_number("lowest", self.lowest, above=0, at_most=1)
+        check_number("budget_s", self.budget_s, above=0, optional=True)
+        check_number("min_run_time", self.min_run_time, above=0)
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""`plan()`: which layers to decompose, at which ranks, and why, without touching the model.
+
+Every candidate layer (Linear, HF Conv1D, Conv2d) gets a row; a layer that is not decomposed is
+`kind="keep"` with the first reason that applies, in this order: excluded or not included by the
+user, rejected by `filter_fn`, a layer type or instance that cannot be decomposed, a weight its
+parent reads directly, a weight shared with another module; then explicit ranks, or the ratio's
+rank unless it falls below `min_rank` or would not reduce MACs.
+
+Example:
+    >>> import torch, lrdaccel as lrd
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> p = lrd.plan(model, ratio=2.0)
+    >>> [(row.name, row.kind, row.rank) for row in p]
+    [('0', 'svd', 16), ('2', 'keep', None)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from lrdaccel._modules import direct_reader, unwrap, weight_owners
+from lrdaccel._settings import check_int, check_number, resolve
+from lrdaccel.factorize.ranks import Rank, below_min_rank, check_ratio, full_rank, ratio_rank, tucker_pair
+from lrdaccel.layers import LowRankModule, entry_for
+from lrdaccel.layers.registry import dense_shape
+from lrdaccel.planning.rows import LayerPlan, Plan
+from lrdaccel.planning.targeting import Selector, compile_selector, resolve_per_layer
+
+
+@dataclass
+class PlanConfig:
+    """How to plan a decomposition.
+
+    Attributes:
+        ratio: per-layer compression ratio, original weight params / decomposed; > 1.
+        ratios: per-layer ratios by exact name or dotted suffix, overriding `ratio`.
+        ranks: explicit ranks by name or suffix (int, or (rank_in, rank_out) for Tucker-2), or
+            "full" for every candidate at full rank (an exact re-parametrisation, for checks).
+            Explicit ranks are honoured even where they do not save MACs.
+        include / exclude: a full regex on the module name, a list of names or dotted suffixes,
+            or a callable (module, name) -> bool. Exclusion wins.
+        filter_fn: an extra callable (module, name) -> bool every decomposed layer must pass.
+        min_rank: a layer whose ratio rank falls below this (or below its channel count, where
+            that is smaller) is kept: it saves few parameters and loses much, like a 1-channel
+            image stem at Tucker ranks (1, 2). Explicit `ranks` are exempt.
+        beta: Tucker-2 rank_out / rank_in.
+    """
+
+    ratio: float = 2.0
+    ratios: Mapping[str, float] | None = None
+    ranks: Mapping[str, Rank] | str | None = None
+    include: Selector = None
+    exclude: Selector = None
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    min_rank: int = 8
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        check_int("min_rank", self.min_rank, 1)
+        check_number("beta", self.beta, above=0)
+        if isinstance(self.ratios, Mapping):
+            for name, value in self.ratios.items():
+                check_ratio(value, f"ratios[{name!r}]")
+
+
+def plan(model: nn.Module, ratio: float | None = None, *, config: PlanConfig | None = None,
+         **settings: Any) -> Plan:
+    """Plan the decomposition of `model` without changing it.
+
+    Args:
+        model: the trained model (DDP / torch.compile wrappers are looked through).
+        ratio: shorthand for `ratio=` of the config.
+        config: a PlanConfig; keyword `settings` (its field names) override its fields.
+
+    Raises:
+        ValueError: ratio <= 1, a bad rank, an unknown setting, or a name pattern that matches
+            no candidate.
+    """
+    if ratio is not None:
+        settings["ratio"] = ratio
+    config = resolve(PlanConfig, config, settings, "plan")
+    model = unwrap(model)
+    candidates, already = _candidates(model)
+    names = [name for name, _ in candidates]
+    context = _Context(model, config, names)
+    rows = [LayerPlan(name, "keep", None, "already decomposed", type(m).__name__, dense_shape(m.to_dense()))
+            for name, m in already]
+    rows += [context.row(name, module) for name, module in candidates]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    rows.sort(key=lambda row: order[row.name])
+    return Plan(rows, ratio=config.ratio, beta=config.beta, meta={"model": type(model).__name__})
+
+
+class _Context:
+    """What the rules need about the whole model, resolved once."""
+
+    def __init__(self, model: nn.Module, config: PlanConfig, names: list[str]):
+        self.model, self.config = model, config
+        self.included = compile_selector(config.include, "include", names)
+        self.excluded = compile_selector(config.exclude, "exclude", names)
+        self.ratios = resolve_per_layer("ratios", config.ratios, names)
+        self.full_rank = config.ranks == "full"
+        self.ranks = {} if self.full_rank else resolve_per_layer("ranks", config.ranks, names)
+        self.owners = weight_owners(model)
+
+    def kept_because(self, name: str, module: nn.Module) -> str | None:
+        """The first reason this layer stays as it is, or None."""
+        filter_fn = self.config.filter_fn
+        if self.excluded is not None and self.excluded(module, name):
+            return "excluded by user"
+        if self.included is not None and not self.included(module, name):
+            return "not in include"
+        if filter_fn is not None and not filter_fn(module, name):
+            return "rejected by filter_fn"
+        why = entry_for(module).cannot(module)
+        if why is not None:
+            return why
+        reader = direct_reader(self.model, name)
+        if reader is not None:
+            return f"weight read directly by parent {reader}"
+        sharers = [o for o in self.owners[id(module.weight)] if o != name]
+        if sharers:
+            return f"weight shared with {', '.join(sharers)}"
+        return None
+
+    def row(self, name: str, module: nn.Module) -> LayerPlan:
+        entry = entry_for(module)
+        shape = dense_shape(module)
+        stride = tuple(module.stride) if isinstance(module, nn.Conv2d) else (1, 1)
+        layer_type = type(module).__name__
+
+        def keep(reason: str) -> LayerPlan:
+            return LayerPlan(name, "keep", None, reason, layer_type, shape, stride)
+
+        why = self.kept_because(name, module)
+        if why is not None:
+            return keep(why)
+        if self.full_rank or name in self.ranks:
+            rank = full_rank(entry.kind, shape) if self.full_rank else self.ranks[name]
+            entry.layer_class.like(module, rank, name)  # validates the rank against the shape
+            if entry.kind == "tucker2":
+                rank = tucker_pair(rank, name, shape["in"], shape["out"])
+            reason = "full rank" if self.full_rank else "rank set by user"
+            return LayerPlan(name, entry.kind, rank, reason, layer_type, shape, stride, ratio_rank=rank)
+        layer_ratio = self.ratios.get(name, self.config.ratio)
+        rank = ratio_rank(entry.kind, shape, layer_ratio, self.config.beta)
+        min_rank = self.config.min_rank
+        if below_min_rank(rank, shape, min_rank):
+            return keep(f"ratio {layer_ratio:g} gives rank {rank}, below min_rank {min_rank}")
+        row = LayerPlan(name, entry.kind, rank, f"ratio {layer_ratio:g}", layer_type, shape, stride, ratio_rank=rank)
+        if row.macs_after >= row.macs_before:
+            return row.with_rank(None, f"rank {rank} does not reduce MACs "
+                                       f"({row.macs_after:,} >= {row.macs_before:,} per position)", kind="keep")
+        return row
+
+
+def _candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, LowRankModule]]]:
+    """Dense candidate layers, and already-decomposed layers (whose factors are not candidates)."""
+    candidates, already = [], []
+    inside = None  # named_modules is depth-first: skip the factors of the last low-rank module
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if isinstance(module, LowRankModule):
+            already.append((name, module))
+            inside = name + "."
+        elif entry_for(module) is not None and name:
+            candidates.append((name, module))
+    return candidates, already

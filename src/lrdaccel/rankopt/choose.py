@@ -1,0 +1,196 @@
+"""`optimize_ranks`: measure each decomposed layer where it will run, and pick its rank.
+
+Flow: capture every planned layer's real input with one forward of the example inputs; group
+layers that are identical for timing (kind, geometry, input shape and memory format, ratio rank)
+so each group is searched once; search each group with its times going through the cache and
+the per-layer time budget; write the choice, the three times and the reason into a new plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrdaccel._modules import model_device, model_dtype, unwrap
+from lrdaccel._settings import parse_device, parse_dtype, resolve
+from lrdaccel.factorize.ranks import Rank
+from lrdaccel.measure.machine import device_name
+from lrdaccel.planning import LayerPlan, Plan
+from lrdaccel.rankopt.cache import CacheArg, TimingCache
+from lrdaccel.rankopt.capture import InputSpec, capture_inputs
+from lrdaccel.rankopt.layer_times import LayerTimes, dtype_name
+from lrdaccel.rankopt.layer_timing import BenchmarkTimer, Timer, input_signature, layer_signature
+from lrdaccel.rankopt.search import Choice, SearchSettings, search_rank
+from lrdaccel.surgery import validate_plan
+
+NOT_REACHED = "not reached by the example inputs; ratio rank kept"
+
+
+def optimize_ranks(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: Any,
+    objective: str | None = None,
+    *,
+    settings: SearchSettings | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    cache: CacheArg = None,
+    timer: Timer | None = None,
+    progress: bool = False,
+    **search: Any,
+) -> Plan:
+    """A new plan whose decomposed layers use the ranks that run best on this device.
+
+    Neither `model` nor `plan` is changed. Every decomposed row of the result carries its
+    chosen rank, `time_original_ms`, `time_ratio_rank_ms`, `time_ms` and a reason; a row whose
+    best decomposition is not faster than the original layer becomes kind "keep"; a row the
+    example inputs never reach keeps its ratio rank and says so.
+
+    Args:
+        model: the trained model (wrappers are looked through).
+        plan: from `lrd.plan(model, ...)`; decomposed rows start the search at their ratio rank.
+        example_inputs: a tensor, tuple or dict for the model, with the batch shape you will run.
+        objective: shorthand for the settings' objective, "infer" or "train".
+        settings: a SearchSettings; keyword `search` settings (its field names: rule, tradeoff,
+            max_growth, lowest, min_gain, budget_s, min_run_time) override its fields.
+        device: where to time (default: the model's); layers are copied there, the model is not.
+        dtype: precision to time in (torch dtype or name like "bfloat16"; default: the model's).
+        cache: None for the default file under the user cache dir, a path, a TimingCache,
+            or False for no file (identical layers are still timed once).
+        timer: `timer(TimingJob) -> ms`; default BenchmarkTimer(settings.min_run_time).
+        progress: show a tqdm bar over the distinct layers.
+
+    Returns:
+        The optimized Plan; `plan.meta["rank_optimization"]` records settings and counts.
+
+    Raises:
+        ValueError: a bad objective / rule / number / dtype, or a plan for another model.
+
+    Example:
+        >>> import torch, lrdaccel as lrd
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+        >>> p = lrd.optimize_ranks(model, lrd.plan(model, 2.0), torch.randn(64, 256), cache=False, budget_s=1)
+        >>> sorted(p.meta["rank_optimization"])[:3]
+        ['budget_s', 'cache_hits', 'device']
+    """
+    start = time.perf_counter()
+    if objective is not None:
+        search["objective"] = objective
+    settings = resolve(SearchSettings, settings, search, "optimize_ranks")
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be an lrdaccel Plan (from lrd.plan), got {type(plan).__name__}")
+    model = unwrap(model)
+    validate_plan(model, plan)
+    device = model_device(model) if device is None else parse_device(device)
+    dtype = model_dtype(model) if dtype is None else parse_dtype(dtype)
+    timer = timer or BenchmarkTimer(settings.min_run_time)
+    timings = _Timings(TimingCache.from_arg(cache), timer, device, dtype, settings)
+
+    rows = plan.decomposed
+    captured = capture_inputs(model, [row.name for row in rows], example_inputs)
+    groups: dict[tuple, list[LayerPlan]] = {}
+    for row in rows:
+        if row.name in captured:
+            groups.setdefault(_group_key(model, row, captured[row.name]), []).append(row)
+
+    new_rows = {row.name: row.with_rank(_ratio_rank(row), NOT_REACHED) for row in rows if row.name not in captured}
+    bar = tqdm(groups.values(), desc="timing layers", unit="layer", disable=not progress)
+    for group in bar:
+        first = group[0]
+        bar.set_postfix_str(first.name, refresh=False)
+        choice = timings.search(model.get_submodule(first.name), first, captured[first.name], plan.beta)
+        for row in group:
+            new_rows[row.name] = _apply(row, choice)
+        timings.cache.save()
+
+    meta = dict(plan.meta)
+    meta["rank_optimization"] = {
+        **dataclasses.asdict(settings),
+        "device": device_name(device),
+        "dtype": dtype_name(dtype),
+        "torch": torch.__version__,
+        "distinct_layers": len(groups),
+        "timed": timings.timed,
+        "cache_hits": timings.hits,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    layers = [new_rows.get(row.name, row) for row in plan]
+    return Plan(layers, ratio=plan.ratio, beta=plan.beta, meta=meta)
+
+
+class _Timings:
+    """Per-layer searches of one run, sharing the cache and timer, each within the time budget."""
+
+    def __init__(self, cache: TimingCache, timer: Timer, device: torch.device, dtype: torch.dtype,
+                 settings: SearchSettings):
+        self.cache, self.timer, self.objective = cache, timer, settings.objective
+        self.device, self.dtype, self.settings = device, dtype, settings
+        self.timed = self.hits = 0
+
+    def search(self, dense: nn.Module, row: LayerPlan, spec: InputSpec, beta: float) -> Choice:
+        times = LayerTimes(dense, row.kind, spec, self.objective, self.device, self.dtype, self.cache, self.timer)
+        spent = 0.0  # charged with the recorded cost of cached times too, so reruns stop where the first did
+
+        def measure(rank: Rank, required: bool = False) -> float | None:
+            nonlocal spent
+            budget = self.settings.budget_s
+            if not required and budget is not None and spent >= budget:
+                return None
+            entry = times(rank)
+            spent += entry.cost_s
+            return entry.ms
+
+        try:
+            return search_rank(row, measure, self.settings, beta)
+        finally:
+            self.timed += times.timed
+            self.hits += times.hits
+
+
+def _apply(row: LayerPlan, choice: Choice) -> LayerPlan:
+    if choice.rank is None:
+        new = row.with_rank(None, choice.reason, kind="keep")
+    else:
+        new = row.with_rank(choice.rank, choice.reason)
+    return dataclasses.replace(new, time_original_ms=choice.time_original_ms,
+                               time_ratio_rank_ms=choice.time_ratio_rank_ms, time_ms=choice.time_ms)
+
+
+def _ratio_rank(row: LayerPlan) -> Rank:
+    return row.ratio_rank if row.ratio_rank is not None else row.rank
+
+
+def _group_key(model: nn.Module, row: LayerPlan, spec: InputSpec) -> tuple:
+    dense = model.get_submodule(row.name)
+    return row.kind, layer_signature(dense), input_signature(spec), _ratio_rank(row)
+
+
+def timing_table(plan: Plan) -> str:
+    """The decomposed and re-kept rows of an optimized plan with their three times, as text."""
+    header = ("layer", "ratio rank", "chosen", "original ms", "ratio ms", "chosen ms")
+    lines = []
+    for row in plan:
+        if row.time_original_ms is None and row.reason != NOT_REACHED:
+            continue
+        chosen = "original" if row.kind == "keep" else _short(row.rank)
+        lines.append((row.name, _short(row.ratio_rank), chosen, _ms(row.time_original_ms),
+                      _ms(row.time_ratio_rank_ms), _ms(row.time_ms)))
+    if not lines:
+        return "no timed layers"
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines])
+
+
+def _short(rank: Rank) -> str:
+    return "-" if rank is None else (str(rank) if isinstance(rank, int) else "{}x{}".format(*rank))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,62 @@
+"""Times of one layer at any rank: read from the cache, else measured by the timer and stored.
+
+The cache key is everything the time depends on: device, torch version, dtype, objective,
+layer kind and geometry, input shape and memory format, and the rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from lrdaccel.factorize.ranks import Rank
+from lrdaccel.measure.machine import device_name
+from lrdaccel.rankopt.cache import CachedTime, TimingCache
+from lrdaccel.rankopt.capture import InputSpec
+from lrdaccel.rankopt.layer_timing import Timer, TimingJob, input_signature, layer_signature
+
+
+class LayerTimes:
+    """Measured times of `dense` (original or decomposed as `kind`) on input `spec`.
+
+    The layer is copied to `device` and `dtype` once; the caller's module is not touched.
+    `timed` and `hits` count new measurements and cache reads.
+    """
+
+    def __init__(self, dense: nn.Module, kind: str, spec: InputSpec, objective: str,
+                 device: torch.device, dtype: torch.dtype, cache: TimingCache, timer: Timer):
+        self.local = copy.deepcopy(dense).to(device=device, dtype=dtype)
+        self.kind, self.spec, self.objective = kind, spec, objective
+        self.device, self.dtype, self.cache, self.timer = device, dtype, cache, timer
+        self.key = "|".join([
+            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), objective, kind,
+            layer_signature(dense), input_signature(spec),
+        ])
+        self.timed = self.hits = 0
+
+    def __call__(self, rank: Rank) -> CachedTime:
+        """The time at `rank` (None: the original layer), with what measuring it cost."""
+        key = f"{self.key}|{rank_label(rank)}"
+        entry = self.cache.get(key)
+        if entry is not None:
+            self.hits += 1
+            return entry
+        job = TimingJob(self.local, self.kind, rank, self.spec, self.objective, self.device, self.dtype)
+        began = time.perf_counter()
+        ms = float(self.timer(job))
+        self.cache.put(key, ms, time.perf_counter() - began)
+        self.timed += 1
+        return self.cache.get(key)
+
+
+def rank_label(rank: Rank) -> str:
+    if rank is None:
+        return "original"
+    return f"rank {rank}" if isinstance(rank, int) else "rank {}x{}".format(*rank)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

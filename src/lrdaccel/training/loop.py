@@ -1,0 +1,346 @@
+"""The fine-tuning loop the CLI and the demo use: sequential freezing, DDP, AMP, distillation, resume.
+
+    history = lrd.finetune(model, train_set, test_set, epochs=3, lr=0.01, schedule="rotate")
+    print(history)
+
+Launched under `torchrun`, it joins the process group (gloo on CPU, NCCL on GPU), shards the data
+with DistributedSampler and wraps the model in DistributedDataParallel, re-wrapped at each phase
+switch by `SequentialFreezer.wrap_ddp` (see lrdaccel.training.distributed for why).
+
+Resume is exact. A checkpoint (lrdaccel.training.checkpoint) holds the model, optimizer, LR
+scheduler, grad scaler, freezer, every rank's RNG states, the position (epoch, batch, step, the
+epoch's running loss) and the history so far. The data order of an epoch is a function of
+(seed, epoch) alone, so a resumed run skips the batches already done and then sees exactly what
+the uninterrupted run saw: on CPU the two end bitwise equal.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler, TensorDataset, default_collate
+from tqdm.auto import tqdm
+
+from lrdaccel._modules import output_tensor, unwrap
+from lrdaccel._settings import resolve
+from lrdaccel.training.checkpoint import (
+    CHECKPOINT_NAME,
+    check_same_run,
+    read_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
+)
+from lrdaccel.training.config import RESUME_FREE, FinetuneConfig
+from lrdaccel.training.distributed import all_sum, default_device, process_group, rank_and_world
+from lrdaccel.training.freezer import SequentialFreezer
+from lrdaccel.training.history import EpochRecord, History
+
+
+def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = None,
+             config: FinetuneConfig | None = None, *, teacher: nn.Module | None = None,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             device: str | torch.device | None = None, progress: bool = True, **settings) -> History:
+    """Fine-tune a (decomposed) classifier in place and return its per-epoch history.
+
+    Args:
+        model: maps an input batch to logits (a tensor, or an output with `.logits`).
+        train_data, eval_data: datasets of (input, label) pairs, e.g. from `lrdaccel.data.load`.
+        config: a FinetuneConfig; keyword `settings` override its fields (epochs=3, lr=0.1, ...).
+        teacher: the original model, for knowledge distillation (KL on temperature-softened
+            logits, weighted by alpha, plus the task loss); never updated.
+        transform: applied to each input batch on the device (e.g. `lrdaccel.data.normalize`).
+        device: default: this process's CUDA device if there is one, else CPU.
+        progress: tqdm bars (rank 0 only).
+
+    Returns:
+        History: one EpochRecord per finished epoch (restored ones included after a resume).
+
+    Raises:
+        ValueError: a bad setting, a checkpoint of another run or model, an empty dataset.
+        FileNotFoundError: resume=True without a checkpoint.
+    """
+    config = resolve(FinetuneConfig, config, settings, "finetune")
+    if len(train_data) == 0:
+        raise ValueError("train_data is empty")
+    with process_group():
+        return _Run(model, train_data, eval_data, config, teacher, transform, device, progress).run()
+
+
+class _Run:
+    """One fine-tuning run's state; `run()` drives it, the rest are its steps."""
+
+    def __init__(self, model, train_data, eval_data, config, teacher, transform, device, progress):
+        self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        self.teacher, self.transform, self.progress = teacher, transform, progress
+        self.rank, self.world = rank_and_world()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = unwrap(model).to(self.device)
+        if teacher is not None:
+            teacher.to(self.device).eval()
+        seed_everything(config.seed)
+        # The optimizer gets every parameter trainable now, before the freezer freezes any of them.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(params, config)
+        self.freezer = None
+        if config.schedule is not None:
+            self.freezer = SequentialFreezer(self.model, config.schedule, config.every_epochs,
+                                             config.every_steps, config.freeze_undecomposed)
+            self.freezer.check_optimizer(self.optimizer)
+        self.steps_per_epoch = math.ceil(len(self._epoch_indices(0)) / config.batch_size)
+        total = config.epochs * self.steps_per_epoch
+        cosine = config.lr_schedule == "cosine"
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0)
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
+        self.history = History()
+        self.epoch, self.batch, self.global_step = 0, 0, 0
+        self._reset_running()
+        self._ddp = None
+        self.checkpoint_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
+        if config.resume:
+            self._load_checkpoint()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> History:
+        config = self.config
+        try:
+            while self.epoch < config.epochs:
+                if self.freezer is not None:
+                    self.freezer.set_epoch(self.epoch)
+                if not self._train_epoch():
+                    self.history.global_step = self.global_step
+                    return self.history
+                self._finish_epoch()
+            self.history.completed = True
+            self.history.global_step = self.global_step
+            return self.history
+        finally:
+            if self.freezer is not None:
+                self.freezer.restore()
+
+    def _train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False if max_steps stopped the run."""
+        config = self.config
+        indices = self._epoch_indices(self.epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
+                   disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+        self.model.train()
+        start = time.perf_counter()
+        try:
+            while self.batch < self.steps_per_epoch:
+                chunk = indices[self.batch * config.batch_size:(self.batch + 1) * config.batch_size]
+                loss, n = self._train_step(_fetch(self.train_data, chunk))
+                self.batch += 1
+                self.global_step += 1
+                self.running["loss_sum"] += loss * n
+                self.running["seen"] += n
+                if self.freezer is not None:
+                    self.running["share_sum"] += self._share
+                    if self.freezer.phase not in self.running["phases"]:
+                        self.running["phases"].append(self.freezer.phase)
+                    self.freezer.step()
+                self.running["steps"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if config.max_steps is not None and self.global_step >= config.max_steps:
+                    self.running["train_seconds"] += time.perf_counter() - start
+                    self._save_checkpoint()
+                    return False
+                if config.checkpoint_every_steps and self.global_step % config.checkpoint_every_steps == 0:
+                    self.running["train_seconds"] += time.perf_counter() - start
+                    self._save_checkpoint()
+                    start = time.perf_counter()
+        finally:
+            bar.close()
+        self.running["train_seconds"] += time.perf_counter() - start
+        return True
+
+    def _train_step(self, batch) -> tuple[float, int]:
+        inputs, labels = self._to_device(batch)
+        net = self._network()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.amp):
+            logits = output_tensor(net(inputs))
+            loss = F.cross_entropy(logits.float(), labels)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = output_tensor(self.teacher(inputs)).float()
+                loss = self.config.alpha * distillation_loss(logits.float(), teacher_logits, self.config.temperature) \
+                    + (1 - self.config.alpha) * loss
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.item(), len(labels)
+
+    def _network(self) -> nn.Module:
+        """The module to call: the model itself, or its DDP wrapper for the current trainable set."""
+        if self.world == 1:
+            return self.model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        if self.freezer is not None:
+            return self.freezer.wrap_ddp(self.model, device_ids=device_ids)
+        if self._ddp is None:
+            self._ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        return self._ddp
+
+    @property
+    def _share(self) -> float:
+        total = sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) / total
+
+    def _finish_epoch(self) -> None:
+        self._sync_buffers()
+        running = self.running
+        totals = self._all_sum([running["loss_sum"], running["seen"]])
+        test_loss, test_accuracy, eval_seconds = self._evaluate()
+        share = running["share_sum"] / running["steps"] if self.freezer is not None and running["steps"] else 1.0
+        record = EpochRecord(self.epoch, totals[0] / max(totals[1], 1), test_loss, test_accuracy,
+                             running["train_seconds"], eval_seconds, share, list(running["phases"]))
+        self.history.epochs.append(record)
+        if self.progress and self.rank == 0:
+            acc = f", test accuracy {100 * test_accuracy:.2f}%" if test_accuracy is not None else ""
+            tqdm.write(f"epoch {self.epoch + 1}/{self.config.epochs}: train loss {record.train_loss:.4f}{acc}, "
+                       f"{record.train_seconds:.1f} s, trainable {100 * share:.1f}%")
+        self.epoch, self.batch = self.epoch + 1, 0
+        self._reset_running()
+        self._save_checkpoint()
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[float | None, float | None, float]:
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return None, None, 0.0
+        start = time.perf_counter()
+        self.model.eval()
+        indices = list(range(self.rank, len(self.eval_data), self.world))
+        loss_sum, correct = 0.0, 0
+        size = self.config.eval_batch_size
+        for i in range(0, len(indices), size):
+            inputs, labels = self._to_device(_fetch(self.eval_data, indices[i:i + size]))
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.amp):
+                logits = output_tensor(self.model(inputs)).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+        self.model.train()
+        loss_sum, correct = self._all_sum([loss_sum, correct])
+        n = len(self.eval_data)
+        return loss_sum / n, correct / n, time.perf_counter() - start
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        """This process's sample order for an epoch: a function of (seed, epoch, rank) only."""
+        sampler = DistributedSampler(self.train_data, num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=self.config.seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = batch[0].to(self.device), batch[1].to(self.device)
+        if self.transform is not None:
+            inputs = self.transform(inputs)
+        return inputs, labels
+
+    # ---- distributed helpers -------------------------------------------------------------------
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.device)
+
+    def _sync_buffers(self) -> None:
+        """DDP broadcasts buffers before each forward, so after the last one they differ per rank."""
+        if self.world > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _reset_running(self) -> None:
+        self.running = {"loss_sum": 0.0, "seen": 0, "share_sum": 0.0, "steps": 0, "train_seconds": 0.0,
+                        "phases": []}
+
+    def _config_dict(self) -> dict:
+        return {k: v for k, v in asdict(self.config).items() if k not in RESUME_FREE}
+
+    def _save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        self._sync_buffers()
+        rng = rng_state()
+        states = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        if self.rank == 0:
+            write_checkpoint(self.checkpoint_path, {
+                "config": self._config_dict(),
+                "world_size": self.world,
+                "teacher": self.teacher is not None,
+                "position": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step},
+                "running": dict(self.running),
+                "history": [asdict(r) for r in self.history.epochs],
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "freezer": self.freezer.state_dict() if self.freezer is not None else None,
+                "rng": states,
+            })
+        if self.world > 1:
+            dist.barrier()
+
+    def _load_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        checkpoint = read_checkpoint(path)
+        check_same_run(path, {**checkpoint["config"], "teacher": checkpoint["teacher"]},
+                       {**self._config_dict(), "teacher": self.teacher is not None})
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{path}: the checkpoint does not match the model: {error}") from None
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler.is_enabled() and checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.freezer is not None:
+            self.freezer.load_state_dict(checkpoint["freezer"])
+        position = checkpoint["position"]
+        self.epoch, self.batch, self.global_step = position["epoch"], position["batch"], position["global_step"]
+        self.running = dict(checkpoint["running"])
+        self.history.epochs = [EpochRecord(**r) for r in checkpoint["history"]]
+        states = checkpoint["rng"]
+        set_rng_state(states[self.rank] if self.rank < len(states) else states[0])
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _make_optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _fetch(dataset: Dataset, indices: list[int]):
+    """A batch: one indexing call on a TensorDataset, else the default collate of the items."""
+    if isinstance(dataset, TensorDataset):
+        return dataset[torch.as_tensor(indices, dtype=torch.long)]
+    return default_collate([dataset[i] for i in indices])
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, scaled by T^2 (Hinton et al.)."""
+    return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                    log_target=True, reduction="batchmean") * temperature ** 2

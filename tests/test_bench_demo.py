@@ -1,0 +1,92 @@
+"""`lrdaccel demo` on a small slice: well-formed results, and the saved model is the one reported."""
+
+import json
+
+import pytest
+
+import lrdaccel as lrd
+from lrdaccel import zoo
+from lrdaccel.bench.demo_pipeline import DemoConfig, keep_input_layer
+from lrdaccel.bench.schema import load_results
+from lrdaccel.data import standardized_splits
+from lrdaccel.training.evaluate import accuracy
+from lrdaccel.cli import main
+
+
+@pytest.mark.slow
+def test_demo_on_a_small_slice(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--dataset", "mnist5k", "--limit", "128", "--batch-size", "32",
+            "--timing-cache", str(tmp_path / "cache.json"), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = load_results(out / "results.json")  # the schema check
+    assert results["dataset"] == {"name": "mnist5k", "train_size": 128, "test_size": 128}
+    assert results["config"]["quick"] and results["config"]["finetune_epochs"] == 2
+    decomposed = results["decomposed"]
+    assert len(decomposed["history"]) == 2
+    assert decomposed["accuracy"] == decomposed["history"][-1]["accuracy"]
+    assert results["ratios"]["params"] == decomposed["params"] / results["original"]["params"]
+    assert {row["name"] for row in decomposed["layers"]} >= {"stem.0", "classifier"}
+    assert next(r for r in decomposed["layers"] if r["name"] == "stem.0")["reason"] == "rejected by filter_fn"
+
+    # The saved model is the fine-tuned one: loaded into a fresh CNN it scores the reported accuracy.
+    _, test = standardized_splits("mnist5k", 128, 128)
+    model = lrd.load(out / "model", zoo.get("fmnist-cnn").build())
+    assert accuracy(model, test, progress=False) == decomposed["accuracy"]
+    plan = lrd.Plan.load(out / "plan.json")
+    assert [row.name for row in plan.decomposed] == [r["name"] for r in decomposed["layers"] if r["kind"] != "keep"]
+    if plan.decomposed:  # rank optimization may keep every layer on a noisy machine; then no freezing
+        assert [h["phases"] for h in decomposed["history"]] == [[0], [1]]
+        assert decomposed["params"] < results["original"]["params"]
+
+    printed = capsys.readouterr().out
+    assert (out / "report.md").read_text() in printed
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "cache.json").read_text())
+
+
+@pytest.mark.slow
+def test_demo_without_rank_optimization_freezes_every_decomposed_layer(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--dataset", "mnist5k", "--limit", "64", "--batch-size", "32", "--no-optimize",
+            "--schedule", "static", "--model", "fmnist-vit", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = load_results(out / "results.json")
+    layers = results["decomposed"]["layers"]
+    # ratio ranks in every encoder layer; the patch projection that reads the 1-channel image is kept
+    kept = {r["name"]: r["reason"] for r in layers if r["kind"] == "keep"}
+    assert kept["model.vit.embeddings.patch_embeddings.projection"] == "rejected by filter_fn"
+    encoder = [r for r in layers if ".layers." in r["name"]]
+    assert len(encoder) == 24 and all(r["rank"] == r["ratio_rank"] for r in encoder)
+    assert results["throughput"]["decomposed"]["train_phases"] == 1  # static: one phase
+    assert all(h["trainable_share"] < 1 for h in results["decomposed"]["history"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dataset": "cifar"}, "dataset"),
+    ({"model": "resnet50"}, "model"),
+    ({"schedule": "sometimes"}, "schedule"),
+    ({"epochs": 0}, "epochs"),
+    ({"train_limit": 0}, "train_limit"),
+    ({"ratio": 0.5}, "ratio"),
+    ({"finetune_lr": 0}, "finetune_lr"),
+])
+def test_demo_config_validates(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**kwargs)
+
+
+def test_default_dataset_falls_back_to_mnist5k(monkeypatch):
+    from lrdaccel import data
+
+    monkeypatch.setattr(data, "available", lambda name: False)
+    assert DemoConfig().dataset == "mnist5k"
+    monkeypatch.setattr(data, "available", lambda name: True)
+    assert DemoConfig().dataset == "fashion-mnist"
+
+
+def test_keep_input_layer_rejects_only_the_layer_reading_the_image():
+    model = zoo.get("fmnist-cnn").build()
+    plan = lrd.plan(model, ratio=2.0, filter_fn=keep_input_layer(1))
+    assert [row.name for row in plan if row.reason == "rejected by filter_fn"] == ["stem.0"]
+    assert all(row.decomposed for row in plan if row.name.startswith("blocks."))

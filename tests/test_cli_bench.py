@@ -1,0 +1,88 @@
+"""`lrdaccel bench --quick` end to end on the smallest zoo model: well-formed results, exact counts."""
+
+import json
+
+import pytest
+import torch
+
+import lrdaccel as lrd
+from lrdaccel import zoo
+from lrdaccel.bench.schema import load_results
+from lrdaccel.bench.paper_table import VARIANTS
+from lrdaccel.cli import build_parser, main
+
+TINY = ["--quick", "--models", "fmnist-cnn", "--repeats", "2", "--batch-size", "2", "--min-run-time", "0",
+        "--rank-budget", "0.2", "--rank-min-run-time", "0.01"]
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_well_formed_results(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", *TINY, "--timing-cache", str(tmp_path / "cache.json"), "--out", str(out),
+                 "--no-progress"]) == 0
+    results = load_results(out / "results.json")  # the schema check
+    assert results["config"]["quick"] and results["config"]["repeats"] == 2
+    (model,) = results["models"]
+    rows = {row["variant"]: row for row in model["rows"]}
+    assert list(rows) == [v.key for v in VARIANTS]
+    for row in rows.values():
+        assert len(row["infer_ratio"]["values"]) == len(row["train_ratio"]["values"]) == 2
+
+    # Parameter counts are exact: the original's, and the ratio plan's savings for the LRD rows.
+    original = zoo.get("fmnist-cnn").build()
+    plan = lrd.plan(original, ratio=2.0)
+    saved = sum(row.params_before - row.params_after for row in plan.decomposed)
+    assert rows["original"]["params"] == sum(p.numel() for p in original.parameters())
+    for key in ("lrd", "lrd_seq", "lrd_static"):
+        assert rows[key]["params"] == rows["original"]["params"] - saved
+        assert rows[key]["macs"] < rows["original"]["macs"]
+    assert rows["lrd_both"]["params"] == rows["lrd_opt"]["params"]
+    assert rows["lrd_opt"]["params"] <= rows["original"]["params"]
+
+    # Freezing rows train over one cycle of their schedule; static is one phase.
+    assert rows["lrd_seq"]["train_phases"] == 6 and rows["lrd_static"]["train_phases"] == 1
+    assert rows["lrd_seq"]["trainable_params"]["max"] < rows["lrd"]["trainable_params"]["max"]
+    assert rows["lrd_seq"]["infer_ratio"] == rows["lrd"]["infer_ratio"]  # same inference graph
+
+    # Evidence for the analysis: the search's per-layer times and the top operators.
+    assert [layer["name"] for layer in model["optimized_layers"]] == [row.name for row in plan.decomposed]
+    for key in ("original", "lrd_both"):
+        for what in ("infer", "train"):
+            ops = model["profile"][key][what]
+            assert ops and all(op["ms"] > 0 for op in ops)
+            assert any("conv" in op["op"] for op in ops)
+
+    report = (out / "report.md").read_text()
+    assert report in capsys.readouterr().out
+    assert "| LRD (ratio ranks) |" in report and "## fmnist-cnn" in report
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "cache.json").read_text())  # rank timings were cached there
+    assert not (out / "staircase.png").exists()  # --quick leaves the staircase out
+
+
+def test_help_explains_every_option():
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for command in ("bench", "demo"):
+        for action in sub[command]._actions:
+            if action.dest != "help":
+                assert action.help and "being built" not in action.help, f"{command} {action.option_strings}"
+
+
+def test_bad_options_fail_cleanly(tmp_path, capsys):
+    assert main(["bench", "--models", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--models", "fmnist-cnn", "--repeats", "0", "--out", str(tmp_path)]) == 2
+    assert "repeats must be an int >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_staircase_step_writes_plot_and_data(tmp_path):
+    from lrdaccel.bench.paper_table import BenchConfig, paper_staircase
+
+    torch.manual_seed(0)
+    config = BenchConfig(models=["fmnist-cnn"], batch_size=1, timing_cache="none")
+    paths = paper_staircase(tmp_path, config, ranks=[248, 256])
+    data = json.loads(paths["data"].read_text())
+    assert data["ranks"] == [[248, 248], [256, 256]] and len(data["times_ms"]) == 2
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,71 @@
+"""`lrdaccel finetune`: decompose or load, fine-tune, checkpoint, resume, save; --help covers every option."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+import lrdaccel as lrd
+from lrdaccel.cli import build_parser, main
+
+FACTORY = "test_cli_finetune:tiny_classifier"
+
+
+def tiny_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                         nn.Linear(8 * 7 * 7, 24), nn.ReLU(), nn.Linear(24, 10))
+
+
+COMMON = ["--dataset", "digits", "--train-limit", "96", "--test-limit", "32", "--train-batch-size", "32",
+          "--epochs", "2", "--no-progress"]
+
+
+def test_finetune_decompose_distill_save(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--min-rank", "1", "--distill", "--freeze", "static",
+                 "--optimizer", "adamw", "--lr", "1e-3", "-o", str(out), *COMMON])
+    assert code == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1] and history["completed"]
+    assert "test acc" in capsys.readouterr().out
+    model = lrd.load(out, tiny_classifier())
+    assert sum(isinstance(m, lrd.LowRankModule) for m in model.modules()) == 3
+
+
+def test_finetune_from_saved_dir_stop_and_resume(tmp_path):
+    saved = tmp_path / "compressed"
+    model = tiny_classifier()
+    lrd.decompose(model, ratio=1.5, min_rank=1)
+    lrd.save(model, saved)
+    checkpoints = tmp_path / "ckpt"
+    args = ["finetune", "--model", FACTORY, "--from", str(saved), "--every-steps", "2",
+            "--checkpoint-dir", str(checkpoints), *COMMON]
+    assert main([*args, "--max-steps", "4"]) == 0
+    state = torch.load(checkpoints / "checkpoint.pt", weights_only=True)
+    assert state["position"] == {"epoch": 1, "batch": 1, "global_step": 4}
+    assert main([*args, "--resume", "-o", str(tmp_path / "out")]) == 0
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert history["global_step"] == 6 and len(history["epochs"]) == 2
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--from", str(tmp_path), *COMMON]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["finetune", "--model", FACTORY, "--freeze", "rotate", *COMMON]) == 2  # nothing decomposed
+    assert "no decomposed layers" in capsys.readouterr().err
+    assert main(["finetune", "--model", FACTORY, "--epochs", "0"]) == 2  # checked by FinetuneConfig
+    assert "epochs must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_help_explains_every_option():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+    text = sub.format_help()
+    for option in ("--freeze", "--every-steps", "--distill", "--amp", "--checkpoint-dir", "--resume", "--output"):
+        assert option in text
