@@ -55,7 +55,7 @@ def test_bad_arguments(tmp_path, capsys):
     assert main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--from", str(tmp_path), *COMMON]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["finetune", "--model", FACTORY, "--freeze", "rotate", *COMMON]) == 2  # nothing decomposed
-    assert "no decomposed layers" in capsys.readouterr().err
+    assert "--freeze rotate needs a decomposed model: give --ratio R" in capsys.readouterr().err
     assert main(["finetune", "--model", FACTORY, "--epochs", "0"]) == 2  # checked by FinetuneConfig
     assert "epochs must be an int >= 1, got 0" in capsys.readouterr().err
 

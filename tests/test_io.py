@@ -152,3 +152,81 @@ def test_load_looks_through_wrappers(saved):
     lrd.load(out, wrapped)
     assert isinstance(base.conv, lrd.TuckerConv2d)
     assert torch.equal(base.conv.core.weight, model.conv.core.weight)
+
+
+def test_loading_into_an_already_decomposed_model_says_so(saved):
+    model, out = saved
+    with pytest.raises(ValueError, match="already decomposed"):
+        lrd.load(out, model)
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("step", ["weights_write", "config_write", "first_replace", "second_replace", "backup"])
+def test_a_failure_at_any_write_step_keeps_a_loadable_checkpoint(tmp_path, monkeypatch, step):
+    """Overwriting a checkpoint: whatever write fails, the directory holds the old pair or the new
+    pair, and it loads (issue #13, item 4)."""
+    import lrdaccel._files as files
+    import lrdaccel.io as io
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    old, new = Net(), Net()
+    lrd.decompose(old, ratio=2.0)
+    lrd.decompose(new, ratio=3.0)
+    out = tmp_path / "ckpt"
+    lrd.save(old, out)
+
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(source, target):
+        calls.append(Path(target).name)
+        failing = {"first_replace": 2, "second_replace": 4, "backup": 3}.get(step)  # backup/new/backup/new
+        if failing is not None and len(calls) == failing:
+            raise OSError(f"injected failure at {step}")
+        return real_replace(source, target)
+
+    if step == "weights_write":
+        monkeypatch.setattr(io, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("injected")))
+    elif step == "config_write":
+        monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError("injected")))
+    else:
+        monkeypatch.setattr(files.os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="injected"):
+        lrd.save(new, out)
+    monkeypatch.undo()
+
+    loaded = lrd.load(out, Net())
+    assert torch.equal(_outputs(loaded, x), _outputs(old, x))  # every failure here happens before the new pair is whole
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary left behind
+    lrd.save(new, out)  # and the next save works
+    assert torch.equal(_outputs(lrd.load(out, Net()), x), _outputs(new, x))
+
+
+def test_a_directory_mixing_two_saves_is_refused(tmp_path):
+    first, second = Net(), Net()
+    lrd.decompose(first, ratio=2.0)
+    lrd.decompose(second, ratio=2.0)
+    lrd.save(first, tmp_path / "a")
+    lrd.save(second, tmp_path / "b")
+    (tmp_path / "a" / WEIGHTS_NAME).write_bytes((tmp_path / "b" / WEIGHTS_NAME).read_bytes())
+    base = Net()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match="not the weights file .* was saved with"):
+        lrd.load(tmp_path / "a", base)
+    assert unchanged(base, snap)
+
+
+def test_save_into_a_file_path_is_refused_before_writing(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    model = Net()
+    lrd.decompose(model, ratio=2.0)
+    with pytest.raises(ValueError, match="is a file"):
+        lrd.save(model, target)
+    with pytest.raises(ValueError, match="is a file"):
+        lrd.save(model, target / "inside")
+    assert target.read_text() == "keep me"

@@ -164,7 +164,7 @@ def test_json_rejects_foreign_and_future_files():
         Plan.from_json("{nope")
     data = lrd.plan(Net(), ratio=2).to_dict()
     data["layers"][0]["kind"] = "os.system"
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="field 'kind' must be one of"):
         Plan.from_dict(data)
     data = lrd.plan(Net(), ratio=2).to_dict()
     data["layers"][0]["future_field"] = 1

@@ -315,3 +315,11 @@ def test_any_choice_is_within_bounds_and_never_slower_than_the_original(
     growth = 0.0 if rule == "paper" else max_growth
     assert row.params_after <= source.params_after * (1 + growth) + 1e-9
     assert row.rank == source.rank or row.macs_after < row.macs_before
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), None])
+def test_a_custom_timer_giving_no_usable_time_is_a_clear_error(bad):
+    model = linear_model(64)
+    plan = lrd.plan(model, ranks={"0": 16})
+    with pytest.raises(ValueError, match=r"the timer gave .* ms for Linear 64x64.*finite number of milliseconds > 0"):
+        optimize(model, plan, FakeTimer(lambda rank: bad))

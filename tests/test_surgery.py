@@ -120,3 +120,44 @@ def test_report_prints():
     report = lrd.decompose(Net(), ratio=2, example_inputs=torch.randn(1, 3, 16, 16))
     text = str(report)
     assert "fc" in text and "model parameters" in text and "model MACs per forward" in text
+
+
+def test_a_forward_that_fails_on_the_new_layers_rolls_the_swap_back():
+    """MACs are counted after the swap; if the model's forward rejects the decomposed layers, the
+    model ends exactly as it was (issue #13, item 2)."""
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            if not isinstance(self.fc, nn.Linear):
+                raise TypeError("Picky only runs nn.Linear")
+            return self.fc(x)
+
+    model = Picky()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match="Picky"):
+        lrd.decompose(model, ratio=2.0, example_inputs=torch.randn(2, 64))
+    assert unchanged(model, snap) and type(model.fc) is nn.Linear
+
+
+def test_a_forward_reading_conv_attributes_works_after_the_swap():
+    class ReadsPadding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            pad = self.c.padding[0]  # code in the wild reads the geometry of its convs
+            return self.c(x)[..., pad:, pad:]
+
+    model = ReadsPadding()
+    report = lrd.decompose(model, ratio=2.0, example_inputs=torch.randn(1, 16, 8, 8))
+    assert report.model_macs_after < report.model_macs_before
+
+
+def test_the_report_of_a_model_without_parameters_prints():
+    report = lrd.decompose(nn.Sequential(nn.ReLU()), ratio=2.0)
+    assert "model parameters: 0 -> 0" in str(report)

@@ -250,3 +250,30 @@ def test_bad_input():
     assert all(p.requires_grad for p in model.parameters())  # the model as it was
     with pytest.raises(ValueError, match="epoch must be an int"):
         lrd.SequentialFreezer(Tiny()).set_epoch(-1)
+
+
+def test_parameters_the_user_freezes_later_are_never_thawed_by_a_switch():
+    torch.manual_seed(0)
+    model = Tiny()
+    freezer = lrd.SequentialFreezer(model, schedule="rotate")
+    user_frozen = [model.conv.first.weight, model.head.weight]  # trainable in phase 0
+    for p in user_frozen:
+        p.requires_grad_(False)
+    for epoch in range(6):  # every factor's turn to train comes round
+        freezer.set_epoch(epoch)
+        assert not any(p.requires_grad for p in user_frozen), epoch
+    freezer.restore()
+    assert not any(p.requires_grad for p in user_frozen)
+    assert model.conv.core.weight.requires_grad and model.fc.second.weight.requires_grad  # the freezer's own: thawed
+
+
+def test_a_resumed_freezer_respects_the_users_frozen_parameters_too():
+    torch.manual_seed(0)
+    model = Tiny()
+    freezer = lrd.SequentialFreezer(model, schedule="freeze_one")
+    freezer.set_epoch(1)
+    state = freezer.state_dict()
+    model.point.second.weight.requires_grad_(False)
+    fresh = lrd.SequentialFreezer(model, schedule="freeze_one")
+    fresh.load_state_dict(state)
+    assert not model.point.second.weight.requires_grad

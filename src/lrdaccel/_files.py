@@ -22,6 +22,77 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
         raise
 
 
+def replace_together(files: dict[Path, Callable[[str], object]]) -> None:
+    """Write several files that belong together (a config and the weights it describes) so that
+    the old set stays until the new set is complete: each new file is written in full under a
+    temporary name, then the files replace the old ones in order; if a replacement fails, the
+    files already replaced are put back. A failure at any step leaves either the old set or the
+    new set.
+    """
+    staged: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    replaced: list[Path] = []
+    try:
+        for target, write in files.items():
+            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.new.")
+            os.close(fd)
+            staged[target] = Path(temporary)
+            write(temporary)
+        for target in list(staged):
+            if target.exists():
+                fd, backup = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.old.")
+                os.close(fd)
+                try:
+                    os.replace(target, backup)  # the old file keeps its content under the backup name
+                except BaseException:
+                    Path(backup).unlink(missing_ok=True)
+                    raise
+                backups[target] = Path(backup)
+            os.replace(staged[target], target)
+            del staged[target]
+            replaced.append(target)
+    except BaseException:
+        for target in staged.values():
+            target.unlink(missing_ok=True)
+        for target in replaced:
+            if target not in backups:
+                target.unlink(missing_ok=True)
+        for target, backup in backups.items():
+            os.replace(backup, target)
+        raise
+    for backup in backups.values():
+        backup.unlink(missing_ok=True)
+
+
+def check_output_dir(path: Path) -> None:
+    """A directory we will write into: fine if it exists as a directory or can be created.
+
+    Raises:
+        ValueError: it is a file, or one of its parents is a file.
+    """
+    check_output_path(path, directory=True)
+
+
+def check_output_path(path: Path, directory: bool = False) -> None:
+    """Check before any work that `path` (a file, or a directory if `directory`) can be written:
+    it is not the other kind of thing, and its nearest existing parent is a writable directory.
+
+    Raises:
+        ValueError: naming the path and what is in the way.
+    """
+    path = Path(path)
+    kind = "directory" if directory else "file"
+    if path.exists() and path.is_dir() != directory:
+        raise ValueError(f"{path}: is {'a file' if directory else 'a directory'}; expected a {kind} to write")
+    parent = path if directory else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: cannot write a {kind} here, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write a {kind} here, {parent} is not writable")
+
+
 def check_header(data: Any, formats: str | tuple[str, ...], max_version: int, source: str, what: str) -> None:
     """`data` must be a mapping whose "format" is one of `formats` and whose "version" is an int
     from 1 up to `max_version`.

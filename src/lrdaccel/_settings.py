@@ -74,8 +74,15 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def parse_device(device: torch.device | str) -> torch.device:
-    """A torch device from itself or its name."""
+    """A torch device from itself or its name, that this machine has.
+
+    Raises:
+        ValueError: not a device name, or CUDA asked for where there is none.
+    """
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be a torch device or its name, got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
+    return parsed

@@ -7,6 +7,7 @@ model. Nothing is unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lrdaccel._files import atomic_write, check_header
+from lrdaccel._files import check_header, check_output_dir, replace_together
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 from lrdaccel.layers import LowRankModule
@@ -54,13 +55,20 @@ def _is_writer() -> bool:
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write `directory/lrdaccel_config.json` and `directory/model.safetensors`.
 
-    Tied tensors are stored once and re-tied on load. Files are written to temporary names and
-    renamed, so a crash never leaves half a checkpoint. Under torch.distributed only rank 0 writes.
+    Tied tensors are stored once and re-tied on load. Both files are written in full under
+    temporary names before either replaces an existing one, and a failure while replacing puts the
+    old one back (`lrdaccel._files.replace_together`): overwriting a checkpoint leaves the old pair
+    or the new pair, never a mix. The config records the weights' SHA-256, so a mixed pair left by
+    a crash is refused on load with a clear error. Under torch.distributed only rank 0 writes.
+
+    Raises:
+        ValueError: `directory` exists and is not a directory, or lies under a file.
     """
     if not _is_writer():
         return
     model = unwrap(model)
     directory = Path(directory)
+    check_output_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, aliases = {}, {}
     seen: dict[tuple, str] = {}
@@ -80,9 +88,15 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "aliases": aliases,
         "plan": plan_of(model).to_dict(),
     }
-    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+
+    def write_weights(path: str) -> None:
+        save_file(tensors, path, metadata={"format": "pt"})
+        config["weights_sha256"] = _sha256(Path(path))
+
+    def write_config(path: str) -> None:
+        Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    replace_together({directory / WEIGHTS_NAME: write_weights, directory / CONFIG_NAME: write_config})
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -94,6 +108,12 @@ def read_config(directory: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     check_header(config, CONFIG_FORMAT, CONFIG_VERSION, str(path), "model config")
+    aliases = config.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"{path}: field 'aliases' must be an object of tensor name -> tensor name, got {aliases!r}")
+    digest = config.get("weights_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise ValueError(f"{path}: field 'weights_sha256' must be a string, got {digest!r}")
     return config
 
 
@@ -115,6 +135,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
         tensors[alias] = tensors[target]
     expected = _expected_state(model, built)
     _check_tensors(directory / WEIGHTS_NAME, expected, tensors, strict)
+    _check_pair(directory, config)
     originals = swap_modules(model, built)
     try:
         model.load_state_dict(tensors, strict=strict)
@@ -122,6 +143,24 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
         swap_modules(model, originals)
         raise
     return base_model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_pair(directory: Path, config: dict) -> None:
+    """The weights must be the ones the config was written with (a crash between the two files'
+    replacement would leave a new file beside an old one)."""
+    expected = config.get("weights_sha256")
+    path = directory / WEIGHTS_NAME
+    if expected is not None and path.is_file() and _sha256(path) != expected:
+        raise ValueError(f"{path} is not the weights file {directory / CONFIG_NAME} was saved with (SHA-256 "
+                         f"differs): the directory holds parts of two saves; save the model again")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

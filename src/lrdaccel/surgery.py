@@ -7,6 +7,7 @@ assignment and is rolled back if it fails part-way.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +88,9 @@ class DecomposeReport:
         for r in self.layers:
             lines.append(f"{r.name:<40} {r.kind:<8} {str(r.rank):<10} "
                          f"{r.params_before:>10,} -> {r.params_after:>9,} {r.relative_error:>8.4f}")
-        lines.append(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,} "
-                     f"({self.model_params_after / self.model_params_before:.3f}x)")
+        lines.append(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,}"
+                     + (f" ({self.model_params_after / self.model_params_before:.3f}x)"
+                        if self.model_params_before else ""))
         if self.model_macs_before:
             lines.append(f"model MACs per forward: {self.model_macs_before:,} -> {self.model_macs_after:,} "
                          f"({self.model_macs_after / self.model_macs_before:.3f}x)")
@@ -97,7 +99,14 @@ class DecomposeReport:
 
 
 def validate_plan(model: nn.Module, plan: Plan) -> None:
-    """Every row must name a layer of the right type and shape in this model."""
+    """Every row must name a layer of the right type and shape in this model; every decomposed
+    row a layer that can be decomposed, on real (not meta) weights.
+
+    Raises:
+        ValueError: naming the row and what differs.
+    """
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be an lrdaccel Plan (from lrd.plan or Plan.load), got {type(plan).__name__}")
     for row in plan:
         try:
             module = model.get_submodule(row.name)
@@ -109,17 +118,30 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
                 raise ValueError(f"plan row {row.name!r}: expected a decomposed layer, the model has "
                                  f"{type(module).__name__}")
             continue
-        entry = entry_for(module)
-        if entry is None or type(module).__name__ != row.layer_type:
+        if row.decomposed and isinstance(module, LowRankModule):
+            raise ValueError(f"plan row {row.name!r}: the model's layer is already decomposed "
+                             f"({type(module).__name__}); apply the plan to an undecomposed model")
+        if type(module).__name__ != row.layer_type:
             raise ValueError(f"plan row {row.name!r}: expected {row.layer_type}, the model has "
                              f"{type(module).__name__}; the plan is for another architecture")
+        entry = entry_for(module)
+        if entry is None or not row.supported:
+            continue
         shape = dense_shape(module)
         if shape != row.shape:
             raise ValueError(f"plan row {row.name!r}: expected weight {row.shape}, the model has {shape}; "
                              f"the plan is for another architecture")
-        if row.decomposed and entry.kind != row.kind:
+        if not row.decomposed:
+            continue
+        if entry.kind != row.kind:
             raise ValueError(f"plan row {row.name!r}: kind {row.kind!r} does not fit a {row.layer_type} "
                              f"with kernel {shape['kernel']} (expected {entry.kind!r})")
+        why = entry.why_not(module)
+        if why is not None:
+            raise ValueError(f"plan row {row.name!r}: cannot decompose this layer: {why}")
+        if module.weight.is_meta:
+            raise ValueError(f"plan row {row.name!r}: the weights are on the meta device; decompose needs real "
+                             f"weights (lrd.plan works on meta, decompose and load do not)")
 
 
 def build_modules(
@@ -217,6 +239,8 @@ def decompose(
     """
     start = time.perf_counter()
     model = unwrap(model)
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
     decompose_fields = {f.name for f in dataclasses.fields(DecomposeConfig)}
     plan_settings = {k: v for k, v in settings.items() if k not in decompose_fields}
     config = resolve(DecomposeConfig, config, {k: v for k, v in settings.items() if k in decompose_fields},
@@ -238,8 +262,12 @@ def decompose(
     macs_before = None if example_inputs is None else macs_by_module(model, example_inputs)
     built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress)
     errors = {name: _relative_error(model.get_submodule(name), new) for name, new in built.items()}
-    swap_modules(model, built)
-    macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
+    originals = swap_modules(model, built)
+    try:  # the model's own forward may fail on the new layers: then undo the swap
+        macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
+    except BaseException:
+        swap_modules(model, originals)
+        raise
     rows = []
     for row in plan.decomposed:
         before, after = row.macs_before, row.macs_after

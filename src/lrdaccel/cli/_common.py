@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import os
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lrdaccel import zoo
+from lrdaccel._files import check_output_path
+from lrdaccel._modules import call_model
 from lrdaccel.measure.machine import parse_threads
 
 
@@ -74,22 +80,110 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
-    """(model, example_inputs) from --model / --weights / --batch-size / --input-shape."""
+def check_outputs(files: dict[str, str | None] | None = None, dirs: dict[str, str | None] | None = None) -> None:
+    """Before any work: every output the user named (option -> path) can be written.
+
+    Raises:
+        ValueError: naming the option and the path.
+    """
+    for outputs, directory in ((files or {}, False), (dirs or {}, True)):
+        for option, path in outputs.items():
+            if path is not None:
+                try:
+                    check_output_path(Path(path), directory=directory)
+                except ValueError as error:
+                    raise ValueError(f"{option} {error}") from None
+
+
+def build_factory_model(spec: str) -> nn.Module:
+    """The module `package.module:factory()` returns, the module found as `python -m` would
+    (the current directory first).
+
+    Raises:
+        ValueError: the module or factory is missing, not callable, needs arguments, raises, or
+            returns something that is not an nn.Module.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model {spec!r}: expected a zoo name or 'package.module:factory'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--model {spec}: cannot import {module_name!r} ({error})") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"--model {spec}: module {module_name!r} has no {attr!r}")
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {attr!r} is a {type(factory).__name__}, not a callable factory")
+    try:
+        required = [p.name for p in inspect.signature(factory).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        required = []
+    if required:
+        raise ValueError(f"--model {spec}: the factory needs arguments {required}; give one that takes none")
+    try:
+        model = factory()
+    except Exception as error:  # whatever the user's factory raises, say so in one line
+        raise ValueError(f"--model {spec}: the factory raised {type(error).__name__}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_model(args: argparse.Namespace, check_input: bool = False) -> tuple[nn.Module, object]:
+    """(model, example_inputs) from --model / --weights / --batch-size / --input-shape; with
+    `check_input`, one forward of the example makes sure the model takes it.
+
+    Raises:
+        ValueError: a bad model, weights file or input shape, in one line naming the option.
+    """
     if ":" in args.model:
-        module_name, _, attr = args.model.partition(":")
-        model = getattr(importlib.import_module(module_name), attr)()
         if args.input_shape is None:
             raise ValueError(f"--model {args.model}: give --input-shape for a model outside the zoo")
+        model = build_factory_model(args.model)
         example = torch.randn(args.batch_size, *args.input_shape)
     else:
         spec = zoo.get(args.model)
         model = spec.build()
         example = spec.example_inputs(args.batch_size, args.input_shape)
     if args.weights:
-        from safetensors.torch import load_file
-
-        missing, unexpected = model.load_state_dict(load_file(args.weights), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"--weights {args.weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _load_weights(model, args.weights)
+    if check_input:
+        _check_input(model, example, args)
     return model, example
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"--weights {path}: no such file")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"--weights {path}: not a readable safetensors file ({error})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise ValueError(f"--weights {path}: does not fit the model ({error})") from None
+    if missing or unexpected:
+        raise ValueError(f"--weights {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+@torch.no_grad()
+def _check_input(model: nn.Module, example, args: argparse.Namespace) -> None:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        call_model(model, example)
+    except Exception as error:  # the user's model rejects the shape: say which option to change
+        shape = ",".join(map(str, args.input_shape)) if args.input_shape else "(the zoo default)"
+        raise ValueError(f"--input-shape {shape} (batch {args.batch_size}): the model fails on this input "
+                         f"({type(error).__name__}: {error})") from None
+    finally:
+        for module, training in modes.items():
+            module.training = training

@@ -18,7 +18,7 @@ from lrdaccel import zoo
 from lrdaccel.bench.paper_table import QUICK_SETTINGS, BenchConfig, paper_staircase, run_bench
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
-from lrdaccel.cli._common import threads_type
+from lrdaccel.cli._common import check_outputs, threads_type
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.measure.machine import busy_warning, set_threads
 from lrdaccel.measure.timer import OBJECTIVES
@@ -63,6 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(dirs={"--out": args.out})
     out = Path(args.out)
     if args.report:
         results = load_results(args.report)

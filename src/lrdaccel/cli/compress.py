@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from lrdaccel import data
-from lrdaccel.cli._common import add_model_args, load_model, positive_int
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 from lrdaccel.io import save
@@ -45,12 +45,13 @@ def calibration_batches(name: str, n_batches: int, batch_size: int, seed: int = 
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(dirs={"--output": args.output})
     config = DecomposeConfig(**given(args, DecomposeConfig))
     if args.calibration is not None and config.method != "whiten":
         raise ValueError("--calibration is only used by --method whiten")
     if config.method == "whiten" and args.calibration is None:
         raise ValueError("--method whiten needs --calibration N (batches of calibration images)")
-    model, example = load_model(args)
+    model, example = load_model(args, check_input=True)
     plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args)
     calibration = None
     if config.method == "whiten":

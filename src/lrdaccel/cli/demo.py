@@ -14,7 +14,7 @@ import argparse
 from lrdaccel import data
 from lrdaccel.bench.demo_pipeline import DEMO_MODELS, QUICK_SETTINGS, DemoConfig, run_demo
 from lrdaccel.bench.report import render_markdown
-from lrdaccel.cli._common import positive_int, threads_type
+from lrdaccel.cli._common import check_outputs, positive_int, threads_type
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.measure.machine import set_threads
 from lrdaccel.measure.timer import OBJECTIVES
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides.update(train_limit=args.limit, test_limit=args.limit)
     config = DemoConfig.quick_config(**overrides) if args.quick else DemoConfig(**overrides)
+    check_outputs(dirs={"--out": config.out})
     message = set_threads(args.threads)
     if message:
         print(message)

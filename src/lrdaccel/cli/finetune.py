@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from lrdaccel import data
-from lrdaccel.cli._common import add_model_args, load_model, positive_int
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.io import load, save
 from lrdaccel.planning import PlanConfig
@@ -70,8 +70,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(**given(args, FinetuneConfig))
+    check_outputs(dirs={"--output": args.output, "--checkpoint-dir": config.checkpoint_dir})
     if args.source and args.ratio:
         raise ValueError("give --from DIR or --ratio, not both")
+    if config.schedule is not None and not (args.source or args.ratio):
+        raise ValueError(f"--freeze {config.schedule} needs a decomposed model: give --ratio R (decompose here) or "
+                         f"--from DIR (a model saved by `lrdaccel compress`), or --freeze none")
     if ":" in args.model and args.input_shape is None:
         args.input_shape = (1, 28, 28)
     model, _ = load_model(args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from lrdaccel.cli._common import add_model_args, load_model, non_negative_float, non_negative_int
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, non_negative_float, non_negative_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 from lrdaccel.measure.timer import OBJECTIVES
@@ -66,8 +66,9 @@ def _rank_range(text: str) -> range:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(files={"--output": args.output, "--staircase": args.staircase})
     settings = SearchSettings(**given(args, SearchSettings))
-    model, example = load_model(args)
+    model, example = load_model(args, check_input=True)
     plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args)
     staircase_row = _staircase_row(plan, args.staircase_layer) if args.staircase else None
     cache = False if args.no_cache else args.cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lrdaccel.cli._common import add_model_args, load_model
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.planning import Plan, PlanConfig, plan
 
@@ -29,6 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_outputs(files={"--output": args.output})
     model, _ = load_model(args)
     result = plan_from_args(model, args)
     print(result)

@@ -45,13 +45,17 @@ class LowRankModule(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The equivalent dense weight, rebuilt from the factors on each access.
+        """The equivalent dense weight, rebuilt from the factors on each access, read-only.
 
         Third-party code often reads `layer.weight` of the layer we replaced (HF ViT reads
         `projection.weight.dtype` every forward); this keeps such code correct. It costs a small
-        matrix product, so hot paths should use the factors.
+        matrix product, so hot paths should use the factors. Writing into it in place (e.g.
+        `nn.init.zeros_(layer.weight)`) raises: the write would change nothing.
         """
-        return self.dense_weight()
+        weight = self.dense_weight()
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return weight
+        return weight.as_subclass(RebuiltWeight)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -68,6 +72,18 @@ class LowRankModule(nn.Module):
         )
 
 
+CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                   "padding_mode")
+
+
+def copy_conv_attributes(dense: nn.Conv2d, target: nn.Module) -> None:
+    """Give a decomposed conv the attributes code reads off the conv it replaces (with its
+    values), and the name of that conv's class (`source`) for the plan and save/load."""
+    for attribute in CONV_ATTRIBUTES:
+        setattr(target, attribute, getattr(dense, attribute))
+    target.source = type(dense).__name__
+
+
 def copy_module_state(source: nn.Module, target: nn.Module) -> nn.Module:
     """Match device, dtype, requires_grad and training mode of `source` on `target`."""
     weight = source.weight
@@ -81,6 +97,29 @@ def copy_module_state(source: nn.Module, target: nn.Module) -> nn.Module:
 @torch.no_grad()
 def assign(parameter: nn.Parameter, value: torch.Tensor) -> None:
     parameter.copy_(value.reshape(parameter.shape))
+
+
+class RebuiltWeight(torch.Tensor):
+    """A decomposed layer's dense weight as read through `.weight`: any in-place write raises.
+
+    Operations on it return plain tensors; only writes into it are refused, naming what to write
+    into instead.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+        if in_place and args and isinstance(args[0], RebuiltWeight):
+            raise RuntimeError(
+                f"{name}: a decomposed layer's .weight is rebuilt from its factors on every read, so writing "
+                f"into it changes nothing; write into the factors (layer.factors[i].weight) instead")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+_IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__ipow__",
+                     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
 
 
 def whitened_or_plain(name: str, plain_method: str, whitened: Callable[[], object] | None,

@@ -12,15 +12,15 @@ from torch import nn
 
 from lrdaccel.factorize import check_finite, svd_split
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_svd_split
-from lrdaccel.layers.base import LowRankModule, assign, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import LowRankModule, assign, copy_conv_attributes, copy_module_state, whitened_or_plain
 
 
 def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face `transformers.pytorch_utils.Conv1D`: a Linear with a transposed weight.
-
-    Matched by class name and attributes so that transformers stays optional.
+    """Hugging Face `transformers.pytorch_utils.Conv1D` (or a subclass): a Linear with a
+    transposed weight. Matched by class name and attributes so that transformers stays optional.
     """
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf") \
+        and hasattr(module, "nx")
 
 
 def dense_linear_weight(module: nn.Module) -> torch.Tensor:
@@ -72,10 +72,13 @@ class _TwoFactors(LowRankModule):
 class SVDLinear(_TwoFactors):
     """nn.Linear (or HF Conv1D) as Linear(in, rank, bias=False) -> Linear(rank, out, bias)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, source: str = "Linear"):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, source: str = "Linear",
+                 transposed: bool | None = None):
         super().__init__()
         _check_rank("SVDLinear", rank, out_features, in_features)
         self.in_features, self.out_features, self.source = in_features, out_features, source
+        # Conv1D keeps its weight as [in, out]: dense_weight and to_dense give it back that way.
+        self.transposed = source == "Conv1D" if transposed is None else transposed
         self.first = nn.Linear(in_features, rank, bias=False)
         self.second = nn.Linear(rank, out_features, bias=bias)
 
@@ -84,7 +87,8 @@ class SVDLinear(_TwoFactors):
         """The right shapes, device and dtype for `dense` at `rank`, without factorizing."""
         out_features, in_features = dense_linear_weight(dense).shape
         _check_rank(name, rank, out_features, in_features)
-        layer = cls(in_features, out_features, rank, bias=dense.bias is not None, source=type(dense).__name__)
+        layer = cls(in_features, out_features, rank, bias=dense.bias is not None, source=type(dense).__name__,
+                    transposed=is_conv1d(dense))
         return copy_module_state(dense, layer)
 
     @classmethod
@@ -100,13 +104,13 @@ class SVDLinear(_TwoFactors):
 
     def dense_weight(self) -> torch.Tensor:
         weight = self.second.weight @ self.first.weight
-        return weight.T if self.source == "Conv1D" else weight
+        return weight.T if self.transposed else weight
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """The product as one layer, of the class it was built from (Linear or Conv1D)."""
         w = self.first.weight
-        if self.source == "Conv1D":
+        if self.transposed:
             from transformers.pytorch_utils import Conv1D
 
             dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
@@ -124,7 +128,7 @@ class SVDConv2d(_TwoFactors):
 
     def __init__(self, dense: nn.Conv2d, rank: int):
         super().__init__()
-        self.in_channels, self.out_channels = dense.in_channels, dense.out_channels
+        copy_conv_attributes(dense, self)
         self.first = nn.Conv2d(
             dense.in_channels, rank, kernel_size=1, stride=dense.stride, padding=dense.padding,
             dilation=dense.dilation, padding_mode=dense.padding_mode, bias=False,

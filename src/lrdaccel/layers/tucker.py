@@ -15,7 +15,7 @@ from torch import nn
 from lrdaccel.factorize import check_finite, tucker2
 from lrdaccel.factorize.ranks import tucker_pair
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_tucker2
-from lrdaccel.layers.base import LowRankModule, assign, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import LowRankModule, assign, copy_conv_attributes, copy_module_state, whitened_or_plain
 
 DEFAULT_HOOI_ITERS = 2
 
@@ -28,8 +28,7 @@ class TuckerConv2d(LowRankModule):
 
     def __init__(self, dense: nn.Conv2d, rank_in: int, rank_out: int):
         super().__init__()
-        self.in_channels, self.out_channels = dense.in_channels, dense.out_channels
-        self.kernel_size = dense.kernel_size
+        copy_conv_attributes(dense, self)
         self.first = nn.Conv2d(dense.in_channels, rank_in, kernel_size=1, bias=False)
         self.core = nn.Conv2d(
             rank_in, rank_out, kernel_size=dense.kernel_size, stride=dense.stride, padding=dense.padding,

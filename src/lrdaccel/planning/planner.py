@@ -1,10 +1,12 @@
 """`plan()`: which layers to decompose, at which ranks, and why, without touching the model.
 
-Every candidate layer (Linear, HF Conv1D, Conv2d) gets a row; a layer that is not decomposed is
-`kind="keep"` with the first reason that applies, in this order: excluded or not included by the
-user, rejected by `filter_fn`, a layer type or instance that cannot be decomposed, a weight its
-parent reads directly, a weight shared with another module; then explicit ranks, or the ratio's
-rank unless it falls below `min_rank` or would not reduce MACs.
+Every candidate layer (Linear, HF Conv1D, Conv2d, subclasses included) gets a row; a layer that
+is not decomposed is `kind="keep"` with the first reason that applies, in this order: excluded or
+not included by the user, rejected by `filter_fn`, an instance that cannot be decomposed (its own
+forward, a parametrized weight, a grouped conv), a weight its parent reads directly, a weight or
+bias shared with another module; then explicit ranks, or the ratio's rank unless it falls below
+`min_rank` or would not reduce MACs. Weight layers of unsupported types (Conv1d, Conv3d,
+transposed convs, lazy modules, embeddings, ...) get a kept row with the reason too.
 
 Example:
     >>> import torch, lrdaccel as lrd
@@ -25,7 +27,7 @@ from lrdaccel._modules import direct_reader, unwrap, weight_owners
 from lrdaccel._settings import check_int, check_number, resolve
 from lrdaccel.factorize.ranks import Rank, below_min_rank, check_ratio, full_rank, ratio_rank, tucker_pair
 from lrdaccel.layers import LowRankModule, entry_for
-from lrdaccel.layers.registry import dense_shape
+from lrdaccel.layers.registry import dense_shape, unsupported_reason, weight_shape
 from lrdaccel.planning.rows import LayerPlan, Plan
 from lrdaccel.planning.targeting import Selector, compile_selector, resolve_per_layer
 
@@ -84,11 +86,15 @@ def plan(model: nn.Module, ratio: float | None = None, *, config: PlanConfig | N
         settings["ratio"] = ratio
     config = resolve(PlanConfig, config, settings, "plan")
     model = unwrap(model)
-    candidates, already = _candidates(model)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"plan: model must be a torch.nn.Module, got {type(model).__name__}")
+    candidates, already, unsupported = _candidates(model)
     names = [name for name, _ in candidates]
     context = _Context(model, config, names)
     rows = [LayerPlan(name, "keep", None, "already decomposed", type(m).__name__, dense_shape(m.to_dense()))
             for name, m in already]
+    rows += [LayerPlan(name, "keep", None, reason, type(m).__name__, weight_shape(m), supported=False)
+             for name, m, reason in unsupported]
     rows += [context.row(name, module) for name, module in candidates]
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda row: order[row.name])
@@ -116,15 +122,17 @@ class _Context:
             return "not in include"
         if filter_fn is not None and not filter_fn(module, name):
             return "rejected by filter_fn"
-        why = entry_for(module).cannot(module)
+        why = entry_for(module).why_not(module)
         if why is not None:
             return why
         reader = direct_reader(self.model, name)
         if reader is not None:
             return f"weight read directly by parent {reader}"
-        sharers = [o for o in self.owners[id(module.weight)] if o != name]
-        if sharers:
-            return f"weight shared with {', '.join(sharers)}"
+        for what in ("weight", "bias"):
+            tensor = getattr(module, what)
+            sharers = [] if tensor is None else [o for o in self.owners.get(id(tensor), []) if o != name]
+            if sharers:
+                return f"{what} shared with {', '.join(sharers)}"
         return None
 
     def row(self, name: str, module: nn.Module) -> LayerPlan:
@@ -133,12 +141,12 @@ class _Context:
         stride = tuple(module.stride) if isinstance(module, nn.Conv2d) else (1, 1)
         layer_type = type(module).__name__
 
-        def keep(reason: str) -> LayerPlan:
-            return LayerPlan(name, "keep", None, reason, layer_type, shape, stride)
+        def keep(reason: str, supported: bool = True) -> LayerPlan:
+            return LayerPlan(name, "keep", None, reason, layer_type, shape, stride, supported=supported)
 
         why = self.kept_because(name, module)
         if why is not None:
-            return keep(why)
+            return keep(why, supported=entry.why_not(module) is None)
         if self.full_rank or name in self.ranks:
             rank = full_rank(entry.kind, shape) if self.full_rank else self.ranks[name]
             entry.layer_class.like(module, rank, name)  # validates the rank against the shape
@@ -158,9 +166,10 @@ class _Context:
         return row
 
 
-def _candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, LowRankModule]]]:
-    """Dense candidate layers, and already-decomposed layers (whose factors are not candidates)."""
-    candidates, already = [], []
+def _candidates(model: nn.Module) -> tuple[list, list, list]:
+    """(dense candidate layers, already-decomposed layers, weight layers of unsupported types
+    with the reason); nothing inside a decomposed layer counts."""
+    candidates, already, unsupported = [], [], []
     inside = None  # named_modules is depth-first: skip the factors of the last low-rank module
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
@@ -168,6 +177,10 @@ def _candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tup
         if isinstance(module, LowRankModule):
             already.append((name, module))
             inside = name + "."
-        elif entry_for(module) is not None and name:
+        elif not name:
+            continue
+        elif entry_for(module) is not None:
             candidates.append((name, module))
-    return candidates, already
+        elif (reason := unsupported_reason(module)) is not None:
+            unsupported.append((name, module, reason))
+    return candidates, already, unsupported

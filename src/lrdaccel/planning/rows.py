@@ -8,9 +8,10 @@ A plan is data: `lrdaccel.planning.planner.plan` makes one, `optimize_ranks` rew
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from lrdaccel._files import check_header
 from lrdaccel._version import __version__
@@ -30,13 +31,16 @@ class LayerPlan:
         kind: "svd", "tucker2" or "keep".
         rank: int for SVD, (rank_in, rank_out) for Tucker-2, None for keep.
         reason: why kept, or how the rank was chosen.
-        layer_type: class name of the dense layer (Linear, Conv1D, Conv2d).
+        layer_type: class name of the dense layer (Linear, Conv1D, Conv2d, or what the row keeps).
         shape: {"out", "in", "kernel"} of the dense weight; checked when the plan is applied.
         stride: conv stride (the Tucker-2 input 1x1 runs at input resolution).
         params_before / params_after: weight parameters (biases excluded; they are unchanged).
         macs_before / macs_after: multiply-accumulates per output position (token or pixel).
         ratio_rank: the rank the compression ratio gave, before any rank optimization.
         time_original_ms / time_ratio_rank_ms / time_ms: measured by `optimize_ranks`.
+        supported: False for a weight layer no decomposition applies to (its type, an overridden
+            forward, a parametrized weight); such rows are listed with their reason but left out
+            of the totals.
     """
 
     name: str
@@ -54,13 +58,14 @@ class LayerPlan:
     time_original_ms: float | None = None
     time_ratio_rank_ms: float | None = None
     time_ms: float | None = None
+    supported: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"layer {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         self.stride = tuple(self.stride)
-        self.rank = _as_rank(self.rank)
-        self.ratio_rank = _as_rank(self.ratio_rank)
+        self.rank = _as_rank(self.rank, self.name)
+        self.ratio_rank = _as_rank(self.ratio_rank, self.name)
         self.params_before = weight_params(self.shape)
         self.macs_before = self.params_before
         self.params_after, self.macs_after = layer_cost(self.kind, self.rank, self.shape, self.stride)
@@ -78,10 +83,14 @@ class LayerPlan:
         return LayerPlan(**values)
 
 
-def _as_rank(rank: Any) -> Rank:
-    if rank is None or isinstance(rank, int):
+def _as_rank(rank: Any, name: str) -> Rank:
+    """None, an int, or a pair of ints (a JSON list becomes a tuple); nothing is parsed from text."""
+    if rank is None or (isinstance(rank, int) and not isinstance(rank, bool)):
         return rank
-    return tuple(int(r) for r in rank)
+    if isinstance(rank, (tuple, list)) and len(rank) == 2 and all(
+            isinstance(r, int) and not isinstance(r, bool) for r in rank):
+        return tuple(rank)
+    raise ValueError(f"layer {name!r}: a rank is an int (SVD) or a pair of ints (Tucker-2), got {rank!r}")
 
 
 @dataclass
@@ -115,9 +124,9 @@ class Plan:
         return [row for row in self.layers if row.decomposed]
 
     def totals(self) -> dict[str, int]:
-        """Weight parameters and per-position MACs summed over all candidate layers."""
+        """Weight parameters and per-position MACs summed over the supported candidate layers."""
         keys = ("params_before", "params_after", "macs_before", "macs_after")
-        return {k: sum(getattr(row, k) for row in self.layers) for k in keys}
+        return {k: sum(getattr(row, k) for row in self.layers if row.supported) for k in keys}
 
     # JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -136,22 +145,28 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping, source: str = "plan") -> "Plan":
-        """Validate and rebuild; kinds are looked up in an allow-list, nothing is imported."""
+        """Validate against the plan schema and rebuild; kinds are looked up in an allow-list,
+        nothing is imported or parsed from text.
+
+        Raises:
+            ValueError: naming `source`, the row and the field that is wrong.
+        """
         check_header(data, PLAN_FORMAT, PLAN_VERSION, source, "plan")
-        known = {f.name for f in fields(LayerPlan)}
-        derived = {"params_before", "params_after", "macs_before", "macs_after"}
+        _check_fields(data, _PLAN_SCHEMA, source, _TOP_LEVEL_OPTIONAL)
+        layers = data.get("layers")
         rows = []
-        for i, raw in enumerate(data.get("layers", [])):
+        for i, raw in enumerate(layers):
+            where = f"{source}: layer {i}"
             if not isinstance(raw, Mapping):
-                raise ValueError(f"{source}: layer entry {i} is not an object")
-            extra = set(raw) - known
-            if extra:
-                warnings.warn(f"{source}: ignoring unknown plan keys {sorted(extra)}; upgrade lrdaccel", stacklevel=2)
-            try:
-                rows.append(LayerPlan(**{k: v for k, v in raw.items() if k in known - derived}))
-            except (TypeError, KeyError) as error:
-                raise ValueError(f"{source}: layer entry {i} ({raw.get('name')!r}) is malformed: {error}") from None
-        return cls(rows, ratio=data.get("ratio"), beta=data.get("beta", 1.0), meta=dict(data.get("meta") or {}))
+                raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
+            if isinstance(raw.get("name"), str):
+                where += f" ({raw['name']!r})"
+            _check_fields(raw, _ROW_SCHEMA, where, _ROW_OPTIONAL)
+            _check_rank_field(raw, "rank", where, raw["kind"])
+            _check_rank_field(raw, "ratio_rank", where, None)
+            rows.append(LayerPlan(**{k: v for k, v in raw.items() if k in _ROW_SCHEMA}))
+        ratio = data.get("ratio")
+        return cls(rows, ratio=ratio, beta=data.get("beta", 1.0), meta=dict(data.get("meta") or {}))
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> "Plan":
@@ -176,7 +191,7 @@ class Plan:
         lines = []
         for row in self.layers:
             s = row.shape
-            shape = f"{s['out']}x{s['in']}" + ("" if s["kernel"] == [1, 1] else "x{}x{}".format(*s["kernel"]))
+            shape = "x".join(str(d) for d in [s["out"], s["in"], *([] if s["kernel"] == [1, 1] else s["kernel"])])
             rank = "-" if row.rank is None else (str(row.rank) if isinstance(row.rank, int) else "{}x{}".format(*row.rank))
             params = f"{row.params_before:,} -> {row.params_after:,}" if row.decomposed else f"{row.params_before:,}"
             lines.append((row.name, row.layer_type, shape, row.kind, rank, params, row.reason))
@@ -189,3 +204,74 @@ class Plan:
             f"{t['params_before']:,} -> {t['params_after']:,} ({saved:.1%} fewer)"
         )
         return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines] + [footer])
+
+
+# The plan's JSON schema: field -> (check, what it must be). Derived counts are recomputed on load.
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_shape(value: Any) -> bool:
+    return (isinstance(value, Mapping) and set(value) == {"out", "in", "kernel"} and _is_int(value["out"], 0)
+            and _is_int(value["in"], 0) and isinstance(value["kernel"], (list, tuple))
+            and all(_is_int(k, 1) for k in value["kernel"]))
+
+
+_PLAN_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format": (lambda v: isinstance(v, str), "a string"),
+    "version": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "lrdaccel_version": (lambda v: isinstance(v, str), "a string"),
+    "ratio": (lambda v: v is None or (_is_number(v) and v > 1), "null or a number > 1"),
+    "beta": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "meta": (lambda v: isinstance(v, Mapping), "an object"),
+    "layers": (lambda v: isinstance(v, list), "a list of layer objects"),
+}
+_TOP_LEVEL_OPTIONAL = {"lrdaccel_version", "ratio", "beta", "meta"}
+_ROW_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "kind": (lambda v: v in KINDS, f"one of {list(KINDS)}"),
+    "rank": (lambda v: True, ""),  # checked against the kind by _check_rank_field
+    "reason": (lambda v: isinstance(v, str), "a string"),
+    "layer_type": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "shape": (_is_shape, 'an object {"out": int, "in": int, "kernel": [ints]}'),
+    "stride": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x, 1) for x in v),
+               "a list of two ints >= 1"),
+    "ratio_rank": (lambda v: True, ""),
+    "time_original_ms": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
+    "time_ratio_rank_ms": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
+    "time_ms": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
+    "supported": (lambda v: isinstance(v, bool), "true or false"),
+}
+_ROW_OPTIONAL = {"stride", "ratio_rank", "time_original_ms", "time_ratio_rank_ms", "time_ms", "supported"}
+_DERIVED = {"params_before", "params_after", "macs_before", "macs_after"}
+
+
+def _check_fields(data: Mapping, schema: dict, where: str, optional: set[str]) -> None:
+    missing = sorted(set(schema) - optional - set(data))
+    if missing:
+        raise ValueError(f"{where}: missing field {missing[0]!r}")
+    for key, value in data.items():
+        if key in schema:
+            check, expected = schema[key]
+            if not check(value):
+                raise ValueError(f"{where}: field {key!r} must be {expected}, got {value!r}")
+    extra = set(data) - set(schema) - _DERIVED
+    if extra:
+        warnings.warn(f"{where}: ignoring unknown plan fields {sorted(extra)}; upgrade lrdaccel", stacklevel=3)
+
+
+def _check_rank_field(raw: Mapping, field: str, where: str, kind: str | None) -> None:
+    """rank: None for keep, an int >= 1 for svd, two ints >= 1 for tucker2; ratio_rank: any of those."""
+    value = raw.get(field)
+    is_int = _is_int(value, 1)
+    is_pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(r, 1) for r in value)
+    expected = {"keep": (value is None, "null"), "svd": (is_int, "an int >= 1"),
+                "tucker2": (is_pair, "a list of two ints >= 1 [rank_in, rank_out]"),
+                None: (value is None or is_int or is_pair, "null, an int >= 1 or two ints >= 1")}[kind]
+    if not expected[0]:
+        what = f"for kind {kind!r} " if kind else ""
+        raise ValueError(f"{where}: field {field!r} {what}must be {expected[1]}, got {value!r}")

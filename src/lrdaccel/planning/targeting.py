@@ -26,6 +26,10 @@ def compile_selector(selector: Selector, what: str, names: list[str]) -> Callabl
         return None
     if callable(selector):
         return selector
+    if not isinstance(selector, (str, list, tuple, set, frozenset)) or (
+            not isinstance(selector, str) and not all(isinstance(e, str) for e in selector)):
+        raise ValueError(f"{what} must be a regex string, a list of layer names or dotted suffixes, or a callable "
+                         f"(module, name) -> bool; got {selector!r}")
     if isinstance(selector, str):
         try:
             pattern = re.compile(selector)

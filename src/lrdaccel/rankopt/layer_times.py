@@ -7,6 +7,7 @@ layer kind and geometry, input shape and memory format, and the rank.
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -46,7 +47,14 @@ class LayerTimes:
             return entry
         job = TimingJob(self.local, self.kind, rank, self.spec, self.objective, self.device, self.dtype)
         began = time.perf_counter()
-        ms = float(self.timer(job))
+        value = self.timer(job)
+        try:
+            ms = float(value)
+        except (TypeError, ValueError):
+            ms = math.nan
+        if not (math.isfinite(ms) and ms > 0):
+            raise ValueError(f"the timer gave {value!r} ms for {layer_signature(self.local)} at "
+                             f"{rank_label(rank)}; a time must be a finite number of milliseconds > 0")
         self.cache.put(key, ms, time.perf_counter() - began)
         self.timed += 1
         return self.cache.get(key)

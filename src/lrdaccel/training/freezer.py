@@ -78,7 +78,8 @@ class SequentialFreezer:
         freeze_undecomposed: freeze every parameter outside the decomposed layers for the whole
             run (default: leave them as they are).
 
-    Parameters the user had frozen before are never thawed. The constructor applies phase 0.
+    The freezer only thaws what it froze itself: parameters the user freezes, before or after
+    creating it, stay frozen through every switch and `restore()`. The constructor applies phase 0.
 
     Raises:
         ValueError: no decomposed layer in the model, an unknown schedule, or a bad period.
@@ -99,7 +100,7 @@ class SequentialFreezer:
         module = unwrap(model)
         self._module = module
         self._names = {id(p): name for name, p in module.named_parameters()}
-        self._initial = {name: p.requires_grad for name, p in module.named_parameters()}
+        self._frozen_here: set[int] = set()  # ids of the parameters this freezer froze (and may thaw)
         self.layers: dict[str, LowRankModule] = {
             name: m for name, m in module.named_modules() if isinstance(m, LowRankModule)
         }
@@ -122,7 +123,7 @@ class SequentialFreezer:
         self._ddp = PhaseDDP()
         self._apply(0)  # checks the schedule on every layer before changing anything
         if freeze_undecomposed:
-            self.freeze(self._undecomposed)
+            self._set(self._undecomposed, train=False)
 
     # ---- the overridable decision -------------------------------------------------------------
 
@@ -206,13 +207,24 @@ class SequentialFreezer:
         chosen = {name: self._checked(name, layer, phase) for name, layer in self.layers.items()}
         for name, indices in chosen.items():
             for i, params in enumerate(self._factor_params[name]):
-                (self.make_trainable if i in indices else self.freeze)(params)
+                self._set(params, train=i in indices)
         self.phase = phase
         self._chosen = chosen
         changed = self._trainable_ids() != before
         if changed:
             self.switches += 1
         return changed
+
+    def _set(self, params: Iterable[nn.Parameter], train: bool) -> None:
+        """Thaw (only what this freezer froze) or freeze (what trains now), keeping track."""
+        for p in params:
+            if train:
+                if id(p) in self._frozen_here:
+                    self.make_trainable([p])
+                    self._frozen_here.discard(id(p))
+            elif p.requires_grad:
+                self.freeze([p])
+                self._frozen_here.add(id(p))
 
     def _checked(self, name: str, layer: LowRankModule, phase: int) -> tuple[int, ...]:
         indices = self.trainable_factors(phase, layer)
@@ -280,10 +292,12 @@ class SequentialFreezer:
         self._ddp.release()
 
     def restore(self) -> None:
-        """Undo the freezer: every parameter's requires_grad as it was when the freezer was built."""
+        """Undo the freezer: thaw every parameter it froze; what the user froze stays frozen."""
         self.release_ddp()
-        for name, p in self._module.named_parameters():
-            p.requires_grad_(self._initial.get(name, p.requires_grad))
+        for p in self._module.parameters():
+            if id(p) in self._frozen_here:
+                p.requires_grad_(True)
+        self._frozen_here.clear()
 
     # ---- resume --------------------------------------------------------------------------------
 
@@ -333,8 +347,7 @@ class SequentialFreezer:
             warnings.warn(f"the schedule gives another trainable set for phase {self.phase} than the saved one; "
                           f"using the saved set until the next switch", stacklevel=2)
             for n in self._managed_names:
-                p = self._param(n)
-                (self.make_trainable if n in saved else self.freeze)([p])
+                self._set([self._param(n)], train=n in saved)
             self.switches += 1
 
     def _param(self, name: str) -> nn.Parameter:
