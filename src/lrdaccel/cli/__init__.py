@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
-# subcommand -> module under lrdaccel.cli exposing add_parser(subparsers) and run(args)
-COMMANDS = ("plan", "compress", "optimize", "finetune", "bench", "demo")
+
+def commands() -> list[str]:
+    """Every subcommand: each public module of lrdaccel.cli exposes `ORDER` (its place in the
+    pipeline, for --help), `add_parser(subparsers)` and `run(args)`."""
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return sorted(names, key=lambda name: importlib.import_module(f"{__name__}.{name}").ORDER)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a trained PyTorch model faster to fine-tune and serve by low-rank decomposition.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for command in COMMANDS:
+    for command in commands():
         module = importlib.import_module(f"lrdaccel.cli.{command}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(run=module.run)

@@ -24,6 +24,8 @@ from lrdaccel.measure.machine import busy_warning, set_threads
 from lrdaccel.measure.timer import OBJECTIVES
 
 
+ORDER = 80  # place in `lrdaccel --help`: the pipeline's order
+
 def _models(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:

@@ -15,6 +15,8 @@ from lrdaccel.planning import Plan
 from lrdaccel.surgery import METHODS, DecomposeConfig, decompose
 
 
+ORDER = 30  # place in `lrdaccel --help`: the pipeline's order
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("compress", help="decompose a model and save it (weights + plan)",
                                    description=__doc__)

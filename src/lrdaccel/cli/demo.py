@@ -21,6 +21,8 @@ from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.training.freezer import SCHEDULES
 
 
+ORDER = 90  # place in `lrdaccel --help`: the pipeline's order
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo", help="train, decompose, optimize ranks, fine-tune with freezing, and report, on real data",

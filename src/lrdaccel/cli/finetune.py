@@ -27,6 +27,8 @@ from lrdaccel.training.loop import finetune
 HISTORY_NAME = "history.json"
 
 
+ORDER = 50  # place in `lrdaccel --help`: the pipeline's order
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "finetune", help="fine-tune a decomposed model with sequential freezing (DDP under torchrun)",

@@ -22,6 +22,8 @@ from lrdaccel.rankopt.layer_timing import BenchmarkTimer
 from lrdaccel.rankopt.search import RULES
 
 
+ORDER = 20  # place in `lrdaccel --help`: the pipeline's order
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "optimize", help="time decomposed layers on this device and choose faster ranks",

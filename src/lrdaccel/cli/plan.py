@@ -11,6 +11,8 @@ from lrdaccel.planning import Plan, PlanConfig, plan
 PLAN_OPTIONS = ("ratio", "include", "exclude", "min_rank", "beta")
 
 
+ORDER = 10  # place in `lrdaccel --help`: the pipeline's order
+
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, PlanConfig, PLAN_OPTIONS)
 
