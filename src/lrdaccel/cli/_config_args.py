@@ -39,9 +39,11 @@ def field_help(cls: type) -> dict[str, str]:
     return helps
 
 
-def _parser_type(annotation: str, allowed: tuple | None = None):
-    """An argparse type for a field; "none" gives None for an optional field."""
-    optional = "None" in annotation
+def _parser_type(annotation: str, default: Any, allowed: tuple | None = None):
+    """An argparse type for a field. "none" gives None for an optional field whose default is
+    not None (None is then a real choice, like no freezing schedule or no time budget); where
+    None is the default, "none" is an ordinary value (a timing cache of "none" means no file)."""
+    optional = "None" in annotation and default is not None
     if "float" in annotation:
         base = float
     elif "int" in annotation:
@@ -84,16 +86,16 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         flag = flags.get(name, "--" + name.replace("_", "-"))
         text = helps.get(name, "")
-        shown = "none" if default is None else default
+        shown = "not set" if default is None else default
         text = f"{text} (default {shown}{'; ' + notes[name] if name in notes else ''})".strip()
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if isinstance(default, bool) or str(field.type).startswith("bool"):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             allowed = tuple(choices[name]) if name in choices else None
-            kwargs["type"] = _parser_type(str(field.type), allowed)
+            kwargs["type"] = _parser_type(str(field.type), default, allowed)
             if allowed is not None:
-                optional = "None" in str(field.type)
+                optional = "None" in str(field.type) and default is not None
                 kwargs["metavar"] = "{" + ",".join(map(str, allowed + (("none",) if optional else ()))) + "}"
         parser.add_argument(flag, **kwargs)
 
