@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 
 from lrdaccel._settings import check_choice, check_number
 from lrdaccel.factorize.ranks import Rank
+from lrdaccel.measure.runtimes import check_runtime
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.planning import LayerPlan
 
@@ -46,6 +47,9 @@ class SearchSettings:
     Attributes:
         objective: what to make faster: "infer" (forward under inference mode) or "train"
             (forward + backward).
+        runtime: what the model will run in, and so what each layer is timed in: "eager",
+            "compile" (torch.compile, inductor, freezing for inference) or "onnxruntime"
+            (inference only; pip install lrdaccel[onnx]).
         rule: "tradeoff" (score time saved against parameters given up) or "paper" (Algorithm 1).
         tradeoff: weight of relative parameters given up against relative time saved; >= 0.
         max_growth: try ranks with up to this fraction more parameters than the ratio rank
@@ -58,6 +62,7 @@ class SearchSettings:
     """
 
     objective: str = "infer"
+    runtime: str = "eager"
     rule: str = "tradeoff"
     tradeoff: float = 1.0
     max_growth: float = 0.0
@@ -68,6 +73,7 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
+        check_runtime(self.runtime, self.objective)
         check_choice("rule", self.rule, RULES)
         for name in ("tradeoff", "max_growth", "min_gain"):
             check_number(name, getattr(self, name), at_least=0)
@@ -87,6 +93,7 @@ class Choice:
     reason: str
     times: dict = field(default_factory=dict)  # every measured rank -> ms
     cut_by_budget: bool = False
+    form: str | None = None  # the execution form where not the layer's default (rankopt.forms)
 
 
 class _Space:
