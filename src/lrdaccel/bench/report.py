@@ -206,16 +206,12 @@ def demo_markdown(results: Mapping) -> str:
         ["test accuracy", f"{100 * original['accuracy']:.2f}%",
          f"{100 * decomposed['accuracy']:.2f}% (before fine-tuning: {100 * decomposed['accuracy_before_finetune']:.2f}%)",
          f"{points:+.2f} points"],
-        [f"inference throughput (batch {throughput['batch_size']})",
-         f"{throughput['original']['infer_items_per_s']['median']:,.0f} img/s",
-         f"{throughput['decomposed']['infer_items_per_s']['median']:,.0f} img/s", _ratio(ratios["infer"])],
-        [f"training throughput (batch {throughput['batch_size']})",
-         f"{throughput['original']['train_items_per_s']['median']:,.0f} img/s",
-         f"{throughput['decomposed']['train_items_per_s']['median']:,.0f} img/s"
-         + (f" (mean over {phases} freezing phases)" if phases > 1 else ""), _ratio(ratios["train"])],
-    ])
-    lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats."]
+    ] + _throughput_rows(throughput, ratios))
+    lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats, each against the "
+                  f"original in the same runtime"
+              + (f"; ranks optimized for `{throughput['runtime']}`." if "runtime" in throughput else ".")]
     lines += [f"Note: {note}." for note in results.get("notes", [])]
+    lines += _deploy_lines(results.get("deploy"))
     lines += ["", "## Fine-tuning", ""]
     lines += _table(["epoch", "freezing phases", "trainable share", "train loss", "test accuracy", "seconds"], [
         [h["epoch"], ", ".join(str(p) for p in h["phases"]), f"{100 * h['trainable_share']:.1f}%", f"{h['loss']:.4f}",
@@ -227,6 +223,40 @@ def demo_markdown(results: Mapping) -> str:
     lines += ["", "## Time per stage", ""]
     lines += _table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["stages"].items()])
     return "\n".join(lines) + "\n"
+
+
+def _throughput_rows(throughput: Mapping, ratios: Mapping) -> list[list[str]]:
+    """One inference and one training row per runtime (a results file from before runtimes: its one)."""
+    by_runtime = throughput.get("by_runtime") or {None: {
+        "original": throughput["original"], "decomposed": throughput["decomposed"],
+        "infer_ratio": ratios["infer"], "train_ratio": ratios["train"]}}
+    rows = []
+    for runtime, entry in by_runtime.items():
+        for what, label in (("infer", "inference"), ("train", "training")):
+            if f"{what}_items_per_s" not in entry["original"]:
+                continue
+            ratio = entry.get(f"{what}_ratio")
+            phases = entry["decomposed"].get("train_phases", 1) if what == "train" else 1
+            where = f", {runtime}" if runtime else ""
+            rows.append([f"{label} throughput{where} (batch {throughput['batch_size']})",
+                         f"{entry['original'][f'{what}_items_per_s']['median']:,.0f} img/s",
+                         f"{entry['decomposed'][f'{what}_items_per_s']['median']:,.0f} img/s"
+                         + (f" (mean over {phases} freezing phases)" if phases > 1 else ""),
+                         _ratio(ratio) if ratio else "-"])
+    return rows
+
+
+def _deploy_lines(deploy: Mapping | None) -> list[str]:
+    if not deploy:
+        return []
+    if "skipped" in deploy:
+        return ["", "## Deploy", "", f"Skipped: {deploy['skipped']}."]
+    return ["", "## Deploy", "",
+            f"BatchNorm folded into the conv before it in {deploy['folded']} places ({deploy['unfused']} pairs left "
+            f"unfused, {deploy['batchnorm_left']} BatchNorm left); exported to `{deploy['file']}` and run in ONNX "
+            f"Runtime on batches of {' and '.join(str(b) for b in deploy['batch_sizes'])}: largest difference from "
+            f"PyTorch {deploy['max_abs_diff']:.2e} (outputs up to {deploy['max_abs_output']:.3g}), in "
+            f"{deploy['seconds']:.1f} s."]
 
 
 def _rank(rank) -> str:
@@ -245,12 +275,16 @@ def demo_plot(results: Mapping, path: Path) -> Path:
 
     ratios = results["ratios"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["parameters", "MACs", "inference\nthroughput", "training\nthroughput"]
-    medians = [ratios["params"], ratios["macs"], ratios["infer"]["median"], ratios["train"]["median"]]
+    runtime = results["throughput"].get("runtime")
+    suffix = f"\n({runtime})" if runtime else ""
+    measured = {f"inference\nthroughput{suffix}": ratios["infer"], f"training\nthroughput{suffix}": ratios["train"]}
+    measured = {name: spread for name, spread in measured.items() if spread is not None}
+    names = ["parameters", "MACs"] + list(measured)
+    medians = [ratios["params"], ratios["macs"]] + [spread["median"] for spread in measured.values()]
     left.bar(names[:2], medians[:2], color="#7a9")
-    measured = [ratios["infer"], ratios["train"]]
+    spreads = list(measured.values())
     left.bar(names[2:], medians[2:], color="#58c", capsize=3,
-             yerr=[[s["median"] - s["min"] for s in measured], [s["max"] - s["median"] for s in measured]])
+             yerr=[[s["median"] - s["min"] for s in spreads], [s["max"] - s["median"] for s in spreads]])
     for x, value in enumerate(medians):
         left.annotate(f"{value:.2f}x", (x, 0), ha="center", va="bottom", fontsize=9, color="white",
                       xytext=(0, 3), textcoords="offset points")

@@ -111,7 +111,12 @@ def _check_demo(results: Mapping, where: str) -> None:
     _positive(results["ratios"]["params"], f"{where}.ratios.params")
     _positive(results["ratios"]["macs"], f"{where}.ratios.macs")
     check_spread(results["ratios"]["infer"], f"{where}.ratios.infer")
-    check_spread(results["ratios"]["train"], f"{where}.ratios.train")
+    if results["ratios"]["train"] is not None or results["throughput"].get("runtime") not in INFERENCE_ONLY:
+        check_spread(results["ratios"]["train"], f"{where}.ratios.train")
+    for runtime, entry in (results["throughput"].get("by_runtime") or {}).items():
+        at = f"{where}.throughput.by_runtime.{runtime}"
+        for key in ("infer_ratio",) + (() if runtime in INFERENCE_ONLY else ("train_ratio",)):
+            check_spread(entry.get(key), f"{at}.{key}")
 
 
 def check_results(results: Any, source: str = "results") -> dict:

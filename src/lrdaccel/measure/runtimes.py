@@ -52,6 +52,16 @@ def check_runtime(runtime: str, objective: str = "infer", device: torch.device |
     onnxruntime()
 
 
+def runtime_label(runtime: str) -> str:
+    """The runtime and the version of whatever runs the model outside torch (for cache keys):
+    "eager", "compile", "onnxruntime 1.32.0"."""
+    if runtime != "onnxruntime":
+        return runtime  # torch's version is part of every key already
+    from lrdaccel.deploy.onnx_session import onnxruntime
+
+    return f"onnxruntime {onnxruntime().__version__}"
+
+
 @contextlib.contextmanager
 def compiled_calls(inference: bool) -> Iterator[None]:
     """The context every call of a torch.compile'd module runs in (its first call compiles).
@@ -71,8 +81,10 @@ def compiled_calls(inference: bool) -> Iterator[None]:
                 yield
 
 
-def runtime_forward(model: nn.Module, runtime: str) -> tuple[Callable[..., Any], Callable[[bool], ContextManager]]:
-    """(what to call in place of `model`, context(inference) to call it in) for eager or compile.
+def runtime_forward(model: nn.Module, runtime: str,
+                    fullgraph: bool = False) -> tuple[Callable[..., Any], Callable[[bool], ContextManager]]:
+    """(what to call in place of `model`, context(inference) to call it in) for eager or compile;
+    `fullgraph` makes a graph break an error (for one layer, where a break would time eager code).
 
     Raises:
         ValueError: "onnxruntime" (not a module: use `inference_step`), or an unknown runtime.
@@ -81,7 +93,7 @@ def runtime_forward(model: nn.Module, runtime: str) -> tuple[Callable[..., Any],
     if runtime == "eager":
         return model, _eager_calls
     if runtime == "compile":
-        return torch.compile(model, dynamic=False), compiled_calls
+        return torch.compile(model, dynamic=False, fullgraph=fullgraph), compiled_calls
     raise ValueError("runtime 'onnxruntime' has no differentiable forward: it runs inference only")
 
 

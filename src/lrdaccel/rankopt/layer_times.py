@@ -16,6 +16,7 @@ from torch import nn
 
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.machine import device_name
+from lrdaccel.measure.runtimes import runtime_label
 from lrdaccel.rankopt.cache import CachedTime, TimingCache
 from lrdaccel.rankopt.capture import InputSpec
 from lrdaccel.rankopt.layer_timing import Timer, TimingJob, input_signature, layer_signature
@@ -35,7 +36,8 @@ class LayerTimes:
         self.kind, self.spec, self.objective, self.runtime = kind, spec, objective, runtime
         self.device, self.dtype, self.cache, self.timer = device, dtype, cache, timer
         self.key = "|".join([
-            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), f"runtime {runtime}", objective,
+            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), f"runtime {runtime_label(runtime)}",
+            objective,
             kind, layer_signature(dense), input_signature(spec),
         ])
         self.timed = self.hits = 0

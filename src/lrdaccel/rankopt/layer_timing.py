@@ -124,7 +124,7 @@ class BenchmarkTimer:
 
             torch._dynamo.reset()
             warmup = max(warmup, 1 + COMPILE_WARMUP)
-        forward, calls = runtime_forward(module, job.runtime)
+        forward, calls = runtime_forward(module, job.runtime, fullgraph=True)
         inference = job.objective == "infer"
         step = (lambda: forward(x)) if inference else train_step(forward, module, x)
         with calls(inference):
