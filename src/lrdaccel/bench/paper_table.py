@@ -96,6 +96,8 @@ class BenchConfig:
         runtimes: what to run in, one table each ("eager", "compile", "onnxruntime"; the last
             inference only): ranks are optimized for each, every ratio is against the original
             in the same runtime, and one line compares our best with the original's best.
+        train: time training steps too (under eager and compile; every freezing phase under
+            compile is a compiled graph of its own); off: the inference tables only.
         device: the torch device to run on, e.g. cpu, cuda.
         autocast_bf16: run under bf16 autocast (None: on for cuda, off elsewhere).
         channels_last: channels_last memory format for conv models (None: on for cuda, off elsewhere).
@@ -116,6 +118,7 @@ class BenchConfig:
     min_run_time: float = 0.2
     objective: str = "infer"
     runtimes: list[str] = field(default_factory=lambda: ["eager"])
+    train: bool = True
     device: str = "cpu"
     autocast_bf16: bool | None = None
     channels_last: bool | None = None
@@ -204,7 +207,7 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
 
     Returns:
         {"entries": one results `models[i]` entry per runtime, "best": our best against the
-        original's best across the runtimes (`best_of_runtimes`)}.
+        original's best across the runtimes (`best_of_runtimes`), None with one runtime}.
     """
     spec = zoo.get(name)
     torch.manual_seed(0)
@@ -221,9 +224,11 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
     train_timings = (measure_interleaved(train, config.repeats, config.warmup, config.min_run_time, progress)
                      if train else None)
     base_params, base_macs = count_params(original), count_macs(original, inputs)
-    best = {"name": name, "infer": best_of_runtimes(infer_timings, INFER_OURS, config.batch_size)}
-    if train_timings is not None:
-        best["train"] = best_of_runtimes(train_timings, TRAIN_OURS, config.batch_size)
+    best = None
+    if len(config.runtimes) > 1:
+        best = {"name": name, "infer": best_of_runtimes(infer_timings, INFER_OURS, config.batch_size)}
+        if train_timings is not None:
+            best["train"] = best_of_runtimes(train_timings, TRAIN_OURS, config.batch_size)
     return {"entries": [entry.result(spec, infer_timings, train_timings, base_params, base_macs)
                         for entry in entries.values()], "best": best}
 
@@ -245,7 +250,8 @@ class _RuntimeEntry:
             budget_s=config.rank_budget_s, min_run_time=config.rank_min_run_time, progress=progress)
         self.optimize_seconds = time.perf_counter() - start
         plans = {"ratio": ratio_plan, "optimized": self.optimized_plan}
-        self.variants = [v for v in VARIANTS if runtime != "onnxruntime" or v.schedule is None]
+        trains = config.train and runtime != "onnxruntime"
+        self.variants = [v for v in VARIANTS if trains or v.schedule is None]
         self.models: dict[str, nn.Module] = {}
         for variant in self.variants:
             if variant.plan is None:
@@ -265,7 +271,7 @@ class _RuntimeEntry:
                                   f"nothing to freeze; it trains like the model it would freeze")
         self.infer = [Workload(self.key(v.key), [inference_phase(self.models[v.key], inputs, self.placement)])
                       for v in self.variants if not v.infer_as]
-        self.train = [] if runtime == "onnxruntime" else [
+        self.train = [] if runtime == "onnxruntime" or not config.train else [
             Workload(self.key(v.key), training_phases(self.models[v.key], inputs, self.placement,
                                                       self.schedules[v.key])) for v in self.variants]
 
@@ -375,7 +381,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     for name in tqdm(config.models, desc="models", unit="model", disable=not progress):
         measured = bench_model(name, config, progress)
         results["models"] += measured["entries"]
-        results["best"].append(measured["best"])
+        if measured["best"] is not None:
+            results["best"].append(measured["best"])
     record_end_load(results)
     return results
 

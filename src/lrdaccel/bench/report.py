@@ -82,7 +82,7 @@ def bench_markdown(results: Mapping) -> str:
             f"Original: {base['params']:,} parameters, {_si(base['macs'] / batch)} MACs per item, "
             f"{base['infer_items_per_s']['median']:.1f} items/s inference"
             + (f", {base['train_items_per_s']['median']:.1f} items/s training." if trains else
-               " (this runtime runs inference only)."),
+               " (inference only here)."),
             f"Rank optimization: {opt['decomposed']} of {opt['candidates']} candidate layers decomposed "
             f"({plans['ratio']['decomposed']} at ratio ranks), {opt['changed_from_ratio_ranks']} changed, "
             f"{opt['kept_as_original_by_search']} kept as the original layer"

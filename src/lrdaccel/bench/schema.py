@@ -69,7 +69,8 @@ def _check_bench(results: Mapping, where: str) -> None:
         at = f"{where}.models[{i}]"
         _require(model, ("name", "input_shape", "batch_size", "plans", "rows"), at)
         rows = model["rows"]
-        trains = model.get("runtime", "eager") not in INFERENCE_ONLY
+        trains = "train_ratio" in (model["rows"][0] if model.get("rows") else {}) or (
+            model.get("runtime", "eager") not in INFERENCE_ONLY and results["config"].get("train", True))
         if not isinstance(rows, list) or not rows or rows[0].get("variant") != "original":
             raise ValueError(f"{at}.rows: expected a list starting with the 'original' row")
         for j, row in enumerate(rows):

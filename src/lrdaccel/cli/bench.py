@@ -55,7 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"a fast look: {', '.join(f'{k}={v}' for k, v in QUICK_SETTINGS.items() if k != 'quick')},"
                              f" no staircase; other options still apply")
     add_config_args(parser, BenchConfig, ("batch_size", "repeats", "warmup", "min_run_time", "ratio", "objective",
-                                          "device", "autocast_bf16", "channels_last", "rank_budget_s",
+                                          "train", "device", "autocast_bf16", "channels_last", "rank_budget_s",
                                           "rank_min_run_time", "profile", "timing_cache"),
                     flags={"autocast_bf16": "--bf16", "rank_budget_s": "--rank-budget"},
                     choices={"objective": OBJECTIVES},
