@@ -68,10 +68,10 @@ class Placement:
 
 def inference_phase(model: nn.Module, inputs: Any, placement: Placement = Placement()) -> Phase:
     """One forward in the placement's runtime (eager: under inference_mode), the model in eval
-    mode. Under "onnxruntime" the model is exported here; under "compile" the first call compiles."""
-    model.eval()
-    return Phase(step=inference_step(model, inputs, placement.runtime,
-                                           placement.autocast if placement.autocast_bf16 else None), prepare=model.eval,
+    mode. Under "onnxruntime" the model is exported here (in eval mode); under "compile" the first
+    call compiles."""
+    autocast = placement.autocast if placement.autocast_bf16 else None
+    return Phase(step=inference_step(model, inputs, placement.runtime, autocast), prepare=model.eval,
                  label="inference")
 
 
