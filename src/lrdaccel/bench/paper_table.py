@@ -1,6 +1,8 @@
 """The paper's table, measured side by side: original, LRD, LRD + rank optimization, LRD + sequential
 freezing, LRD + both, LRD + static freezing; parameters, MACs, inference and training throughput,
-each as a ratio to the original.
+each as a ratio to the original in the same runtime, one table per runtime (eager, compile,
+onnxruntime: ranks optimized for each), and our best against the original's best across them:
+a user who would serve the original compiled or exported compares with that, not with eager.
 
 Weights are random and decomposed layers are built at the planned shapes without factorizing
 (`LayerClass.like`): speed depends on shapes, dtype and memory format, not on values, and
