@@ -193,7 +193,8 @@ def demo_markdown(results: Mapping) -> str:
         "",
         f"{dataset['train_size']:,} training / {dataset['test_size']:,} test images; original trained "
         f"{config['epochs']} epochs; decomposed at ratio {config['ratio']:g}, "
-        + (f"ranks optimized for `{config['objective']}` by timing each layer here" if config.get("optimize", True)
+        + (f"ranks optimized for `{config['objective']}` by timing each layer here"
+           + (f" under `{config['runtime']}`" if "runtime" in config else "") if config.get("optimize", True)
            else "at the ratio's ranks")
         + f"; fine-tuned {config['finetune_epochs']} epochs with `{config['schedule']}` freezing"
         + ("; quick run on a small slice." if config.get("quick") else "."),
@@ -209,7 +210,7 @@ def demo_markdown(results: Mapping) -> str:
     ] + _throughput_rows(throughput, ratios))
     lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats, each against the "
                   f"original in the same runtime"
-              + (f"; ranks optimized for `{throughput['runtime']}`." if "runtime" in throughput else ".")]
+              + (f"; the headline runtime is `{throughput['runtime']}`." if "runtime" in throughput else ".")]
     lines += [f"Note: {note}." for note in results.get("notes", [])]
     lines += _deploy_lines(results.get("deploy"))
     lines += ["", "## Fine-tuning", ""]
