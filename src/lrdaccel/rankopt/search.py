@@ -19,10 +19,11 @@ Under the compiled runtimes only aligned ranks are candidates (the ratio rank is
 the reference): multiples of 8 under "onnxruntime", of 16 under "compile". Both run convs in
 blocked channel layouts (ONNX Runtime's NCHWc, oneDNN's 16-channel blocks on AVX-512), and an
 unaligned channel count costs padding or layout reorders between layers that a layer timed alone
-cannot show. Measured on HF ResNet-50 at ratio 2, batch 8: under onnxruntime 0.97x over the
-original at the ratio ranks, 1.89x with ranks searched among multiples of 8; under compile 1.71x
-with ranks searched freely (76% of the FLOP bound) against 2.32x with every rank floored to a
-multiple of 32 (96%).
+cannot show. Measured on HF ResNet-50 at ratio 2, batch 8, one thread: under onnxruntime
+0.97-0.99x over the original at the ratio ranks, 1.86-1.89x with ranks searched among multiples
+of 8; under compile 1.71x searched freely and 1.78x among multiples of 16 (a busy machine; issue
+10 measured 2.32x with every rank floored to a multiple of 32 there). Fewer candidates also keep
+the compiled search short.
 
 Candidates: hardware-friendly ranks first (multiples of 64, 32, 16, then 8, nearest R first),
 then every rank within 7 of the best. Tucker-2 walks the line r_out = beta * r_in, then lets
