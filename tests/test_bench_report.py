@@ -117,3 +117,20 @@ def test_load_results_errors(tmp_path):
         load_results(path)
     with pytest.raises(FileNotFoundError):
         load_results(tmp_path / "missing.json")
+
+
+def test_bench_with_runtimes_has_a_table_per_runtime_and_the_best_line():
+    """A version 2 file: one entry per runtime (onnxruntime without training), our best vs the original's."""
+    results = load_results(DATA / "bench_runtimes_results.json")
+    text = render_markdown(results)
+    for runtime in ("eager", "compile", "onnxruntime"):
+        assert f"## fmnist-cnn, {runtime}" in text
+    assert "| variant | parameters | MACs | inference throughput |\n" in text  # --no-train: no training column
+    best = results["best"][0]["infer"]
+    assert (f"| fmnist-cnn | inference | `{best['original']}` ({best['original_items_per_s']['median']:.1f}/s) | "
+            f"`{best['ours']}` ({best['ours_items_per_s']['median']:.1f}/s) | ") in text
+    assert "| `Conv` |" in text  # ONNX Runtime's own profile, per ONNX operator
+    with pytest.raises(ValueError, match=r"best\[0\].infer.ratio"):
+        check_results(_broken(results, ("best", 0, "infer", "ratio", "values"), []))
+    with pytest.raises(ValueError, match=r"models\[2\].rows\[1\]: missing \['infer_ratio'\]"):
+        check_results(_broken(results, ("models", 2, "rows", 1, "infer_ratio"), KeyError))

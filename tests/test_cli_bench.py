@@ -86,3 +86,20 @@ def test_staircase_step_writes_plot_and_data(tmp_path):
     data = json.loads(paths["data"].read_text())
     assert data["ranks"] == [[248, 248], [256, 256]] and len(data["times_ms"]) == 2
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_bench_under_two_runtimes_inference_only(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", *TINY, "--runtimes", "eager,compile", "--no-train", "--no-profile", "--repeats", "1",
+                 "--timing-cache", "none", "--out", str(out), "--no-progress"]) == 0
+    results = load_results(out / "results.json")
+    assert [(m["name"], m["runtime"]) for m in results["models"]] == [("fmnist-cnn", "eager"),
+                                                                       ("fmnist-cnn", "compile")]
+    for model in results["models"]:
+        # no freezing rows without training; ranks optimized for each runtime
+        assert [row["variant"] for row in model["rows"]] == ["original", "lrd", "lrd_opt"]
+        assert all("train_ratio" not in row for row in model["rows"])
+    (best,) = results["best"]
+    assert best["infer"]["original"] in ("eager/original", "compile/original")
+    assert best["infer"]["ours"].split("/")[1] in ("lrd", "lrd_opt") and "train" not in best

@@ -75,7 +75,8 @@ def test_file_is_versioned_json_and_keys_name_device_and_rank(tmp_path):
     data = json.loads(path.read_text())
     assert data["format"] == "lrdaccel.timings" and data["version"] == 1
     keys = list(data["entries"])
-    assert all(key.startswith(device_name("cpu") + f"|torch {torch.__version__}|float32|infer|") for key in keys)
+    assert all(key.startswith(device_name("cpu") + f"|torch {torch.__version__}|float32|runtime eager|infer|")
+               for key in keys)
     assert any(key.endswith("|original") for key in keys) and any("|rank " in key for key in keys)
     assert not list(tmp_path.glob(".timings-*"))  # no temp file left behind
 

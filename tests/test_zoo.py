@@ -9,7 +9,7 @@ import lrdaccel as lrd
 from lrdaccel._modules import call_model
 from lrdaccel import zoo
 
-SMALL = ("fmnist-cnn", "fmnist-vit", "resnet-mini", "vit-tiny")
+SMALL = ("fmnist-cnn", "fmnist-cnn-wide", "fmnist-vit", "resnet-mini", "vit-tiny")
 LARGE = ("resnet50", "resnet101", "resnet152", "vit-b16", "gpt2", "minilm")
 
 

@@ -157,6 +157,9 @@ _SPECS = [
         hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768), (3, 224, 224)),
     ModelSpec("fmnist-cnn", "ResNet-style CNN for 1x28x28 (3x3 convs 32-64-128, 1x1 shortcuts), random init",
               FashionCNN, (1, 28, 28)),
+    ModelSpec("fmnist-cnn-wide", "the fmnist-cnn ResNet-style CNN twice as wide (3x3 convs 64-128-256): wide enough "
+              "that convolutions, not per-layer overheads, take the time on a CPU; random init",
+              lambda: FashionCNN(widths=(64, 128, 256)), (1, 28, 28)),
     ModelSpec("fmnist-vit", "HF ViT for 1x28x28: patch 7, 4 layers, 128 wide, MLP 256, random init",
               _fmnist_vit, (1, 28, 28)),
     ModelSpec("gpt2", "HF GPT-2 small (GPT2Config()), random weights, 128 tokens", _gpt2_small, (128,),

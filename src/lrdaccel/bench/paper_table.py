@@ -1,6 +1,8 @@
 """The paper's table, measured side by side: original, LRD, LRD + rank optimization, LRD + sequential
 freezing, LRD + both, LRD + static freezing; parameters, MACs, inference and training throughput,
-each as a ratio to the original.
+each as a ratio to the original in the same runtime, one table per runtime (eager, compile,
+onnxruntime: ranks optimized for each), and our best against the original's best across them:
+a user who would serve the original compiled or exported compares with that, not with eager.
 
 Weights are random and decomposed layers are built at the planned shapes without factorizing
 (`LayerClass.like`): speed depends on shapes, dtype and memory format, not on values, and
@@ -11,6 +13,8 @@ graph, so freezing rows reuse the inference measurement of the model they freeze
 from __future__ import annotations
 
 import copy
+import dataclasses
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +30,14 @@ from lrdaccel.bench.workloads import training_phases
 from lrdaccel.factorize.ranks import check_ratio
 from lrdaccel.layers import LowRankModule
 from lrdaccel.measure.counting import count_macs, count_params
-from lrdaccel.measure.profiling import top_operators
+from lrdaccel.measure.profiling import onnxruntime_operators, top_operators
+from lrdaccel.measure.runtimes import RUNTIMES, check_runtime
 from lrdaccel.measure.steps import Placement, inference_phase
-from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved, ratio_to_baseline, spread
+from lrdaccel.measure.timer import OBJECTIVES, Timings, Workload, measure_interleaved, ratio_to_baseline, spread
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.rankopt import measure_staircase, optimize_ranks
+from lrdaccel.rankopt.forms import apply_forms, plan_forms
 from lrdaccel.rankopt.staircase import write_staircase
 from lrdaccel.surgery import build_modules, swap_modules
 
@@ -64,6 +70,8 @@ class Variant:
     infer_as: str | None = None
 
 
+INFER_OURS = ("lrd", "lrd_opt")  # distinct inference graphs of ours (freezing rows share them)
+TRAIN_OURS = ("lrd", "lrd_opt", "lrd_seq", "lrd_both", "lrd_static")
 VARIANTS = (
     Variant("original", "original"),
     Variant("lrd", "LRD (ratio ranks)", plan="ratio"),
@@ -86,7 +94,12 @@ class BenchConfig:
         warmup: untimed calls per step before measuring (>= 0).
         min_run_time: seconds one measurement lasts at least (fast steps are repeated).
         objective: what rank optimization times per layer: "infer" (forward, as Paper B's
-            Algorithm 1) or "train" (forward + backward).
+            Algorithm 1) or "train" (forward + backward); under onnxruntime always "infer".
+        runtimes: what to run in, one table each ("eager", "compile", "onnxruntime"; the last
+            inference only): ranks are optimized for each, every ratio is against the original
+            in the same runtime, and one line compares our best with the original's best.
+        train: time training steps too (under eager and compile; every freezing phase under
+            compile is a compiled graph of its own); off: the inference tables only.
         device: the torch device to run on, e.g. cpu, cuda.
         autocast_bf16: run under bf16 autocast (None: on for cuda, off elsewhere).
         channels_last: channels_last memory format for conv models (None: on for cuda, off elsewhere).
@@ -106,6 +119,8 @@ class BenchConfig:
     warmup: int = 1
     min_run_time: float = 0.2
     objective: str = "infer"
+    runtimes: list[str] = field(default_factory=lambda: ["eager"])
+    train: bool = True
     device: str = "cpu"
     autocast_bf16: bool | None = None
     channels_last: bool | None = None
@@ -130,6 +145,14 @@ class BenchConfig:
         check_choice("objective", self.objective, OBJECTIVES)
         placement = Placement.default_for(self.device, self.autocast_bf16, self.channels_last)  # checks the device
         self.autocast_bf16, self.channels_last = placement.autocast_bf16, placement.channels_last
+        if not self.runtimes or len(set(self.runtimes)) != len(self.runtimes):
+            raise ValueError(f"runtimes: give each of {RUNTIMES} at most once, at least one; got {self.runtimes}")
+        for runtime in self.runtimes:
+            check_runtime(runtime, "infer", self.device)
+            if runtime == "onnxruntime" and self.autocast_bf16:
+                raise ValueError("runtimes: onnxruntime runs the exported float graph; bf16 autocast does not apply")
+            if runtime == "compile" and self.warmup < 1:
+                raise ValueError("warmup must be >= 1 under runtime 'compile' (the first call compiles)")
 
     @classmethod
     def quick_config(cls, **overrides) -> "BenchConfig":
@@ -154,9 +177,11 @@ def timing_cache_arg(value: str | None):
 
 
 def structural_copy(model: nn.Module, plan: Plan, placement: Placement) -> nn.Module:
-    """A copy of `model` with the plan's layers replaced by low-rank layers of the planned shapes."""
+    """A copy of `model` with the plan's layers replaced by low-rank layers of the planned shapes
+    (and the execution forms the plan chose)."""
     copied = copy.deepcopy(model)
     swap_modules(copied, build_modules(copied, plan, factorize=False))
+    apply_forms(copied, plan)
     return placement.place_model(copied)
 
 
@@ -176,93 +201,156 @@ def _plan_summary(plan: Plan, ratio_plan: Plan, seconds: float | None = None) ->
 
 
 def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
-    """Measure every variant of one zoo model; the `models[i]` entry of the results."""
-    placement = config.placement
+    """Measure every variant of one zoo model under every runtime of the config.
+
+    All inference steps (every variant in every runtime) are timed in one interleaved run, and
+    all training steps in another, so ratios within a runtime and across runtimes come from the
+    same repeats.
+
+    Returns:
+        {"entries": one results `models[i]` entry per runtime, "best": our best against the
+        original's best across the runtimes (`best_of_runtimes`), None with one runtime}.
+    """
     spec = zoo.get(name)
     torch.manual_seed(0)
-    original = placement.place_model(spec.build())
-    inputs = placement.place_inputs(spec.example_inputs(config.batch_size))
-
+    base_placement = config.placement
+    original = base_placement.place_model(spec.build())
+    inputs = base_placement.place_inputs(spec.example_inputs(config.batch_size))
     ratio_plan = make_plan(original, ratio=config.ratio)
-    start = time.perf_counter()
-    optimized_plan = optimize_ranks(
-        original, ratio_plan, inputs, objective=config.objective, device=placement.device,
-        dtype=torch.bfloat16 if placement.autocast_bf16 else None, cache=config.cache,
-        budget_s=config.rank_budget_s, min_run_time=config.rank_min_run_time, progress=progress)
-    optimize_seconds = time.perf_counter() - start
-    plans = {"ratio": ratio_plan, "optimized": optimized_plan}
 
-    models: dict[str, nn.Module] = {}
-    for variant in VARIANTS:
-        if variant.plan is None:
-            models[variant.key] = original
-        elif variant.schedule is None:
-            models[variant.key] = structural_copy(original, plans[variant.plan], placement)
-        else:
-            # Freezing changes requires_grad, so each freezing row trains its own copy.
-            base = next(v.key for v in VARIANTS if v.plan == variant.plan and v.schedule is None)
-            models[variant.key] = copy.deepcopy(models[base])
-
-    notes, schedules = [], {}
-    for variant in VARIANTS:
-        schedules[variant.key] = variant.schedule
-        if variant.schedule and not any(isinstance(m, LowRankModule) for m in models[variant.key].modules()):
-            schedules[variant.key] = None
-            notes.append(f"{variant.label}: the {variant.plan} plan decomposes no layer, so there is nothing to "
-                         f"freeze; it trains like the model it would freeze")
-    infer = [Workload(v.key, [inference_phase(models[v.key], inputs, placement)]) for v in VARIANTS if not v.infer_as]
-    train = [Workload(v.key, training_phases(models[v.key], inputs, placement, schedules[v.key])) for v in VARIANTS]
-    trainable = {w.name: _trainable_per_phase(models[w.name], w) for w in train}
-
+    entries = {runtime: _RuntimeEntry(name, runtime, config, original, inputs, ratio_plan, progress)
+               for runtime in config.runtimes}
+    infer = [w for entry in entries.values() for w in entry.infer]
+    train = [w for entry in entries.values() for w in entry.train]
     infer_timings = measure_interleaved(infer, config.repeats, config.warmup, config.min_run_time, progress)
-    train_timings = measure_interleaved(train, config.repeats, config.warmup, config.min_run_time, progress)
-
+    train_timings = (measure_interleaved(train, config.repeats, config.warmup, config.min_run_time, progress)
+                     if train else None)
     base_params, base_macs = count_params(original), count_macs(original, inputs)
-    rows = []
-    for variant in VARIANTS:
-        model = models[variant.key]
-        infer_key = variant.infer_as or variant.key
-        params, macs = count_params(model), count_macs(model, inputs)
-        rows.append({
-            "variant": variant.key,
-            "label": variant.label,
-            "plan": variant.plan,
-            "schedule": schedules[variant.key],
-            "params": params,
-            "macs": macs,
-            "params_ratio": params / base_params,
-            "macs_ratio": macs / base_macs,
-            "infer_ratio": ratio_to_baseline(infer_timings, infer_key, "original"),
-            "train_ratio": ratio_to_baseline(train_timings, variant.key, "original"),
-            "infer_items_per_s": spread([config.batch_size / s for s in infer_timings.seconds[infer_key]]),
-            "train_items_per_s": spread([config.batch_size / s for s in train_timings.seconds[variant.key]]),
-            "infer_measured_as": infer_key,
-            "train_phases": len(train_timings.per_phase[variant.key][0]),
-            "train_phase_seconds": train_timings.per_phase[variant.key],
-            "trainable_params": spread(trainable[variant.key]),
-        })
-    profiles = {}
-    if config.profile:
-        infer_phases = {w.name: w.phases for w in infer}
-        train_phases = {w.name: w.phases for w in train}
-        infer_as = {v.key: v.infer_as or v.key for v in VARIANTS}
-        profiles = {key: {"infer": top_operators(infer_phases[infer_as[key]], placement.device),
-                          "train": top_operators(train_phases[key], placement.device)}
-                    for key in ("original", "lrd_both")}
-    return {
-        "name": name,
-        "description": spec.description,
-        "input_shape": list(spec.input_shape),
-        "batch_size": config.batch_size,
-        "plans": {
-            "ratio": _plan_summary(ratio_plan, ratio_plan),
-            "optimized": _plan_summary(optimized_plan, ratio_plan, optimize_seconds),
-        },
-        "rows": rows,
-        "optimized_layers": [_layer_row(row, base) for row, base in zip(optimized_plan, ratio_plan) if base.decomposed],
-        "profile": profiles,
-        "notes": notes,
-    }
+    best = None
+    if len(config.runtimes) > 1:
+        best = {"name": name, "infer": best_of_runtimes(infer_timings, INFER_OURS, config.batch_size)}
+        if train_timings is not None:
+            best["train"] = best_of_runtimes(train_timings, TRAIN_OURS, config.batch_size)
+    return {"entries": [entry.result(spec, infer_timings, train_timings, base_params, base_macs)
+                        for entry in entries.values()], "best": best}
+
+
+class _RuntimeEntry:
+    """One runtime's table of one model: its optimized plan, its models and their timed steps."""
+
+    def __init__(self, name: str, runtime: str, config: BenchConfig, original: nn.Module, inputs,
+                 ratio_plan: Plan, progress: bool):
+        self.name, self.runtime, self.config, self.inputs = name, runtime, config, inputs
+        self.placement = dataclasses.replace(config.placement, runtime=runtime)
+        self.ratio_plan = ratio_plan
+        # ONNX Runtime has no training step: its ranks are chosen for inference.
+        objective = "infer" if runtime == "onnxruntime" else config.objective
+        start = time.perf_counter()
+        self.optimized_plan = optimize_ranks(
+            original, ratio_plan, inputs, objective=objective, runtime=runtime, device=self.placement.device,
+            dtype=torch.bfloat16 if self.placement.autocast_bf16 else None, cache=config.cache,
+            budget_s=config.rank_budget_s, min_run_time=config.rank_min_run_time, progress=progress)
+        self.optimize_seconds = time.perf_counter() - start
+        plans = {"ratio": ratio_plan, "optimized": self.optimized_plan}
+        trains = config.train and runtime != "onnxruntime"
+        self.variants = [v for v in VARIANTS if trains or v.schedule is None]
+        self.models: dict[str, nn.Module] = {}
+        for variant in self.variants:
+            if variant.plan is None:
+                self.models[variant.key] = original
+            elif variant.schedule is None:
+                self.models[variant.key] = structural_copy(original, plans[variant.plan], self.placement)
+            else:
+                # Freezing changes requires_grad, so each freezing row trains its own copy.
+                base = next(v.key for v in VARIANTS if v.plan == variant.plan and v.schedule is None)
+                self.models[variant.key] = copy.deepcopy(self.models[base])
+        self.notes, self.schedules = [], {}
+        for variant in self.variants:
+            self.schedules[variant.key] = variant.schedule
+            if variant.schedule and not any(isinstance(m, LowRankModule) for m in self.models[variant.key].modules()):
+                self.schedules[variant.key] = None
+                self.notes.append(f"{variant.label}: the {variant.plan} plan decomposes no layer, so there is "
+                                  f"nothing to freeze; it trains like the model it would freeze")
+        self.infer = [Workload(self.key(v.key), [inference_phase(self.models[v.key], inputs, self.placement)])
+                      for v in self.variants if not v.infer_as]
+        self.train = [] if runtime == "onnxruntime" or not config.train else [
+            Workload(self.key(v.key), training_phases(self.models[v.key], inputs, self.placement,
+                                                      self.schedules[v.key])) for v in self.variants]
+
+    def key(self, variant: str) -> str:
+        return f"{self.runtime}/{variant}"
+
+    def result(self, spec, infer_timings, train_timings, base_params: int, base_macs: int) -> dict:
+        """The results entry: rows with ratios to the original under this runtime, plans, profiles."""
+        config, batch = self.config, self.config.batch_size
+        trainable = {w.name: _trainable_per_phase(self.models[w.name.split("/", 1)[1]], w) for w in self.train}
+        rows = []
+        for variant in self.variants:
+            model = self.models[variant.key]
+            infer_key = self.key(variant.infer_as or variant.key)
+            params, macs = count_params(model), count_macs(model, self.inputs)
+            row = {
+                "variant": variant.key, "label": variant.label, "plan": variant.plan,
+                "schedule": self.schedules[variant.key], "params": params, "macs": macs,
+                "params_ratio": params / base_params, "macs_ratio": macs / base_macs,
+                "infer_ratio": ratio_to_baseline(infer_timings, infer_key, self.key("original")),
+                "infer_items_per_s": spread([batch / s for s in infer_timings.seconds[infer_key]]),
+                "infer_measured_as": infer_key.split("/", 1)[1],
+            }
+            if self.train:
+                train_key = self.key(variant.key)
+                row.update({
+                    "train_ratio": ratio_to_baseline(train_timings, train_key, self.key("original")),
+                    "train_items_per_s": spread([batch / s for s in train_timings.seconds[train_key]]),
+                    "train_phases": len(train_timings.per_phase[train_key][0]),
+                    "train_phase_seconds": train_timings.per_phase[train_key],
+                    "trainable_params": spread(trainable[train_key]),
+                })
+            rows.append(row)
+        return {
+            "name": self.name, "runtime": self.runtime, "description": spec.description,
+            "input_shape": list(spec.input_shape), "batch_size": batch,
+            "plans": {"ratio": _plan_summary(self.ratio_plan, self.ratio_plan),
+                      "optimized": _plan_summary(self.optimized_plan, self.ratio_plan, self.optimize_seconds)},
+            "rows": rows,
+            "optimized_layers": [_layer_row(row, base) for row, base in zip(self.optimized_plan, self.ratio_plan)
+                                 if base.decomposed],
+            "forms": plan_forms(self.optimized_plan),
+            "profile": self.profile() if config.profile else {},
+            "notes": self.notes,
+        }
+
+    def profile(self) -> dict:
+        """Top operators of one inference (and training cycle) of the original and of LRD + both."""
+        infer = {w.name: w.phases for w in self.infer}
+        train = {w.name: w.phases for w in self.train}
+        profiles = {}
+        for variant in ("original", "lrd_both" if self.train else "lrd_opt"):
+            infer_key = self.key(next(v.infer_as or v.key for v in self.variants if v.key == variant))
+            if self.runtime == "onnxruntime":
+                profiles[variant] = {"infer": onnxruntime_operators(self.models[variant], self.inputs)}
+                continue
+            profiles[variant] = {"infer": top_operators(infer[infer_key], self.placement.device)}
+            if self.train:
+                profiles[variant]["train"] = top_operators(train[self.key(variant)], self.placement.device)
+        return profiles
+
+
+def best_of_runtimes(timings: Timings, ours: tuple[str, ...], batch_size: int) -> dict:
+    """Our fastest (a decomposed variant in its fastest runtime) against the original in ITS
+    fastest runtime, by median time, with the per-repeat ratio of the two from the same run.
+
+    A user who would deploy the original compiled or exported compares with that, not with
+    eager PyTorch. (Picking the fastest of several by their medians favours whichever was lucky;
+    the min-max of the ratio shows how much that can be.)
+    """
+    median = lambda key: statistics.median(timings.seconds[key])  # noqa: E731
+    originals = [key for key in timings.seconds if key.split("/", 1)[1] == "original"]
+    candidates = [key for key in timings.seconds if key.split("/", 1)[1] in ours]
+    original, best = min(originals, key=median), min(candidates, key=median)
+    per_s = lambda key: spread([batch_size / s for s in timings.seconds[key]])  # noqa: E731
+    return {"original": original, "ours": best, "ratio": ratio_to_baseline(timings, best, original),
+            "original_items_per_s": per_s(original), "ours_items_per_s": per_s(best)}
 
 
 def _layer_row(row, base) -> dict:
@@ -291,9 +379,12 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         ValueError: a bad configuration (unknown model, device, ratio).
     """
     results = results_header(BENCH_FORMAT, asdict(config), config.device)
-    results["models"] = []
+    results["models"], results["best"] = [], []
     for name in tqdm(config.models, desc="models", unit="model", disable=not progress):
-        results["models"].append(bench_model(name, config, progress))
+        measured = bench_model(name, config, progress)
+        results["models"] += measured["entries"]
+        if measured["best"] is not None:
+            results["best"].append(measured["best"])
     record_end_load(results)
     return results
 

@@ -56,32 +56,38 @@ def bench_markdown(results: Mapping) -> str:
         f"Ratio {config['ratio']:g}; batch {config['batch_size']}; {config['repeats']} interleaved repeats "
         f"(A B A B ..., {config['warmup']} warm-up call per step); rank optimization objective "
         f"`{config['objective']}`; bf16 autocast {'on' if config['autocast_bf16'] else 'off'}; channels_last "
-        f"{'on' if config['channels_last'] else 'off'}{'; quick' if config.get('quick') else ''}.",
+        f"{'on' if config['channels_last'] else 'off'}; runtimes {', '.join(config.get('runtimes', ['eager']))}"
+        f"{'; quick' if config.get('quick') else ''}.",
         _machine_line(results),
         "",
-        "Each cell is the ratio to the original: the median over repeats, then min-max. Throughput above "
-        "1 is faster. Training throughput of a freezing row is averaged over one cycle of its phases. "
-        "Freezing does not change the inference graph, so freezing rows show the inference of the model "
-        "they freeze.",
+        "Each cell is the ratio to the original in the same runtime: the median over repeats, then min-max. "
+        "Throughput above 1 is faster. Training throughput of a freezing row is averaged over one cycle of its "
+        "phases. Freezing does not change the inference graph, so freezing rows show the inference of the model "
+        "they freeze. Ranks are optimized for each runtime (under onnxruntime for inference).",
     ]
+    lines += _best_lines(results.get("best") or [])
     for model in results["models"]:
         rows = model["rows"]
         base = rows[0]
         batch = model["batch_size"]
         plans = model["plans"]
         opt = plans["optimized"]
+        runtime = model.get("runtime", "eager")
+        trains = "train_ratio" in base
         lines += [
             "",
-            f"## {model['name']}",
+            f"## {model['name']}, {runtime}",
             "",
             f"{model.get('description', '')}; input {'x'.join(str(s) for s in model['input_shape'])}, batch {batch}. "
             f"Original: {base['params']:,} parameters, {_si(base['macs'] / batch)} MACs per item, "
-            f"{base['infer_items_per_s']['median']:.1f} items/s inference, "
-            f"{base['train_items_per_s']['median']:.1f} items/s training.",
+            f"{base['infer_items_per_s']['median']:.1f} items/s inference"
+            + (f", {base['train_items_per_s']['median']:.1f} items/s training." if trains else
+               " (inference only here)."),
             f"Rank optimization: {opt['decomposed']} of {opt['candidates']} candidate layers decomposed "
             f"({plans['ratio']['decomposed']} at ratio ranks), {opt['changed_from_ratio_ranks']} changed, "
             f"{opt['kept_as_original_by_search']} kept as the original layer"
-            + (f", {opt['seconds']:.0f} s of layer timing." if "seconds" in opt else "."),
+            + (f", {opt['seconds']:.0f} s of layer timing" if "seconds" in opt else "")
+            + (f"; {len(model['forms'])} layers run in the linear form" if model.get("forms") else "") + ".",
             "",
         ]
         table = []
@@ -89,32 +95,55 @@ def bench_markdown(results: Mapping) -> str:
             infer = _ratio(row["infer_ratio"])
             if row.get("infer_measured_as", row["variant"]) != row["variant"]:
                 infer += " *"
-            train = _ratio(row["train_ratio"]) + (f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else "")
-            table.append([row["label"], f"{row['params_ratio']:.3f}x", f"{row['macs_ratio']:.3f}x", infer, train])
-        lines += _table(["variant", "parameters", "MACs", "inference throughput", "training throughput"], table)
-        lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
+            cells = [row["label"], f"{row['params_ratio']:.3f}x", f"{row['macs_ratio']:.3f}x", infer]
+            if trains:
+                phases = f" [{row['train_phases']} phases]" if row["train_phases"] > 1 else ""
+                cells.append(_ratio(row["train_ratio"]) + phases)
+            table.append(cells)
+        header = ["variant", "parameters", "MACs", "inference throughput"] + (["training throughput"] if trains else [])
+        lines += _table(header, table)
+        if any(row.get("infer_measured_as", row["variant"]) != row["variant"] for row in rows):
+            lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
         lines += [f"Note: {note}." for note in model.get("notes", [])]
         lines += _profile_table(model.get("profile") or {}, batch)
     return "\n".join(lines) + "\n"
+
+
+def _best_lines(best: list) -> list[str]:
+    """Our best (a decomposed model in its fastest runtime) vs the original in its fastest runtime."""
+    if not best:
+        return []
+    rows = []
+    for entry in best:
+        for what, label in (("infer", "inference"), ("train", "training")):
+            if what in entry:
+                b = entry[what]
+                rows.append([entry["name"], label, f"`{b['original']}` ({b['original_items_per_s']['median']:.1f}/s)",
+                             f"`{b['ours']}` ({b['ours_items_per_s']['median']:.1f}/s)", _ratio(b["ratio"])])
+    return ["", "## Our best vs the original's best", "",
+            "Each side in the runtime where it ran fastest (median), `runtime/variant`; the ratio per repeat of "
+            "the same interleaved run.", ""] + _table(
+        ["model", "step", "original, its best runtime", "ours, its best runtime", "ours / original"], rows)
 
 
 def _profile_table(profile: Mapping, batch: int, limit: int = 8) -> list[str]:
     """The operators that take the most time, original vs LRD + both, ms per step (torch.profiler)."""
     if not profile:
         return []
-    cells = {(key, what): {entry["op"]: entry["ms"] for entry in profile[key][what]}
-             for key in profile for what in ("infer", "train")}
-    columns = [("original", "infer"), ("lrd_both", "infer"), ("original", "train"), ("lrd_both", "train")]
+    ours = next(key for key in profile if key != "original")
+    labels = {"original": "original", "lrd_both": "LRD + both", "lrd_opt": "LRD + rank optimization"}
+    columns = [(key, what) for what in ("infer", "train") for key in ("original", ours) if what in profile[key]]
+    cells = {(key, what): {entry["op"]: entry["ms"] for entry in profile[key][what]} for key, what in columns}
     ops = []
-    for column in (("original", "infer"), ("original", "train"), ("lrd_both", "infer"), ("lrd_both", "train")):
+    for column in sorted(columns, key=lambda c: c[0] != "original"):
         for op in sorted(cells[column], key=cells[column].get, reverse=True)[:limit]:
             if op not in ops:
                 ops.append(op)
     rows = [[f"`{op}`"] + [f"{cells[c][op]:.1f}" if op in cells[c] else "-" for c in columns] for op in ops]
     totals = ["total of the listed"] + [f"{sum(cells[c].get(op, 0.0) for op in ops):.1f}" for c in columns]
-    return ["", f"Where the time goes (torch.profiler self time, ms per step of batch {batch}; training averaged "
-                "over the freezing cycle):", ""] + _table(
-        ["operator", "original infer", "LRD + both infer", "original train", "LRD + both train"], rows + [totals])
+    return ["", f"Where the time goes (profiler self time, ms per step of batch {batch}; training averaged "
+                "over the freezing cycle; under onnxruntime its own profiler, per ONNX operator):", ""] + _table(
+        ["operator"] + [f"{labels[key]} {what}" for key, what in columns], rows + [totals])
 
 
 def bench_plot(results: Mapping, path: Path) -> Path:
@@ -124,23 +153,23 @@ def bench_plot(results: Mapping, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = results["models"]
-    labels = [row["label"] for row in models[0]["rows"]]
+    labels = [row["label"] for row in max((m["rows"] for m in models), key=len)]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 3 * len(models) + 4), 4.5), sharey=True)
     width = 0.8 / len(labels)
     for ax, key, title in ((axes[0], "infer_ratio", "inference throughput"),
                            (axes[1], "train_ratio", "training throughput")):
         for i, label in enumerate(labels):
             medians, low, high = [], [], []
-            for model in models:
-                spread = next(r[key] for r in model["rows"] if r["label"] == label)
-                medians.append(spread["median"])
-                low.append(spread["median"] - spread["min"])
-                high.append(spread["max"] - spread["median"])
+            for model in models:  # a runtime without training (onnxruntime) or a row leaves a gap
+                spread = next((r[key] for r in model["rows"] if r["label"] == label and key in r), None)
+                medians.append(spread["median"] if spread else float("nan"))
+                low.append(spread["median"] - spread["min"] if spread else 0.0)
+                high.append(spread["max"] - spread["median"] if spread else 0.0)
             xs = [m + (i - (len(labels) - 1) / 2) * width for m in range(len(models))]
             ax.bar(xs, medians, width, yerr=[low, high], capsize=2, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(range(len(models)), [m["name"] for m in models])
-        ax.set_title(f"{title} / original")
+        ax.set_xticks(range(len(models)), [f"{m['name']}\n{m.get('runtime', 'eager')}" for m in models])
+        ax.set_title(f"{title} / original, same runtime")
     axes[0].set_ylabel("ratio to the original (median, min-max)")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"lrdaccel bench, ratio {results['config']['ratio']:g}, {results['machine']['device_name']}",
@@ -164,7 +193,8 @@ def demo_markdown(results: Mapping) -> str:
         "",
         f"{dataset['train_size']:,} training / {dataset['test_size']:,} test images; original trained "
         f"{config['epochs']} epochs; decomposed at ratio {config['ratio']:g}, "
-        + (f"ranks optimized for `{config['objective']}` by timing each layer here" if config.get("optimize", True)
+        + (f"ranks optimized for `{config['objective']}` by timing each layer here"
+           + (f" under `{config['runtime']}`" if "runtime" in config else "") if config.get("optimize", True)
            else "at the ratio's ranks")
         + f"; fine-tuned {config['finetune_epochs']} epochs with `{config['schedule']}` freezing"
         + ("; quick run on a small slice." if config.get("quick") else "."),
@@ -177,16 +207,12 @@ def demo_markdown(results: Mapping) -> str:
         ["test accuracy", f"{100 * original['accuracy']:.2f}%",
          f"{100 * decomposed['accuracy']:.2f}% (before fine-tuning: {100 * decomposed['accuracy_before_finetune']:.2f}%)",
          f"{points:+.2f} points"],
-        [f"inference throughput (batch {throughput['batch_size']})",
-         f"{throughput['original']['infer_items_per_s']['median']:,.0f} img/s",
-         f"{throughput['decomposed']['infer_items_per_s']['median']:,.0f} img/s", _ratio(ratios["infer"])],
-        [f"training throughput (batch {throughput['batch_size']})",
-         f"{throughput['original']['train_items_per_s']['median']:,.0f} img/s",
-         f"{throughput['decomposed']['train_items_per_s']['median']:,.0f} img/s"
-         + (f" (mean over {phases} freezing phases)" if phases > 1 else ""), _ratio(ratios["train"])],
-    ])
-    lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats."]
+    ] + _throughput_rows(throughput, ratios))
+    lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats, each against the "
+                  f"original in the same runtime"
+              + (f"; the headline runtime is `{throughput['runtime']}`." if "runtime" in throughput else ".")]
     lines += [f"Note: {note}." for note in results.get("notes", [])]
+    lines += _deploy_lines(results.get("deploy"))
     lines += ["", "## Fine-tuning", ""]
     lines += _table(["epoch", "freezing phases", "trainable share", "train loss", "test accuracy", "seconds"], [
         [h["epoch"], ", ".join(str(p) for p in h["phases"]), f"{100 * h['trainable_share']:.1f}%", f"{h['loss']:.4f}",
@@ -198,6 +224,40 @@ def demo_markdown(results: Mapping) -> str:
     lines += ["", "## Time per stage", ""]
     lines += _table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["stages"].items()])
     return "\n".join(lines) + "\n"
+
+
+def _throughput_rows(throughput: Mapping, ratios: Mapping) -> list[list[str]]:
+    """One inference and one training row per runtime (a results file from before runtimes: its one)."""
+    by_runtime = throughput.get("by_runtime") or {None: {
+        "original": throughput["original"], "decomposed": throughput["decomposed"],
+        "infer_ratio": ratios["infer"], "train_ratio": ratios["train"]}}
+    rows = []
+    for runtime, entry in by_runtime.items():
+        for what, label in (("infer", "inference"), ("train", "training")):
+            if f"{what}_items_per_s" not in entry["original"]:
+                continue
+            ratio = entry.get(f"{what}_ratio")
+            phases = entry["decomposed"].get("train_phases", 1) if what == "train" else 1
+            where = f", {runtime}" if runtime else ""
+            rows.append([f"{label} throughput{where} (batch {throughput['batch_size']})",
+                         f"{entry['original'][f'{what}_items_per_s']['median']:,.0f} img/s",
+                         f"{entry['decomposed'][f'{what}_items_per_s']['median']:,.0f} img/s"
+                         + (f" (mean over {phases} freezing phases)" if phases > 1 else ""),
+                         _ratio(ratio) if ratio else "-"])
+    return rows
+
+
+def _deploy_lines(deploy: Mapping | None) -> list[str]:
+    if not deploy:
+        return []
+    if "skipped" in deploy:
+        return ["", "## Deploy", "", f"Skipped: {deploy['skipped']}."]
+    return ["", "## Deploy", "",
+            f"BatchNorm folded into the conv before it in {deploy['folded']} places ({deploy['unfused']} pairs left "
+            f"unfused, {deploy['batchnorm_left']} BatchNorm left); exported to `{deploy['file']}` and run in ONNX "
+            f"Runtime on batches of {' and '.join(str(b) for b in deploy['batch_sizes'])}: largest difference from "
+            f"PyTorch {deploy['max_abs_diff']:.2e} (outputs up to {deploy['max_abs_output']:.3g}), in "
+            f"{deploy['seconds']:.1f} s."]
 
 
 def _rank(rank) -> str:
@@ -216,12 +276,16 @@ def demo_plot(results: Mapping, path: Path) -> Path:
 
     ratios = results["ratios"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["parameters", "MACs", "inference\nthroughput", "training\nthroughput"]
-    medians = [ratios["params"], ratios["macs"], ratios["infer"]["median"], ratios["train"]["median"]]
+    runtime = results["throughput"].get("runtime")
+    suffix = f"\n({runtime})" if runtime else ""
+    measured = {f"inference\nthroughput{suffix}": ratios["infer"], f"training\nthroughput{suffix}": ratios["train"]}
+    measured = {name: spread for name, spread in measured.items() if spread is not None}
+    names = ["parameters", "MACs"] + list(measured)
+    medians = [ratios["params"], ratios["macs"]] + [spread["median"] for spread in measured.values()]
     left.bar(names[:2], medians[:2], color="#7a9")
-    measured = [ratios["infer"], ratios["train"]]
+    spreads = list(measured.values())
     left.bar(names[2:], medians[2:], color="#58c", capsize=3,
-             yerr=[[s["median"] - s["min"] for s in measured], [s["max"] - s["median"] for s in measured]])
+             yerr=[[s["median"] - s["min"] for s in spreads], [s["max"] - s["median"] for s in spreads]])
     for x, value in enumerate(medians):
         left.annotate(f"{value:.2f}x", (x, 0), ha="center", va="bottom", fontsize=9, color="white",
                       xytext=(0, 3), textcoords="offset points")

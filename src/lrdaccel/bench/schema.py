@@ -1,8 +1,10 @@
 """What a results file must hold, checked before a report is drawn from it.
 
 Two kinds share a header (format, version, lrdaccel_version, created, machine, config):
-"lrdaccel.bench" (the throughput table: models -> rows) and "lrdaccel.demo" (the demo run).
-A ratio spread is {"min", "median", "max", "values"} with min <= median <= max.
+"lrdaccel.bench" (the throughput table: models -> rows, one entry per model and runtime; "best":
+our best against the original's best across runtimes) and "lrdaccel.demo" (the demo run).
+A ratio spread is {"min", "median", "max", "values"} with min <= median <= max. Version 1 files
+(before runtimes) are read as eager throughout.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from lrdaccel.measure.machine import load_average, machine_info
 
 BENCH_FORMAT = "lrdaccel.bench"
 DEMO_FORMAT = "lrdaccel.demo"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 HEADER_KEYS = ("format", "version", "lrdaccel_version", "created", "machine", "config")
 BENCH_ROW_KEYS = ("variant", "label", "params", "macs", "params_ratio", "macs_ratio", "infer_ratio",
-                  "train_ratio", "infer_items_per_s", "train_items_per_s", "train_phases")
+                  "infer_items_per_s")
+TRAIN_ROW_KEYS = ("train_ratio", "train_items_per_s", "train_phases")
+INFERENCE_ONLY = ("onnxruntime",)
 SPREAD_KEYS = ("min", "median", "max", "values")
 
 
@@ -65,22 +69,33 @@ def _check_bench(results: Mapping, where: str) -> None:
         at = f"{where}.models[{i}]"
         _require(model, ("name", "input_shape", "batch_size", "plans", "rows"), at)
         rows = model["rows"]
+        trains = "train_ratio" in (model["rows"][0] if model.get("rows") else {}) or (
+            model.get("runtime", "eager") not in INFERENCE_ONLY and results["config"].get("train", True))
         if not isinstance(rows, list) or not rows or rows[0].get("variant") != "original":
             raise ValueError(f"{at}.rows: expected a list starting with the 'original' row")
         for j, row in enumerate(rows):
             row_at = f"{at}.rows[{j}]"
-            _require(row, BENCH_ROW_KEYS, row_at)
+            _require(row, BENCH_ROW_KEYS + (TRAIN_ROW_KEYS if trains else ()), row_at)
             _positive(row["params"], f"{row_at}.params", integer=True)
             _positive(row["macs"], f"{row_at}.macs", integer=True)
             _positive(row["params_ratio"], f"{row_at}.params_ratio")
             _positive(row["macs_ratio"], f"{row_at}.macs_ratio")
-            _positive(row["train_phases"], f"{row_at}.train_phases", integer=True)
-            for key in ("infer_ratio", "train_ratio", "infer_items_per_s", "train_items_per_s"):
+            keys = ["infer_ratio", "infer_items_per_s"]
+            if trains:
+                _positive(row["train_phases"], f"{row_at}.train_phases", integer=True)
+                keys += ["train_ratio", "train_items_per_s"]
+            for key in keys:
                 check_spread(row[key], f"{row_at}.{key}")
         base = rows[0]
-        for key in ("infer_ratio", "train_ratio"):
+        for key in ("infer_ratio", "train_ratio") if trains else ("infer_ratio",):
             if any(not math.isclose(v, 1.0) for v in base[key]["values"]):
                 raise ValueError(f"{at}.rows[0].{key}: the original's ratio to itself must be 1")
+    for i, best in enumerate(results.get("best") or []):
+        for what in ("infer", "train"):
+            if what in best:
+                at = f"{where}.best[{i}].{what}"
+                _require(best[what], ("original", "ours", "ratio"), at)
+                check_spread(best[what]["ratio"], f"{at}.ratio")
 
 
 def _check_demo(results: Mapping, where: str) -> None:
@@ -97,7 +112,12 @@ def _check_demo(results: Mapping, where: str) -> None:
     _positive(results["ratios"]["params"], f"{where}.ratios.params")
     _positive(results["ratios"]["macs"], f"{where}.ratios.macs")
     check_spread(results["ratios"]["infer"], f"{where}.ratios.infer")
-    check_spread(results["ratios"]["train"], f"{where}.ratios.train")
+    if results["ratios"]["train"] is not None or results["throughput"].get("runtime") not in INFERENCE_ONLY:
+        check_spread(results["ratios"]["train"], f"{where}.ratios.train")
+    for runtime, entry in (results["throughput"].get("by_runtime") or {}).items():
+        at = f"{where}.throughput.by_runtime.{runtime}"
+        for key in ("infer_ratio",) + (() if runtime in INFERENCE_ONLY else ("train_ratio",)):
+            check_spread(entry.get(key), f"{at}.{key}")
 
 
 def check_results(results: Any, source: str = "results") -> dict:

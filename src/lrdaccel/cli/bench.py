@@ -1,10 +1,13 @@
-"""`lrdaccel bench`: the paper's table, measured side by side in one run.
+"""`lrdaccel bench`: the paper's table, measured side by side in one run, under each runtime.
 
 Rows: original, LRD (ratio ranks), LRD + rank optimization, LRD + sequential freezing (rotate),
 LRD + both, LRD + static freezing. Columns: parameters, MACs, inference throughput, training
-throughput (averaged over the freezing phases), each as a ratio to the original, with
-min/median/max over interleaved repeats (A B A B ...). Writes results.json, report.md (the table)
-and report.png (bar chart) into --out, and the time-vs-rank staircase of a [512,512,3,3] conv.
+throughput (averaged over the freezing phases), each as a ratio to the original in the same
+runtime, with min/median/max over interleaved repeats (A B A B ...). One table per runtime
+(--runtime eager,compile,onnxruntime; ranks optimized for each; onnxruntime runs inference only),
+and one line comparing our best (decomposed, in its fastest runtime) with the original in its
+fastest runtime. Writes results.json, report.md (the tables) and report.png (bar chart) into
+--out, and the time-vs-rank staircase of a [512,512,3,3] conv.
 """
 
 from __future__ import annotations
@@ -19,18 +22,22 @@ from lrdaccel.bench.paper_table import QUICK_SETTINGS, BenchConfig, paper_stairc
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
 from lrdaccel.cli._common import check_outputs, threads_type
-from lrdaccel.cli._config_args import add_config_args, given
+from lrdaccel.cli._config_args import add_config_args, field_help, given
 from lrdaccel.measure.machine import busy_warning, set_threads
+from lrdaccel.measure.runtimes import RUNTIMES
 from lrdaccel.measure.timer import OBJECTIVES
 
 
 ORDER = 80  # place in `lrdaccel --help`: the pipeline's order
 
-def _models(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("--models needs at least one zoo name")
-    return names
+def _names(option: str):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"{option} needs at least one name")
+        return names
+
+    return parse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,14 +45,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench", help="measure the paper's table (params, MACs, inference and training throughput ratios)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quick = {key: value for key, value in QUICK_SETTINGS.items() if key not in ("models", "quick")}
-    parser.add_argument("--models", type=_models, default=argparse.SUPPRESS,
+    parser.add_argument("--runtimes", "--runtime", dest="runtimes", type=_names("--runtimes"), default=argparse.SUPPRESS,
+                        help=f"comma-separated, from {', '.join(RUNTIMES)}: "
+                             f"{field_help(BenchConfig)['runtimes']} (default {','.join(BenchConfig().runtimes)})")
+    parser.add_argument("--models", type=_names("--models"), default=argparse.SUPPRESS,
                         help=f"comma-separated zoo names (default {','.join(BenchConfig().models)}; with --quick "
                              f"{','.join(QUICK_SETTINGS['models'])}); known: {', '.join(zoo.names())}")
     parser.add_argument("--quick", action="store_true",
                         help=f"a fast look: {', '.join(f'{k}={v}' for k, v in QUICK_SETTINGS.items() if k != 'quick')},"
                              f" no staircase; other options still apply")
     add_config_args(parser, BenchConfig, ("batch_size", "repeats", "warmup", "min_run_time", "ratio", "objective",
-                                          "device", "autocast_bf16", "channels_last", "rank_budget_s",
+                                          "train", "device", "autocast_bf16", "channels_last", "rank_budget_s",
                                           "rank_min_run_time", "profile", "timing_cache"),
                     flags={"autocast_bf16": "--bf16", "rank_budget_s": "--rank-budget"},
                     choices={"objective": OBJECTIVES},

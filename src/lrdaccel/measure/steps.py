@@ -1,4 +1,5 @@
-"""The steps that get timed: one inference forward, one training step, and where they run.
+"""The steps that get timed: one inference forward, one training step, and where and how they
+run (device, autocast, memory format, runtime).
 
 Speed does not depend on the weights' values or on which loss is used, so training steps use a
 sum-of-squares loss that touches every output and SGD with momentum at a tiny learning rate
@@ -16,26 +17,30 @@ import torch
 from torch import nn
 
 from lrdaccel._modules import call_model, move_inputs, output_tensor
-from lrdaccel._settings import parse_device
+from lrdaccel._settings import check_choice, parse_device
+from lrdaccel.measure.runtimes import RUNTIMES, inference_step, runtime_forward
 from lrdaccel.measure.timer import Phase
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and how models run: device, bf16 autocast, channels_last for conv models.
+    """Where and how models run: device, bf16 autocast, channels_last for conv models, runtime.
 
     Attributes:
         device: a torch device string ("cpu", "cuda", "cuda:1").
         autocast_bf16: run forward passes under torch.autocast(dtype=bfloat16).
         channels_last: convert conv models and 4-d inputs to channels_last memory format.
+        runtime: "eager", "compile" or "onnxruntime" (`lrdaccel.measure.runtimes`).
     """
 
     device: str = "cpu"
     autocast_bf16: bool = False
     channels_last: bool = False
+    runtime: str = "eager"
 
     def __post_init__(self) -> None:
         parse_device(self.device)
+        check_choice("runtime", self.runtime, RUNTIMES)
 
     @classmethod
     def default_for(cls, device: str, autocast_bf16: bool | None = None,
@@ -62,13 +67,12 @@ class Placement:
 
 
 def inference_phase(model: nn.Module, inputs: Any, placement: Placement = Placement()) -> Phase:
-    """One forward under inference_mode, the model in eval mode."""
-
-    def step() -> None:
-        with torch.inference_mode(), placement.autocast():
-            call_model(model, inputs)
-
-    return Phase(step=step, prepare=model.eval, label="inference")
+    """One forward in the placement's runtime (eager: under inference_mode), the model in eval
+    mode. Under "onnxruntime" the model is exported here (in eval mode); under "compile" the first
+    call compiles."""
+    autocast = placement.autocast if placement.autocast_bf16 else None
+    return Phase(step=inference_step(model, inputs, placement.runtime, autocast), prepare=model.eval,
+                 label="inference")
 
 
 def make_train_step(model: nn.Module, inputs: Any, placement: Placement = Placement(),
@@ -77,14 +81,20 @@ def make_train_step(model: nn.Module, inputs: Any, placement: Placement = Placem
 
     The optimizer holds every parameter; frozen ones get no gradient (grads are set to None)
     and SGD skips them, so a frozen factor costs neither backward weight-gradient nor update.
+    Under "compile" the forward (and with it the backward) is compiled, the optimizer is not.
+
+    Raises:
+        ValueError: runtime "onnxruntime" (inference only).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    forward, calls = runtime_forward(model, placement.runtime)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with placement.autocast():
-            loss = output_tensor(call_model(model, inputs)).float().square().mean()
-        loss.backward()
+        with calls(False):
+            with placement.autocast():
+                loss = output_tensor(call_model(forward, inputs)).float().square().mean()
+            loss.backward()
         optimizer.step()
 
     return step

@@ -2,8 +2,10 @@
 
 Flow: capture every planned layer's real input with one forward of the example inputs; group
 layers that are identical for timing (kind, geometry, input shape and memory format, ratio rank)
-so each group is searched once; search each group with its times going through the cache and
-the per-layer time budget; write the choice, the three times and the reason into a new plan.
+so each group is searched once; search each group under the settings' runtime with its times
+going through the cache and the per-layer time budget (in eager PyTorch, a 1x1 SVD layer's
+execution form too: `rankopt.forms`); write the choice, the three times and the reason into a
+new plan.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from lrdaccel._modules import model_device, model_dtype, unwrap
 from lrdaccel._settings import parse_device, parse_dtype, resolve
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.machine import device_name
+from lrdaccel.measure.runtimes import check_runtime
 from lrdaccel.planning import LayerPlan, Plan
 from lrdaccel.rankopt.cache import CacheArg, TimingCache
 from lrdaccel.rankopt.capture import InputSpec, capture_inputs
 from lrdaccel.rankopt.layer_times import LayerTimes, dtype_name
 from lrdaccel.rankopt.layer_timing import BenchmarkTimer, Timer, input_signature, layer_signature
+from lrdaccel.rankopt.forms import FORMS_KEY, choose_form, linear_form_possible
 from lrdaccel.rankopt.search import Choice, SearchSettings, search_rank
 from lrdaccel.surgery import validate_plan
 
@@ -57,8 +61,11 @@ def optimize_ranks(
         plan: from `lrd.plan(model, ...)`; decomposed rows start the search at their ratio rank.
         example_inputs: a tensor, tuple or dict for the model, with the batch shape you will run.
         objective: shorthand for the settings' objective, "infer" or "train".
-        settings: a SearchSettings; keyword `search` settings (its field names: rule, tradeoff,
-            max_growth, lowest, min_gain, budget_s, min_run_time) override its fields.
+        settings: a SearchSettings; keyword `search` settings (its field names: runtime, rule,
+            tradeoff, max_growth, lowest, min_gain, budget_s, min_run_time) override its fields.
+            `runtime="compile"` times each candidate compiled (and resets torch._dynamo's
+            caches before each, so other compiled models recompile on their next call);
+            `runtime="onnxruntime"` times it in ONNX Runtime (CPU, inference only).
         device: where to time (default: the model's); layers are copied there, the model is not.
         dtype: precision to time in (torch dtype or name like "bfloat16"; default: the model's).
         cache: None for the default file under the user cache dir, a path, a TimingCache,
@@ -67,10 +74,12 @@ def optimize_ranks(
         progress: show a tqdm bar over the distinct layers.
 
     Returns:
-        The optimized Plan; `plan.meta["rank_optimization"]` records settings and counts.
+        The optimized Plan; `plan.meta["rank_optimization"]` records settings (the runtime
+        among them), counts, and the execution forms chosen (`rankopt.forms.apply_forms`).
 
     Raises:
-        ValueError: a bad objective / rule / number / dtype, or a plan for another model.
+        ValueError: a bad objective / runtime / rule / number / dtype, a device the runtime
+            cannot time on, or a plan for another model.
 
     Example:
         >>> import torch, lrdaccel as lrd
@@ -88,6 +97,7 @@ def optimize_ranks(
     model = unwrap(model)
     validate_plan(model, plan)
     device = model_device(model) if device is None else parse_device(device)
+    check_runtime(settings.runtime, settings.objective, device)
     dtype = model_dtype(model) if dtype is None else parse_dtype(dtype)
     timer = timer or BenchmarkTimer(settings.min_run_time)
     timings = _Timings(TimingCache.from_arg(cache), timer, device, dtype, settings)
@@ -100,6 +110,7 @@ def optimize_ranks(
             groups.setdefault(_group_key(model, row, captured[row.name]), []).append(row)
 
     new_rows = {row.name: row.with_rank(_ratio_rank(row), NOT_REACHED) for row in rows if row.name not in captured}
+    forms = {}
     bar = tqdm(groups.values(), desc="timing layers", unit="layer", disable=not progress)
     for group in bar:
         first = group[0]
@@ -107,6 +118,8 @@ def optimize_ranks(
         choice = timings.search(model.get_submodule(first.name), first, captured[first.name], plan.beta)
         for row in group:
             new_rows[row.name] = _apply(row, choice)
+            if choice.form is not None:
+                forms[row.name] = choice.form
         timings.cache.save()
 
     meta = dict(plan.meta)
@@ -119,6 +132,7 @@ def optimize_ranks(
         "timed": timings.timed,
         "cache_hits": timings.hits,
         "seconds": round(time.perf_counter() - start, 3),
+        FORMS_KEY: forms,
     }
     layers = [new_rows.get(row.name, row) for row in plan]
     return Plan(layers, ratio=plan.ratio, beta=plan.beta, meta=meta)
@@ -134,7 +148,8 @@ class _Timings:
         self.timed = self.hits = 0
 
     def search(self, dense: nn.Module, row: LayerPlan, spec: InputSpec, beta: float) -> Choice:
-        times = LayerTimes(dense, row.kind, spec, self.objective, self.device, self.dtype, self.cache, self.timer)
+        times = LayerTimes(dense, row.kind, spec, self.objective, self.device, self.dtype, self.cache, self.timer,
+                           self.settings.runtime)
         spent = 0.0  # charged with the recorded cost of cached times too, so reruns stop where the first did
 
         def measure(rank: Rank, required: bool = False) -> float | None:
@@ -147,7 +162,11 @@ class _Timings:
             return entry.ms
 
         try:
-            return search_rank(row, measure, self.settings, beta)
+            choice = search_rank(row, measure, self.settings, beta)
+            if (self.settings.runtime == "eager" and choice.rank is not None
+                    and linear_form_possible(dense, row.kind, choice.rank)):
+                choice = choose_form(choice, lambda rank, form: times(rank, form).ms, self.settings.min_gain)
+            return choice
         finally:
             self.timed += times.timed
             self.hits += times.hits

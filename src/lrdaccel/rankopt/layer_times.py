@@ -1,7 +1,8 @@
 """Times of one layer at any rank: read from the cache, else measured by the timer and stored.
 
-The cache key is everything the time depends on: device, torch version, dtype, objective,
-layer kind and geometry, input shape and memory format, and the rank.
+The cache key is everything the time depends on: device, torch version, dtype, runtime,
+objective, layer kind and geometry, input shape and memory format, the rank and its execution
+form. (Keys before the runtime was part of them are not read: those times were eager ones.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.machine import device_name
+from lrdaccel.measure.runtimes import runtime_label
 from lrdaccel.rankopt.cache import CachedTime, TimingCache
 from lrdaccel.rankopt.capture import InputSpec
 from lrdaccel.rankopt.layer_timing import Timer, TimingJob, input_signature, layer_signature
@@ -28,24 +30,28 @@ class LayerTimes:
     """
 
     def __init__(self, dense: nn.Module, kind: str, spec: InputSpec, objective: str,
-                 device: torch.device, dtype: torch.dtype, cache: TimingCache, timer: Timer):
+                 device: torch.device, dtype: torch.dtype, cache: TimingCache, timer: Timer,
+                 runtime: str = "eager"):
         self.local = copy.deepcopy(dense).to(device=device, dtype=dtype)
-        self.kind, self.spec, self.objective = kind, spec, objective
+        self.kind, self.spec, self.objective, self.runtime = kind, spec, objective, runtime
         self.device, self.dtype, self.cache, self.timer = device, dtype, cache, timer
         self.key = "|".join([
-            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), objective, kind,
-            layer_signature(dense), input_signature(spec),
+            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), f"runtime {runtime_label(runtime)}",
+            objective,
+            kind, layer_signature(dense), input_signature(spec),
         ])
         self.timed = self.hits = 0
 
-    def __call__(self, rank: Rank) -> CachedTime:
-        """The time at `rank` (None: the original layer), with what measuring it cost."""
-        key = f"{self.key}|{rank_label(rank)}"
+    def __call__(self, rank: Rank, form: str | None = None) -> CachedTime:
+        """The time at `rank` (None: the original layer) in execution `form` (None: the layer's
+        default), with what measuring it cost."""
+        key = f"{self.key}|{rank_label(rank)}" + (f" as {form}" if form is not None else "")
         entry = self.cache.get(key)
         if entry is not None:
             self.hits += 1
             return entry
-        job = TimingJob(self.local, self.kind, rank, self.spec, self.objective, self.device, self.dtype)
+        job = TimingJob(self.local, self.kind, rank, self.spec, self.objective, self.device, self.dtype,
+                        self.runtime, form)
         began = time.perf_counter()
         value = self.timer(job)
         try:

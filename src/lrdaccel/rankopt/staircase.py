@@ -18,6 +18,7 @@ from torch import nn
 from lrdaccel._settings import check_choice, parse_device, parse_dtype
 from lrdaccel.factorize.ranks import Rank, tucker_pair
 from lrdaccel.layers import entry_for
+from lrdaccel.measure.runtimes import check_runtime
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.rankopt.cache import CacheArg, TimingCache
 from lrdaccel.rankopt.capture import InputSpec
@@ -53,6 +54,7 @@ def measure_staircase(
     cache: CacheArg = None,
     timer: Timer | None = None,
     label: str | None = None,
+    runtime: str = "eager",
 ) -> Staircase:
     """Time `layer` decomposed at each rank, and the original, on an input of `input_shape`.
 
@@ -66,12 +68,13 @@ def measure_staircase(
         cache: as in `optimize_ranks` (None: default file; False: none; a path).
         timer: `timer(TimingJob) -> ms`; default BenchmarkTimer().
         label: the plot title (default: the layer geometry and input).
+        runtime: what to time in: "eager", "compile" or "onnxruntime" (`lrdaccel.measure.runtimes`).
 
     Returns:
         A Staircase.
 
     Raises:
-        ValueError: an unsupported layer, a bad rank, objective or memory format.
+        ValueError: an unsupported layer, a bad rank, objective, runtime or memory format.
     """
     entry = entry_for(layer)
     if entry is None or entry.cannot(layer) is not None:
@@ -82,6 +85,7 @@ def measure_staircase(
         raise ValueError(f"memory_format must be 'contiguous' or 'channels_last', got {memory_format!r}")
     weight = layer.weight
     device = parse_device(device) if device is not None else weight.device
+    check_runtime(runtime, objective, device)
     dtype = parse_dtype(dtype) if dtype is not None else weight.dtype
     spec = InputSpec(tuple(int(d) for d in input_shape), dtype, device, memory_format)
     if entry.kind == "tucker2":
@@ -89,12 +93,12 @@ def measure_staircase(
     for rank in ranks:
         entry.layer_class.like(layer, rank, "staircase")  # validates the rank against the shape
     times = LayerTimes(layer, entry.kind, spec, objective, device, dtype,
-                       TimingCache.from_arg(cache), timer or BenchmarkTimer())
+                       TimingCache.from_arg(cache), timer or BenchmarkTimer(), runtime)
     original = times(None).ms
     measured = [times(rank).ms for rank in ranks]
     times.cache.save()
     params = [entry.layer_class.like(times.local, rank).factor_params() for rank in ranks]
-    title = label or f"{layer_signature(layer)}, {input_signature(spec)}, {dtype_name(dtype)}, {device}"
+    title = label or f"{layer_signature(layer)}, {input_signature(spec)}, {dtype_name(dtype)}, {device}, {runtime}"
     return Staircase(title, objective, ranks, measured, params, original, weight.numel())
 
 

@@ -4,9 +4,10 @@ Layer times add up imperfectly (caches, memory traffic, the layers that were not
 after a search the models are compared whole: the original and one decomposed model per plan,
 each timed in turn within every round by `lrdaccel.measure.measure_interleaved` (the order
 reversing each round so slow drift in a shared machine's load falls on all alike), and speed-ups
-taken round by round against the original. Decomposed copies are built with `like` shapes (no
-SVD); the user's model is not touched. A training step is a full SGD step (forward, backward,
-update), as in the bench.
+taken round by round against the original, all under one runtime (eager, compiled, or exported to
+ONNX Runtime: a ratio is only meaningful within one). Decomposed copies are built with `like`
+shapes (no SVD) and the execution forms their plan chose; the user's model is not touched. A
+training step is a full SGD step (forward, backward, update), as in the bench.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from torch import nn
 
 from lrdaccel._modules import describe_inputs, model_device, model_dtype, move_inputs, unwrap
 from lrdaccel._settings import check_choice, check_int, parse_dtype
-from lrdaccel.measure.steps import inference_phase, training_phase
+from lrdaccel.measure.runtimes import check_runtime
+from lrdaccel.measure.steps import Placement, inference_phase, training_phase
 from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved
 from lrdaccel.planning import Plan
+from lrdaccel.rankopt.forms import apply_forms
 from lrdaccel.surgery import build_modules, swap_modules
 
 ORIGINAL = "original"
@@ -37,11 +40,13 @@ class EndToEndReport:
         objective: "infer" or "train".
         batch: a description of the example inputs.
         times_ms: variant name -> one median time per round.
+        runtime: what every variant ran in ("eager", "compile", "onnxruntime").
     """
 
     objective: str
     batch: str
     times_ms: dict[str, list[float]] = field(default_factory=dict)
+    runtime: str = "eager"
 
     def speedups(self, name: str) -> list[float]:
         """original time / variant time, per round (> 1: the variant is faster)."""
@@ -60,7 +65,7 @@ class EndToEndReport:
 
     def __str__(self) -> str:
         rounds = len(self.times_ms[ORIGINAL])
-        lines = [f"whole model, {self.objective}, {self.batch}, {rounds} interleaved rounds",
+        lines = [f"whole model, {self.objective}, runtime {self.runtime}, {self.batch}, {rounds} interleaved rounds",
                  f"{'variant':<16} {'ms min/median/max':>26} {'speed-up vs original min/median/max':>38}"]
         for name, s in self.summary().items():
             times = f"{s['ms_min']:.1f} / {s['ms_median']:.1f} / {s['ms_max']:.1f}"
@@ -79,6 +84,7 @@ def compare_end_to_end(
     dtype: torch.dtype | str | None = None,
     rounds: int = 5,
     min_run_time: float = 0.5,
+    runtime: str = "eager",
 ) -> EndToEndReport:
     """Time the original model and one decomposed copy per plan, interleaved round by round.
 
@@ -91,15 +97,18 @@ def compare_end_to_end(
         device, dtype: where and in what precision (default: the model's own).
         rounds: how many times each variant is timed; each time is a blocked_autorange median.
         min_run_time: seconds of calls per variant per round.
+        runtime: "eager", "compile" (each variant compiled, once, before timing) or
+            "onnxruntime" (each exported; inference only).
 
     Returns:
         An EndToEndReport (times per round; summary() for min/median/max and speed-ups).
 
     Raises:
-        ValueError: a bad objective, rounds < 1, a variant named "original", or a plan that does
-            not fit the model.
+        ValueError: a bad objective or runtime, rounds < 1, a variant named "original", or a
+            plan that does not fit the model.
     """
     check_choice("objective", objective, OBJECTIVES)
+    check_runtime(runtime, objective, device if device is not None else model_device(unwrap(model)))
     check_int("rounds", rounds, 1)
     if ORIGINAL in plans:
         raise ValueError(f"plans: the name {ORIGINAL!r} is reserved for the undecomposed model")
@@ -109,14 +118,16 @@ def compare_end_to_end(
     for name, plan in plans.items():
         variant = copy.deepcopy(model)
         swap_modules(variant, build_modules(variant, plan, factorize=False))
+        apply_forms(variant, plan)
         variants[name] = _prepared(variant, objective, device, dtype)
     reference = variants[ORIGINAL]
     inputs = move_inputs(example_inputs, model_device(reference), model_dtype(reference))
+    placement = Placement(str(model_device(reference)), runtime=runtime)
     phase = inference_phase if objective == "infer" else training_phase
-    workloads = [Workload(name, [phase(variant, inputs)]) for name, variant in variants.items()]
+    workloads = [Workload(name, [phase(variant, inputs, placement)]) for name, variant in variants.items()]
     timings = measure_interleaved(workloads, rounds, warmup=1, min_run_time=min_run_time, alternate=True)
     times_ms = {name: [s * 1e3 for s in seconds] for name, seconds in timings.seconds.items()}
-    return EndToEndReport(objective, describe_inputs(example_inputs), times_ms)
+    return EndToEndReport(objective, describe_inputs(example_inputs), times_ms, runtime)
 
 
 def _prepared(model: nn.Module, objective: str, device, dtype) -> nn.Module:

@@ -1,0 +1,17 @@
+"""The deploy path: fold BatchNorm into the convs before it, export to ONNX and check the file
+against PyTorch with ONNX Runtime.
+
+    import lrdaccel as lrd
+    model.eval()
+    print(lrd.fuse_batchnorm(model))                                  # what was folded, what was not and why
+    print(lrd.export_onnx(model, example_inputs, "model.onnx"))      # max abs difference vs PyTorch
+
+Modules: fuse (finding conv -> BatchNorm pairs by tracing, folding them exactly), onnx_session
+(export to an in-memory graph, an ONNX Runtime session configured like torch; also used to time
+the "onnxruntime" runtime), onnx_export (the file and its check).
+"""
+
+from lrdaccel.deploy.fuse import FuseReport, fuse_batchnorm
+from lrdaccel.deploy.onnx_export import EXPORT_FORMATS, ExportConfig, ExportReport, export_onnx
+
+__all__ = ["EXPORT_FORMATS", "ExportConfig", "ExportReport", "FuseReport", "export_onnx", "fuse_batchnorm"]

@@ -1,0 +1,132 @@
+"""The runtimes speed is measured under, defined once, and how a model's step runs in each.
+
+Users who care about speed rarely serve eager PyTorch, and which rank is fastest depends on the
+runtime (eager 1x1 convs at small batch take a per-sample path that oneDNN and ONNX Runtime do
+not), so every speed figure and every rank choice names its runtime:
+
+- "eager": PyTorch as it is.
+- "compile": `torch.compile` with inductor. Inference runs under no_grad with inductor's
+  freezing on (weights become constants, convs prepacked for oneDNN), as an inference server
+  would compile; training compiles the forward (the backward through AOTAutograd) and leaves the
+  optimizer eager. The first call compiles: callers warm up before timing.
+- "onnxruntime": exported with torch.onnx (the dynamo exporter) and run by an ONNX Runtime
+  InferenceSession on the CPU with torch's thread count. Inference only: there is no training
+  step to time there. An optional extra: `pip install lrdaccel[onnx]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from lrdaccel._modules import call_model
+from lrdaccel._settings import check_choice
+
+RUNTIMES = ("eager", "compile", "onnxruntime")
+# Dynamo keeps compiled code per code object (every nn.Conv2d shares Conv2d.forward), so model
+# variants and freezing phases (requires_grad is guarded) add entries; past its default limit
+# of 8 Dynamo would silently run eager code, and a "compiled" time would be an eager one.
+RECOMPILE_LIMIT = 256
+
+
+def check_runtime(runtime: str, objective: str = "infer", device: torch.device | str = "cpu") -> None:
+    """A known runtime that can run `objective` on `device`.
+
+    Raises:
+        ValueError: an unknown runtime; training or a non-CPU device under "onnxruntime";
+            ONNX Runtime not installed (saying how to install it).
+    """
+    check_choice("runtime", runtime, RUNTIMES)
+    if runtime != "onnxruntime":
+        return
+    if objective == "train":
+        raise ValueError("runtime 'onnxruntime' runs inference only: training is timed under 'eager' or "
+                         "'compile' (objective='train'), or choose objective='infer'")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"runtime 'onnxruntime' is timed on the CPU execution provider; got device {str(device)!r}")
+    from lrdaccel.deploy.onnx_session import onnxruntime
+
+    onnxruntime()
+
+
+def runtime_label(runtime: str) -> str:
+    """The runtime and the version of whatever runs the model outside torch (for cache keys):
+    "eager", "compile", "onnxruntime 1.32.0"."""
+    if runtime != "onnxruntime":
+        return runtime  # torch's version is part of every key already
+    from lrdaccel.deploy.onnx_session import onnxruntime
+
+    return f"onnxruntime {onnxruntime().__version__}"
+
+
+@contextlib.contextmanager
+def compiled_calls(inference: bool) -> Iterator[None]:
+    """The context every call of a torch.compile'd module runs in (its first call compiles).
+
+    Inference: no_grad and inductor freezing. Always: a recompile limit high enough for model
+    variants and freezing phases, and an error instead of a silent eager fallback past it.
+    """
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        if inference:
+            with torch.no_grad(), inductor_config.patch(freezing=True):
+                yield
+        else:
+            with torch.enable_grad():
+                yield
+
+
+def runtime_forward(model: nn.Module, runtime: str,
+                    fullgraph: bool = False) -> tuple[Callable[..., Any], Callable[[bool], ContextManager]]:
+    """(what to call in place of `model`, context(inference) to call it in) for eager or compile;
+    `fullgraph` makes a graph break an error (for one layer, where a break would time eager code).
+
+    Raises:
+        ValueError: "onnxruntime" (not a module: use `inference_step`), or an unknown runtime.
+    """
+    check_choice("runtime", runtime, RUNTIMES)
+    if runtime == "eager":
+        return model, _eager_calls
+    if runtime == "compile":
+        return torch.compile(model, dynamic=False, fullgraph=fullgraph), compiled_calls
+    raise ValueError("runtime 'onnxruntime' has no differentiable forward: it runs inference only")
+
+
+@contextlib.contextmanager
+def _eager_calls(inference: bool) -> Iterator[None]:
+    with torch.inference_mode() if inference else torch.enable_grad():
+        yield
+
+
+def inference_step(model: nn.Module, inputs: Any, runtime: str = "eager",
+                   autocast: Callable[[], ContextManager] | None = None) -> Callable[[], Any]:
+    """One forward of `model` on `inputs` under `runtime`, as a no-argument callable.
+
+    The model should be in eval mode. Under "onnxruntime" the model is exported and a session
+    created here (seconds); under "compile" the first call compiles.
+
+    Raises:
+        ValueError: an unknown runtime; for "onnxruntime" autocast, a model the exporter cannot
+            take, or ONNX Runtime not installed.
+    """
+    check_runtime(runtime)
+    if runtime == "onnxruntime":
+        from lrdaccel.deploy.onnx_session import export_program, make_session, session_step
+
+        if autocast is not None:
+            raise ValueError("runtime 'onnxruntime' runs the exported float graph: bf16 autocast does not apply")
+        session = make_session(export_program(model, inputs).model_proto.SerializeToString())
+        return session_step(session, inputs)
+    forward, calls = runtime_forward(model, runtime)
+    autocast = autocast or contextlib.nullcontext
+
+    def step() -> Any:
+        with calls(True), autocast():
+            return call_model(forward, inputs)
+
+    return step

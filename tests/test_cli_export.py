@@ -1,0 +1,69 @@
+"""`lrdaccel export --format onnx` and `lrdaccel compress --fuse` on a model given as
+package.module:factory: a checked ONNX file whose BatchNorms are folded; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lrdaccel as lrd
+from lrdaccel.cli import main
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def conv_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+ARGS = ["--model", "test_cli_export:conv_bn_net", "--input-shape", "1,28,28", "--batch-size", "4"]
+
+
+def onnx_output(path, x) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.slow
+def test_compress_fuse_then_export_from_the_saved_model(tmp_path, capsys):
+    out = tmp_path / "compressed"
+    assert main(["compress", *ARGS, "--min-rank", "1", "-o", str(out), "--fuse"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 BatchNorm2d folded" in printed and "max abs difference" in printed
+    # the directory reloads (unfused, fine-tunable); model.onnx is that model with BN folded
+    model = lrd.load(out, conv_bn_net()).eval()
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(onnx_output(out / "model.onnx", x) - expected).max() < 1e-4
+
+    path = tmp_path / "exported.onnx"
+    assert main(["export", "--format", "onnx", *ARGS, "--from", str(out), "--fuse", "--no-dynamic-batch",
+                 "-o", str(path)]) == 0
+    assert "fixed batch" in capsys.readouterr().out
+    x4 = torch.randn(4, 1, 28, 28)  # the example's batch: the file takes no other
+    with torch.no_grad():
+        assert np.abs(onnx_output(path, x4) - model(x4).numpy()).max() < 1e-4
+
+
+def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    assert main(["export", *ARGS, "--format", "tflite", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    assert main(["export", *ARGS, "--tolerance", "0", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "tolerance must be a finite number > 0" in capsys.readouterr().err
+    (tmp_path / "dir").mkdir()
+    assert main(["export", *ARGS, "-o", str(tmp_path / "dir")]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
