@@ -10,6 +10,7 @@
 """
 
 from lrdaccel._version import __version__
+from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx, fuse_batchnorm
 from lrdaccel.io import load, save
 from lrdaccel.layers import LowRankModule, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.planning import LayerPlan, Plan, PlanConfig, plan
@@ -20,7 +21,10 @@ from lrdaccel.training import FinetuneConfig, History, SequentialFreezer, finetu
 __all__ = [
     "DecomposeConfig",
     "DecomposeReport",
+    "ExportConfig",
+    "ExportReport",
     "FinetuneConfig",
+    "FuseReport",
     "History",
     "LayerPlan",
     "LayerReport",
@@ -34,7 +38,9 @@ __all__ = [
     "TuckerConv2d",
     "__version__",
     "decompose",
+    "export_onnx",
     "finetune",
+    "fuse_batchnorm",
     "load",
     "optimize_ranks",
     "plan",
