@@ -407,19 +407,26 @@ def recalibrate_batchnorm(model: nn.Module, calibration: Iterable[Any]) -> int:
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = {bn: (bn.momentum, {k: v.clone() for k, v in bn.named_buffers()}) for bn in norms}
-    model.eval()  # run_batches restores every module's own flag afterwards
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
     try:
         run_batches(model, calibration, [])
+        for bn in norms:
+            if not all(torch.isfinite(buffer).all() for buffer in (bn.running_mean, bn.running_var)):
+                raise ValueError("re-estimated BatchNorm statistics contain NaN/Inf: the calibration batches or "
+                                 "the activations they produce are not finite")
     except BaseException:
         restore_batchnorm(saved)
         raise
     finally:
         for bn, (momentum, _) in saved.items():
             bn.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
     return len(norms)
 
 

@@ -102,7 +102,7 @@ def _follow(ops: list[Op], start: Op) -> tuple[list[Op], Op | None, list[str]]:
     """
     between: list[Op] = []
     extra_reads: list[str] = []
-    node = start
+    node, last_module = start, start.module
     while True:
         readers = [ops[i] for i in node.readers]
         onward = [r for r in readers if r.kind in ONWARD and r.inputs[:1] == [node.index]]
@@ -110,9 +110,11 @@ def _follow(ops: list[Op], start: Op) -> tuple[list[Op], Op | None, list[str]]:
             return between, None, extra_reads
         others = [r for r in readers if r is not onward[0]]
         if others:
-            extra_reads.append(f"residual read: the output of {node.describe()} is also read by "
+            what = node.module or f"{node.name} after {last_module}"
+            extra_reads.append(f"residual read: the output of {what} is also read by "
                                f"{', '.join(r.describe() for r in others)}, which merging would change")
         node = onward[0]
+        last_module = node.module or last_module
         if node.kind == "conv":
             return between, node, extra_reads
         between.append(node)

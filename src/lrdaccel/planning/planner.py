@@ -132,10 +132,11 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
 def _merge(context: "_Context", rows: list[LayerPlan], candidates: list[MergeCandidate]) -> list[LayerPlan]:
     """Replace the rows of each mergeable bottleneck by one merged row; note why others are not."""
     by_name = {row.name: row for row in rows}
+    planned = set(by_name)
     taken: dict[str, str] = {}  # conv name -> the merged row that absorbed it
     for candidate in candidates:
         convs = (candidate.first, candidate.middle, candidate.last)
-        if any(name not in by_name for name in convs):
+        if any(name not in planned for name in convs):
             continue  # part of an already decomposed or merged layer: not a candidate any more
         merged, why = None, candidate.reason
         if why is None:
@@ -145,7 +146,8 @@ def _merge(context: "_Context", rows: list[LayerPlan], candidates: list[MergeCan
         if why is None:
             merged, why = context.merged_row(candidate, by_name[candidate.middle])
         if merged is None:
-            by_name[candidate.middle] = dataclasses.replace(by_name[candidate.middle], merge_skipped=why)
+            if candidate.middle in by_name:
+                by_name[candidate.middle] = dataclasses.replace(by_name[candidate.middle], merge_skipped=why)
             continue
         by_name[candidate.middle] = merged
         for name in (candidate.first, candidate.last):
