@@ -40,20 +40,25 @@ def branched_params(in_channels: int, out_channels: int, kernel_area: int, rank_
 
 def branched_ranks(in_channels: int, out_channels: int, kernel_area: int, ratio: float, branches: int,
                    beta: float = 1.0) -> tuple[int, int]:
-    """The largest (r1, r2) = (N R, N floor(beta R)) within C_in C_out k^2 / ratio weights, ranks
-    clamped to the channel counts (rounded down to a multiple of N); (0, 0) if not even R = 1 fits.
-    """
+    """The largest (r1, r2) = (N R, N floor(beta R)) whose weights fit C_in C_out k^2 / ratio, each then
+    clamped to its channel count rounded down to a multiple of N (as `tucker2_ranks` clamps, the
+    freed budget is not redistributed); (0, 0) where not even R = 1 fits or a side has fewer
+    channels than branches."""
     check_ratio(ratio)
     budget = in_channels * out_channels * kernel_area / ratio
-    best, per_branch = (0, 0), 1
-    while True:
-        rank_in = min(branches * per_branch, in_channels - in_channels % branches)
-        rank_out = min(branches * max(1, math.floor(beta * per_branch)), out_channels - out_channels % branches)
-        if rank_in < branches or rank_out < branches or (rank_in, rank_out) == best:
-            return best
-        if branched_params(in_channels, out_channels, kernel_area, rank_in, rank_out, branches) > budget:
-            return best
-        best, per_branch = (rank_in, rank_out), per_branch + 1
+
+    def cost(per_branch: int) -> int:
+        return branched_params(in_channels, out_channels, kernel_area, branches * per_branch,
+                               branches * max(1, math.floor(beta * per_branch)), branches)
+
+    per_branch = 0
+    while cost(per_branch + 1) <= budget:
+        per_branch += 1
+    limit_in, limit_out = in_channels - in_channels % branches, out_channels - out_channels % branches
+    if per_branch == 0 or limit_in == 0 or limit_out == 0:
+        return 0, 0
+    return (min(branches * per_branch, limit_in),
+            min(branches * max(1, math.floor(beta * per_branch)), limit_out))
 
 
 def branched_full_rank(in_channels: int, out_channels: int, branches: int) -> tuple[int, int]:
@@ -157,20 +162,34 @@ def _orthonormal_blocks(factor: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.linalg.qr(factor[:, i])[0] for i in range(factor.shape[1])], 1)
 
 
-def _block_core(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, passes: int = 3) -> torch.Tensor:
-    """The block-diagonal core for fixed orthonormal-per-branch U, V: block coordinate descent, each
-    block the projection of what the other branches leave (exact in one pass where the branches'
-    subspaces are orthogonal; a few passes where they overlap)."""
+def _block_core(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iterations: int = 15) -> torch.Tensor:
+    """The least-squares block-diagonal core for fixed U, V (orthonormal per branch), all blocks
+    jointly: conjugate gradients on the normal equations sum_m (V_n^T V_m) G_m (U_m^T U_n) = V_n^T W U_n,
+    started from the per-branch projections (the exact answer where branches' subspaces are orthogonal)."""
     n = u.shape[1]
-    blocks = [_project(w, u[:, i], v[:, i]) for i in range(n)]
-    terms = [_expand(blocks[i], u[:, i], v[:, i]) for i in range(n)]
-    approx = sum(terms)
-    for _ in range(passes - 1 if n > 1 else 0):
-        for i in range(n):
-            blocks[i] = _project(w - approx + terms[i], u[:, i], v[:, i])
-            new = _expand(blocks[i], u[:, i], v[:, i])
-            approx, terms[i] = approx - terms[i] + new, new
-    return torch.stack(blocks)
+    vtv = torch.einsum("onp,oms->nmps", v, v)
+    utu = torch.einsum("imr,inq->mnrq", u, u)
+    rhs = torch.stack([_project(w, u[:, i], v[:, i]) for i in range(n)]).flatten(3)
+
+    def normal(g: torch.Tensor) -> torch.Tensor:
+        mixed_out = torch.einsum("nmps,msra->nmpra", vtv, g)
+        return torch.einsum("nmpra,mnrq->npqa", mixed_out, utu)
+
+    g = rhs.clone()
+    if n > 1:
+        residual = rhs - normal(g)
+        direction = residual.clone()
+        size = (residual * residual).sum()
+        scale = (rhs * rhs).sum().clamp_min(1e-300)
+        for _ in range(iterations):
+            if size <= 1e-28 * scale:
+                break
+            applied = normal(direction)
+            step = size / (direction * applied).sum().clamp_min(1e-300)
+            g, residual = g + step * direction, residual - step * applied
+            new_size = (residual * residual).sum()
+            direction, size = residual + (new_size / size) * direction, new_size
+    return g.reshape(*g.shape[:3], *w.shape[2:])
 
 
 def _project(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -179,7 +198,3 @@ def _project(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("sihw,ir->srhw", out, u)
 
 
-def _expand(g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """V G U^T on the channel modes: [R2, R1, kh, kw] -> [C_out, C_in, kh, kw]."""
-    wide = torch.einsum("srhw,ir->sihw", g, u)
-    return (v @ wide.flatten(1)).reshape(v.shape[0], *wide.shape[1:])
