@@ -52,6 +52,7 @@ from lrdaccel.planning.rows import LayerPlan, MergeBlock
 # more blocks take more passes (ResNet-152's inner 3x3 convs need ~2 GiB in all).
 PASS_BYTES = 512 << 20
 TUCKER_ITERS = 2  # HOOI sweeps, as TuckerConv2d.from_dense: both-linear merges then equal it exactly
+SAMPLE_ITEMS = 4  # items of the first calibration batch kept per block to report the merge's error
 
 
 @dataclass
@@ -66,7 +67,8 @@ class BlockStats:
             where the output side is merged by selection; else None.
         y_mean / y_second: E[y], E[y y^T] of the inner conv's output, where the output side is
             linear (for the new BatchNorm's statistics); else None.
-        sample: the first calibration batch's input to the first conv (to measure the merge).
+        sample: the first calibration batch's input to the first conv, its first few items (to
+            report the merge's error).
     """
 
     h_mean: torch.Tensor
@@ -167,7 +169,7 @@ def _collect(model: nn.Module, rows: list[LayerPlan], calibration: Iterable[Any]
                 found["y"].add(_channel_rows(output))
 
         def on_first(module, args, name=row.name):
-            samples.setdefault(name, args[0].detach().clone())
+            samples.setdefault(name, args[0][:SAMPLE_ITEMS].detach().clone())
 
         hooks.append(middle.register_forward_hook(on_middle))
         hooks.append(model.get_submodule(block.first).register_forward_pre_hook(on_first))
@@ -495,6 +497,18 @@ def timing_chain(model: nn.Module, row: LayerPlan, rank: tuple[int, int] | None 
         modules = [built[n] for n in names]
     bn3 = copy.deepcopy(model.get_submodule(block.bn3)) if block.bn3 else None
     return BottleneckChain(*modules, bn3=bn3, act1=block.act1, act2=block.act2)
+
+
+def block_signature(model: nn.Module, row: LayerPlan) -> str:
+    """Everything about a merged row's block that its speed depends on, except the input and the
+    ranks (the timing cache key, as rankopt's layer_signature is for one layer)."""
+    block = row.merge
+    parts = []
+    for role, name in (("first", block.first), ("middle", row.name), ("last", block.last)):
+        conv = model.get_submodule(name)
+        parts.append(f"{role} {'x'.join(str(d) for d in conv.weight.shape)} stride={tuple(conv.stride)} "
+                     f"padding={conv.padding} dilation={tuple(conv.dilation)} bias={conv.bias is not None}")
+    return f"merged block [{'; '.join(parts)}] act1={block.act1} act2={block.act2} bn3={block.bn3 is not None}"
 
 
 def merged_shape_check(model: nn.Module, row: LayerPlan) -> str | None:

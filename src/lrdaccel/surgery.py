@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,11 +279,12 @@ def decompose(
         calibration: batches for method="whiten" and for merged rows (a DataLoader, list or other
             iterable; each batch called as model(tensor), model(*tuple) or model(**dict), so drop
             labels). Merging uses them to choose what to keep and to re-estimate every
-            BatchNorm's statistics afterwards; use about a thousand samples.
+            BatchNorm's statistics afterwards (two passes: a generator is read into a list
+            first); use about a thousand samples.
         config: a DecomposeConfig (method, n_iter, damping).
         progress: show a tqdm bar.
         **settings: DecomposeConfig fields; without a plan, also PlanConfig fields
-            (`decompose(model, ratio=2.0, min_rank=4)`).
+            (`decompose(model, ratio=2.0, min_rank=4)`; `merge=True` traces `example_inputs`).
 
     Returns:
         A DecomposeReport: per layer parameters, MACs and relative weight error, and totals.
@@ -309,7 +311,7 @@ def decompose(
     config = resolve(DecomposeConfig, config, {k: v for k, v in settings.items() if k in decompose_fields},
                      "decompose")
     if plan is None:
-        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, **plan_settings)
+        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, example_inputs=example_inputs, **plan_settings)
     elif ratio is not None or plan_settings:
         raise ValueError("give either a plan or ratio/plan options to decompose(), not both")
     _check_plan_type(plan)
@@ -318,6 +320,8 @@ def decompose(
     if config.method == "svd" and calibration is not None and not merged:
         raise ValueError("calibration is only used by method='whiten' and by merged rows; pass method='whiten' "
                          "or drop it")
+    if merged and isinstance(calibration, Iterator):
+        calibration = list(calibration)  # merging reads the batches twice (statistics, then BatchNorms)
     if approximate and calibration is None:
         raise ValueError(f"merged rows {approximate[:3]}{' ...' if len(approximate) > 3 else ''} merge across an "
                          f"activation, which needs calibration batches (calibration=loader_or_list)")

@@ -146,13 +146,21 @@ class LayerPlan:
         """True where the row changes the model (any kind but keep)."""
         return self.kind != "keep"
 
-    def with_rank(self, rank: Rank, reason: str, kind: str | None = None) -> "LayerPlan":
-        """A copy at another rank (or kept), with counts recomputed."""
+    def with_rank(self, rank: Rank, reason: str, kind: str | None = None,
+                  branches: int | None = None) -> "LayerPlan":
+        """A copy at another rank (or kept, or in another form: kind "tucker2_branched" takes
+        `branches`), with counts recomputed; a merged row keeps its block, other kinds drop it.
+
+        Raises:
+            ValueError: a rank or branch count the new kind does not allow.
+        """
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(rank=rank, reason=reason, kind=kind or self.kind)
         if values["kind"] == "keep":
             values["rank"] = None
-        if values["kind"] != "tucker2_branched":
+        if branches is not None:
+            values["branches"] = branches
+        elif values["kind"] != "tucker2_branched":
             values["branches"] = 1
         if values["kind"] != "merged":
             values["merge"] = None
