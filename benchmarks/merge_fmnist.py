@@ -15,8 +15,12 @@ cosine over the epoch) with no freezing, `rotate` and `static` freezing (phases 
 after 1 epoch (stopping at 1/3 and resuming from the checkpoint, which is exact), and training
 wall time per epoch (evaluation excluded).
 
-    .venv/bin/python benchmarks/merge_fmnist.py --threads 1             # ~1.5 h on one busy core
+    .venv/bin/python benchmarks/merge_fmnist.py --threads 1             # hours on one busy core
     .venv/bin/python benchmarks/merge_fmnist.py --train-limit 3000 --test-limit 1000 --epochs-original 1
+    # or the variants in two processes, then one report:
+    .venv/bin/python benchmarks/merge_fmnist.py --threads 1 --variants merged --out /tmp/m
+    .venv/bin/python benchmarks/merge_fmnist.py --threads 1 --variants plain --out /tmp/p
+    .venv/bin/python benchmarks/merge_fmnist.py --combine /tmp/m.json /tmp/p.json
 
 Writes <out>.json and <out>.md (default benchmarks/results/merge_fmnist.*); the trained original
 goes to --cache (never into the repository).
@@ -111,7 +115,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "lrdaccel_merge_fmnist"),
                         help="where the trained original is kept between runs (not the repository)")
     parser.add_argument("--out", default="benchmarks/results/merge_fmnist")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="only merge the results of runs of the same original (other variants) into --out")
     return parser.parse_args(argv)
+
+
+def combine(paths: list[str], out: Path) -> dict:
+    """One report from runs that trained the same original and measured different variants."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    results = dict(parts[0])
+    for part in parts[1:]:
+        if part["original"]["accuracy"] != results["original"]["accuracy"]:
+            raise SystemExit(f"--combine: {paths[0]} and another file measured different originals")
+        results["variants"] = {**results["variants"], **part["variants"]}
+        results["runs"] = results["runs"] + part["runs"]
+        results["load_average_end"] = part.get("load_average_end")
+    results["combined_from"] = paths
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    return results
 
 
 def train_original(train, test, args) -> tuple[nn.Module, dict]:
@@ -228,6 +250,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        print(markdown(combine(args.combine, Path(args.out))))
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]

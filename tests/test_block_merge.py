@@ -20,6 +20,7 @@ from lrdaccel.data import load, normalize
 from lrdaccel.factorize.merging import batchnorm_affine, fold_input_factor, fold_output_factor
 from lrdaccel.io import plan_of
 from lrdaccel.layers.merged import BottleneckChain, MergedConv2d
+from lrdaccel.layers.tucker import TuckerConv2d
 from lrdaccel.surgery import swap_modules
 from test_planning_merging import bottleneck
 
@@ -66,7 +67,7 @@ def test_folding_a_factor_through_an_eval_batchnorm_is_exact():
 def test_a_bottleneck_without_activations_merges_exactly_into_its_tucker2_form():
     # No activation on either side: the merged block computes what the Tucker-2 decomposed block
     # computes (eval mode), at ranks well below full, without calibration data.
-    model = randomise_batchnorms(bottleneck(act=False))
+    model = randomise_batchnorms(bottleneck(act=False, bias=True))
     merged, tucker = copy.deepcopy(model), copy.deepcopy(model)
     plan = merge_plan(merged)
     (row,) = plan.merged
@@ -79,12 +80,28 @@ def test_a_bottleneck_without_activations_merges_exactly_into_its_tucker2_form()
     assert relative(merged(x), model(x)) > 1e-2  # a real approximation: the ranks are below full
 
 
+def test_a_linear_chain_of_1x1_convs_merges_its_factors_exactly():
+    # 1x1 -> BN -> 1x1 -> BN -> 1x1: the middle conv's two factors fold into its neighbours, so the
+    # chain keeps three convs and computes what the factorized middle conv computes.
+    model = randomise_batchnorms(nn.Sequential(
+        nn.Conv2d(16, 32, 1, bias=True), nn.BatchNorm2d(32), nn.Conv2d(32, 24, 1, bias=True), nn.BatchNorm2d(24),
+        nn.Conv2d(24, 16, 1, bias=True)))
+    plan = lrd.plan(model, ratio=2.0, merge=True, example_inputs=X, ranks={"2": (10, 12)})
+    (row,) = plan.merged
+    reference = copy.deepcopy(model)
+    reference[2] = TuckerConv2d.from_dense(model[2], (10, 12))
+    merged = copy.deepcopy(model)
+    lrd.decompose(merged, plan)
+    x = torch.randn(4, 16, 8, 8)
+    assert (merged[0].out_channels, merged[2].in_channels, merged[2].out_channels) == (10, 10, 12)
+    assert relative(merged(x), reference(x)) < 1e-5 and relative(merged(x), model(x)) > 1e-2
+
+
 def test_full_width_merges_reproduce_the_block():
-    model = randomise_batchnorms(bottleneck())
     calibration = [torch.randn(8, 16, 8, 8) for _ in range(3)]
     x = torch.randn(4, 16, 8, 8)
     for act in (True, False):
-        model = randomise_batchnorms(bottleneck(act=act))
+        model = randomise_batchnorms(bottleneck(act=act, bias=True))
         plan = lrd.plan(model, ratio=2.0, merge=True, example_inputs=X, ranks="full")
         (row,) = plan.merged
         assert row.rank == (32, 32)

@@ -12,15 +12,16 @@ from lrdaccel.planning.dataflow import trace_ops
 from lrdaccel.planning.merging import find_merge_candidates
 
 
-def bottleneck(act: bool = True, bn: bool = True, groups: int = 1, inner: int = 32, width: int = 16):
+def bottleneck(act: bool = True, bn: bool = True, groups: int = 1, inner: int = 32, width: int = 16,
+               bias: bool = False):
     """conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv1x1 -> BN (acts / first BN optional)."""
     def relu():
         return [nn.ReLU(inplace=True)] if act else []
 
     return nn.Sequential(
-        nn.Conv2d(width, inner, 1, bias=False), *([nn.BatchNorm2d(inner)] if bn else []), *relu(),
-        nn.Conv2d(inner, inner, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(inner), *relu(),
-        nn.Conv2d(inner, width, 1, bias=False), nn.BatchNorm2d(width))
+        nn.Conv2d(width, inner, 1, bias=bias), *([nn.BatchNorm2d(inner)] if bn else []), *relu(),
+        nn.Conv2d(inner, inner, 3, padding=1, groups=groups, bias=bias), nn.BatchNorm2d(inner), *relu(),
+        nn.Conv2d(inner, width, 1, bias=bias), nn.BatchNorm2d(width))
 
 
 class ResidualRead(nn.Module):

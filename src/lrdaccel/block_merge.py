@@ -291,13 +291,17 @@ def build_merged(model: nn.Module, row: LayerPlan, stats: BlockStats | None,
         target_bias = None if middle_bias is None else middle_bias[kept]
         _copy_sub_batchnorm(new_bn2, bn2, kept)
         row_weight = s2[kept] * (out_scale[:, None] * last_new).norm(dim=0)
-    else:
+    else:  # y = V w + b: the middle conv's bias b joins bn2's shift on its way into the constant
         v = tucker[2] if tucker is not None else _tucker(kernel, stats, kernel.shape[1], r2, damping)[2]
         target = torch.einsum("os,oihw->sihw", v, kernel)
-        target_bias = None if middle_bias is None else v.T @ middle_bias
-        last_new, constant = fold_output_factor(last_w, s2, t2, v)
-        mean, variance = _projected_moments(v, stats.y_mean, stats.y_second) if stats is not None \
-            else _projected_moments(v, bn2.running_mean.double(), None, bn2.running_var.double())
+        bias = torch.zeros_like(s2) if middle_bias is None else middle_bias
+        target_bias = None if middle_bias is None else torch.zeros(r2, dtype=torch.float64)
+        last_new, constant = fold_output_factor(last_w, s2, t2 + s2 * bias, v)
+        if stats is not None:
+            mean, variance = _projected_moments(v, stats.y_mean, stats.y_second)
+        else:
+            mean, variance = _projected_moments(v, bn2.running_mean.double(), None, bn2.running_var.double())
+        mean = mean - v.T @ bias  # w = V^T (y - b)
         _set_shift_batchnorm(new_bn2, mean, variance, torch.zeros_like(mean))
         row_weight = (out_scale[:, None] * last_new).norm(dim=0)
 

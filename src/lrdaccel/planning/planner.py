@@ -206,6 +206,9 @@ class _Context:
             return keep(why, supported=entry.why_not(module) is None)
         branches = self.config.branches if entry.kind == "tucker2" else 1
         kind = "tucker2_branched" if branches > 1 else entry.kind
+        if self.config.merge and entry.kind == "svd" and isinstance(self.ranks.get(name), (tuple, list)):
+            # A rank pair on a 1x1 conv only makes sense as the inner conv of a merged block.
+            return keep(f"rank pair {tuple(self.ranks[name])} set for a merged block")
         if self.full_rank or name in self.ranks:
             if self.full_rank:
                 rank = branched_full_rank(shape["in"], shape["out"], branches) if branches > 1 \
