@@ -348,6 +348,28 @@ def build_merged(model: nn.Module, row: LayerPlan, stats: BlockStats | None,
     return built
 
 
+@torch.no_grad()
+def merge_error(model: nn.Module, row: LayerPlan, built: dict[str, nn.Module],
+                stats: dict[str, BlockStats] | None) -> float | None:
+    """Relative error of the merged block's branch output (after bn3, before BatchNorm
+    re-estimation) on the kept items of the first calibration batch; None without calibration."""
+    sample = None if stats is None else stats[row.name].sample
+    if sample is None:
+        return None
+    block = row.merge
+    names = [block.first, block.bn1, row.name, block.bn2, block.last] + ([block.bn3] if block.bn3 else [])
+    original = BottleneckChain(*(model.get_submodule(n) for n in names), act1=block.act1, act2=block.act2)
+    new = BottleneckChain(*(built.get(n, model.get_submodule(n)) for n in names), act1=block.act1, act2=block.act2)
+    modes = {m: m.training for m in [*original.modules(), *new.modules()]}
+    try:
+        reference, approx = original.eval()(sample).double(), new.eval()(sample).double()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    norm = reference.norm()
+    return float((approx - reference).norm() / norm) if norm > 0 else float(approx.norm())
+
+
 def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return batchnorm_affine(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 

@@ -25,6 +25,7 @@ from lrdaccel.block_merge import (
     BlockStats,
     build_merged,
     collect_block_stats,
+    merge_error,
     merged_like,
     merged_shape_check,
     recalibrate_batchnorm,
@@ -36,7 +37,7 @@ from lrdaccel.factorize.branched import check_branched_rank
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, check_damping
 from lrdaccel.layers import LowRankModule, entry_for
 from lrdaccel.layers.base import warn_plain
-from lrdaccel.layers.merged import BottleneckChain, MergedConv2d
+from lrdaccel.layers.merged import MergedConv2d
 from lrdaccel.layers.registry import dense_shape, layer_class_for
 from lrdaccel.measure.counting import macs_by_module
 from lrdaccel.planning import Plan
@@ -316,30 +317,12 @@ def decompose(
         raise ValueError("give either a plan or ratio/plan options to decompose(), not both")
     _check_plan_type(plan)
     merged = plan.merged
-    approximate = [row.name for row in merged if row.merge.act1 or row.merge.act2]
-    if config.method == "svd" and calibration is not None and not merged:
-        raise ValueError("calibration is only used by method='whiten' and by merged rows; pass method='whiten' "
-                         "or drop it")
-    if merged and isinstance(calibration, Iterator):
-        calibration = list(calibration)  # merging reads the batches twice (statistics, then BatchNorms)
-    if approximate and calibration is None:
-        raise ValueError(f"merged rows {approximate[:3]}{' ...' if len(approximate) > 3 else ''} merge across an "
-                         f"activation, which needs calibration batches (calibration=loader_or_list)")
-    input_stats = block_stats = None
-    if config.method == "whiten":
-        if calibration is None:
-            raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
-        validate_plan(model, plan)  # before the calibration pass, which may be long
-        input_stats = collect_input_stats(model, [row.name for row in plan.changed if row.kind != "merged"],
-                                          calibration, progress=progress)
-    if merged and calibration is not None:
-        validate_plan(model, plan)
-        block_stats = collect_block_stats(model, merged, calibration)
+    input_stats, block_stats, calibration = _statistics(model, plan, calibration, config, progress)
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = None if example_inputs is None else macs_by_module(model, example_inputs)
     built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress,
                           block_stats=block_stats)
-    errors = {row.name: _merge_error(model, row, built, block_stats) if row.kind == "merged"
+    errors = {row.name: merge_error(model, row, built, block_stats) if row.kind == "merged"
               else _relative_error(model.get_submodule(row.name), built[row.name]) for row in plan.changed}
     saved_norms = snapshot_batchnorm(model) if merged and calibration is not None else None
     originals = swap_modules(model, built)
@@ -373,26 +356,34 @@ def decompose(
     )
 
 
-@torch.no_grad()
-def _merge_error(model: nn.Module, row, built: dict[str, nn.Module], stats: dict[str, BlockStats] | None) -> float | None:
-    """Relative error of the merged block's branch output on the first calibration batch."""
-    sample = None if stats is None else stats[row.name].sample
-    if sample is None:
-        return None
-    block = row.merge
-    names = [block.first, block.bn1, row.name, block.bn2, block.last]
-    bn3 = [block.bn3] if block.bn3 else []
-    original = BottleneckChain(*(model.get_submodule(n) for n in names + bn3), act1=block.act1, act2=block.act2)
-    new = BottleneckChain(*(built.get(n, model.get_submodule(n)) for n in names + bn3), act1=block.act1,
-                          act2=block.act2)
-    modes = {m: m.training for m in [*original.modules(), *new.modules()]}
-    try:
-        reference, approx = original.eval()(sample), new.eval()(sample)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    norm = reference.double().norm()
-    return float((approx.double() - reference.double()).norm() / norm) if norm > 0 else float(approx.double().norm())
+def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: DecomposeConfig, progress: bool):
+    """(input statistics for whitening, block statistics for merges, the calibration batches as
+    they will be read again), each None where the plan and method do not need it.
+
+    Raises:
+        ValueError: calibration missing where needed or given where nothing reads it.
+    """
+    merged = plan.merged
+    approximate = [row.name for row in merged if row.merge.act1 or row.merge.act2]
+    if config.method == "svd" and calibration is not None and not merged:
+        raise ValueError("calibration is only used by method='whiten' and by merged rows; pass method='whiten' "
+                         "or drop it")
+    if merged and isinstance(calibration, Iterator):
+        calibration = list(calibration)  # merging reads the batches twice (statistics, then BatchNorms)
+    if approximate and calibration is None:
+        raise ValueError(f"merged rows {approximate[:3]}{' ...' if len(approximate) > 3 else ''} merge across an "
+                         f"activation, which needs calibration batches (calibration=loader_or_list)")
+    input_stats = block_stats = None
+    if config.method == "whiten":
+        if calibration is None:
+            raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
+        validate_plan(model, plan)  # before the calibration pass, which may be long
+        input_stats = collect_input_stats(model, [row.name for row in plan.changed if row.kind != "merged"],
+                                          calibration, progress=progress)
+    if merged and calibration is not None:
+        validate_plan(model, plan)
+        block_stats = collect_block_stats(model, merged, calibration)
+    return input_stats, block_stats, calibration
 
 
 @torch.no_grad()

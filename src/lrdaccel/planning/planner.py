@@ -132,11 +132,10 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
 def _merge(context: "_Context", rows: list[LayerPlan], candidates: list[MergeCandidate]) -> list[LayerPlan]:
     """Replace the rows of each mergeable bottleneck by one merged row; note why others are not."""
     by_name = {row.name: row for row in rows}
-    planned = set(by_name)
     taken: dict[str, str] = {}  # conv name -> the merged row that absorbed it
     for candidate in candidates:
         convs = (candidate.first, candidate.middle, candidate.last)
-        if any(name not in planned for name in convs):
+        if any(name not in context.names for name in convs):
             continue  # part of an already decomposed or merged layer: not a candidate any more
         merged, why = None, candidate.reason
         if why is None:
@@ -160,7 +159,7 @@ class _Context:
     """What the rules need about the whole model, resolved once."""
 
     def __init__(self, model: nn.Module, config: PlanConfig, names: list[str]):
-        self.model, self.config = model, config
+        self.model, self.config, self.names = model, config, set(names)
         self.included = compile_selector(config.include, "include", names)
         self.excluded = compile_selector(config.exclude, "exclude", names)
         self.ratios = resolve_per_layer("ratios", config.ratios, names)
@@ -180,8 +179,6 @@ class _Context:
         why = entry_for(module).why_not(module)
         if why is not None:
             return why
-        if isinstance(module, MergedConv2d):
-            return "already merged"
         reader = direct_reader(self.model, name)
         if reader is not None:
             return f"weight read directly by parent {reader}"
@@ -210,18 +207,7 @@ class _Context:
             # A rank pair on a 1x1 conv only makes sense as the inner conv of a merged block.
             return keep(f"rank pair {tuple(self.ranks[name])} set for a merged block")
         if self.full_rank or name in self.ranks:
-            if self.full_rank:
-                rank = branched_full_rank(shape["in"], shape["out"], branches) if branches > 1 \
-                    else full_rank(entry.kind, shape)
-            else:
-                rank = self.ranks[name]
-            if branches > 1:
-                rank = tuple(rank) if isinstance(rank, (tuple, list)) else (rank, rank)
-                check_branched_rank(*rank, branches, shape["in"], shape["out"], name)
-            else:
-                entry.layer_class.like(module, rank, name)  # validates the rank against the shape
-                if entry.kind == "tucker2":
-                    rank = tucker_pair(rank, name, shape["in"], shape["out"])
+            rank = self._explicit_rank(name, module, entry.kind, shape, branches)
             reason = "full rank" if self.full_rank else "rank set by user"
             return LayerPlan(name, kind, rank, reason, layer_type, shape, stride, ratio_rank=rank, branches=branches)
         layer_ratio = self.ratios.get(name, self.config.ratio)
@@ -239,6 +225,18 @@ class _Context:
             return row.with_rank(None, f"rank {rank} does not reduce MACs "
                                        f"({row.macs_after:,} >= {row.macs_before:,} per position)", kind="keep")
         return row
+
+    def _explicit_rank(self, name: str, module: nn.Module, kind: str, shape: dict, branches: int) -> Rank:
+        """The full or user-given rank of a layer, checked against its shape."""
+        if self.full_rank:
+            return branched_full_rank(shape["in"], shape["out"], branches) if branches > 1 else full_rank(kind, shape)
+        rank = self.ranks[name]
+        if branches > 1:
+            rank = tuple(rank) if isinstance(rank, (tuple, list)) else (rank, rank)
+            check_branched_rank(*rank, branches, shape["in"], shape["out"], name)
+            return rank
+        entry_for(module).layer_class.like(module, rank, name)  # validates the rank against the shape
+        return tucker_pair(rank, name, shape["in"], shape["out"]) if kind == "tucker2" else rank
 
     def merged_row(self, candidate: MergeCandidate, middle_row: LayerPlan) -> tuple[LayerPlan | None, str]:
         """The merged row of a structurally mergeable bottleneck, or (None, why not)."""
