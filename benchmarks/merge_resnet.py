@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of calls per measurement")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                        help=f"keys to measure (default all: {', '.join(v[0] for v in VARIANTS)}); a freezing "
+                             f"row needs its model's row")
     parser.add_argument("--out", default="benchmarks/results/merge_resnet")
     return parser.parse_args(argv)
 
@@ -80,7 +83,10 @@ def bench_model(name: str, args) -> dict:
     models = {"original": original, **{key: structural(original, plan) for key, plan in plans.items()}}
     placement = Placement()
     workloads, rows = [], []
+    chosen = {key.strip() for key in args.variants.split(",")} | {"original"}
     for key, label, plan, schedule in VARIANTS:
+        if key not in chosen:
+            continue
         model = models[plan or "original"]
         if schedule is None:
             workloads.append(Workload(f"{key}:infer", [inference_phase(model, inputs, placement)]))

@@ -216,6 +216,15 @@ def test_decompose_refuses_an_activation_merge_without_calibration_and_stays_ato
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+def test_decompose_plans_merges_itself_from_example_inputs():
+    model = randomise_batchnorms(bottleneck())
+    report = lrd.decompose(model, ratio=2.0, merge=True, min_rank=1, example_inputs=X,
+                           calibration=(torch.randn(4, 16, 8, 8) for _ in range(2)))  # a generator is read once
+    (row,) = report.layers
+    assert row.kind == "merged" and row.rank == (19, 19) and isinstance(model[3], MergedConv2d)
+    assert row.macs_after < row.macs_before  # counted by flop_counter over the three convs
+
+
 def test_a_failed_batchnorm_reestimation_puts_everything_back():
     model = randomise_batchnorms(bottleneck())
     plan = merge_plan(model)
