@@ -131,6 +131,17 @@ def test_hf_resnet50_merges_every_bottleneck():
     assert convs <= covered and len(plan) == len(convs) - 32 + 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("depths, blocks", [([3, 4, 23, 3], 33), ([3, 8, 36, 3], 50)])
+def test_hf_resnet101_and_152_merge_every_bottleneck(depths, blocks):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = ResNetForImageClassification(ResNetConfig(depths=depths))
+    plan = lrd.plan(model, ratio=2.0, merge=True, example_inputs={"pixel_values": torch.randn(1, 3, 32, 32)})
+    assert len(plan.merged) == blocks and not [row for row in plan if row.merge_skipped]
+    assert {row.rank for row in plan.merged} == {(38, 38), (77, 77), (154, 154), (309, 309)}
+
+
 def test_overlapping_candidates_merge_once_and_the_other_says_why():
     # 1x1 -> 3x3 -> 1x1 -> 3x3 -> 1x1: the middle 1x1 ends the first block and starts the second.
     layers = []
