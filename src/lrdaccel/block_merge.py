@@ -269,83 +269,104 @@ def build_merged(model: nn.Module, row: LayerPlan, stats: BlockStats | None,
     if stats is None and (block.act1 or block.act2):
         raise ValueError(f"merged row {row.name!r}: merging across an activation needs calibration batches "
                          f"(decompose(..., calibration=batches))")
-    first, middle, last = (model.get_submodule(n) for n in (block.first, row.name, block.last))
-    bn1, bn2 = model.get_submodule(block.bn1), model.get_submodule(block.bn2)
+    middle, last = model.get_submodule(row.name), model.get_submodule(block.last)
     bn3 = model.get_submodule(block.bn3) if block.bn3 else None
     built = merged_like(model, row)
-    new_first, new_bn1, new_middle = built[block.first], built[block.bn1], built[row.name]
-    new_bn2, new_last = built[block.bn2], built[block.last]
-    r1, r2 = row.rank
     kernel = middle.weight.detach().double()
-    first_w, last_w = first.weight.detach().double()[:, :, 0, 0], last.weight.detach().double()[:, :, 0, 0]
-    s1, t1 = _affine(bn1)
-    s2, t2 = _affine(bn2)
-    out_scale = _affine(bn3)[0] if bn3 is not None else torch.ones(last.out_channels, dtype=torch.float64)
-    middle_bias = None if middle.bias is None else middle.bias.detach().double()
-    tucker = _tucker(kernel, stats, r1, r2, damping) if not (block.act1 or block.act2) else None
-
-    # Output side: what the new middle conv must produce, and the new last conv.
-    if block.act2:
-        kept, last_new, constant = select_outputs(stats.g_second, last_w, out_scale, r2)
-        target = kernel[kept]
-        target_bias = None if middle_bias is None else middle_bias[kept]
-        _copy_sub_batchnorm(new_bn2, bn2, kept)
-        row_weight = s2[kept] * (out_scale[:, None] * last_new).norm(dim=0)
-    else:  # y = V w + b: the middle conv's bias b joins bn2's shift on its way into the constant
-        v = tucker[2] if tucker is not None else _tucker(kernel, stats, kernel.shape[1], r2, damping)[2]
-        target = torch.einsum("os,oihw->sihw", v, kernel)
-        bias = torch.zeros_like(s2) if middle_bias is None else middle_bias
-        target_bias = None if middle_bias is None else torch.zeros(r2, dtype=torch.float64)
-        last_new, constant = fold_output_factor(last_w, s2, t2 + s2 * bias, v)
-        if stats is not None:
-            mean, variance = _projected_moments(v, stats.y_mean, stats.y_second)
-        else:
-            mean, variance = _projected_moments(v, bn2.running_mean.double(), None, bn2.running_var.double())
-        mean = mean - v.T @ bias  # w = V^T (y - b)
-        _set_shift_batchnorm(new_bn2, mean, variance, torch.zeros_like(mean))
-        row_weight = (out_scale[:, None] * last_new).norm(dim=0)
-
-    # Input side: the new first conv and the core.
-    if block.act1:
-        weighted = target * row_weight[:, None, None, None]
-        chosen = select_inputs(stats.h_second, weighted, r1)
-        core = patch_least_squares(target, stats.patch_second, chosen)
-        _assign(new_first.weight, first_w[chosen])
-        if first.bias is not None:
-            _assign(new_first.bias, first.bias.detach()[chosen])
-        _copy_sub_batchnorm(new_bn1, bn1, chosen)
-    else:
-        if tucker is not None:
-            u_in, core = tucker[0], tucker[1]
-        else:  # the kept outputs' kernel, Tucker-2 on its input mode (output mode at full rank)
-            u_in, core_t, u_out = _tucker(target, stats, r1, target.shape[0], damping)
-            core = torch.einsum("os,srhw->orhw", u_out, core_t)
-        first_bias = None if first.bias is None else first.bias.detach()
-        first_new, shift = fold_input_factor(first_w, first_bias, s1, t1, u_in.T)
-        _assign(new_first.weight, first_new)
-        if new_first.bias is not None:
-            new_first.bias.zero_()
-        h_mean = stats.h_mean if stats is not None else bn1.bias.detach().double()
-        h_second = stats.h_second if stats is not None else None
-        h_var = None if stats is not None else bn1.weight.detach().double() ** 2
-        mean, variance = _projected_moments(u_in, h_mean, h_second, h_var)
-        _set_shift_batchnorm(new_bn1, mean - shift, variance, shift)
-
+    r1, r2 = row.rank
+    tucker = None if (block.act1 or block.act2) else _tucker(kernel, stats, r1, r2, damping)
+    out = _output_side(model, row, built, stats, kernel, tucker, damping)
+    core = _input_side(model, row, built, stats, out, tucker, damping)
+    new_middle, new_last = built[row.name], built[block.last]
     _assign(new_middle.weight, core)
     if new_middle.bias is not None:
-        _assign(new_middle.bias, target_bias)
-    _assign(new_last.weight, last_new)
+        _assign(new_middle.bias, out.target_bias)
+    _assign(new_last.weight, out.last_weight)
     if last.bias is not None:
         _assign(new_last.bias, last.bias.detach())
     elif new_last.bias is not None:
         new_last.bias.zero_()
     if bn3 is not None:
         new_bn3 = copy.deepcopy(bn3)
-        new_bn3.running_mean.sub_(constant.to(new_bn3.running_mean))
+        new_bn3.running_mean.sub_(out.constant.to(new_bn3.running_mean))
         built[block.bn3] = new_bn3
     else:
-        new_last.bias.add_(constant.to(new_last.bias))
+        new_last.bias.add_(out.constant.to(new_last.bias))
     return built
+
+
+@dataclass
+class _Output:
+    """What the output side decided: the kernel the new middle conv must reproduce (over the
+    original inner input h), its bias, the new last conv, the constant it leaves for bn3 / the
+    last bias, and how much each of the r2 new channels matters downstream."""
+
+    target: torch.Tensor  # [r2, M, kh, kw]
+    target_bias: torch.Tensor | None
+    last_weight: torch.Tensor  # [C_out, r2]
+    constant: torch.Tensor  # [C_out]
+    importance: torch.Tensor  # [r2]
+
+
+def _output_side(model: nn.Module, row: LayerPlan, built: dict[str, nn.Module], stats: BlockStats | None,
+                 kernel: torch.Tensor, tucker: tuple | None, damping: float) -> _Output:
+    """Across act2: keep r2 channels, last' predicts the dropped ones. Without: fold V exactly."""
+    block, r2 = row.merge, row.rank[1]
+    middle, last, bn2 = (model.get_submodule(n) for n in (row.name, block.last, block.bn2))
+    bn3 = model.get_submodule(block.bn3) if block.bn3 else None
+    last_w = last.weight.detach().double()[:, :, 0, 0]
+    out_scale = _affine(bn3)[0] if bn3 is not None else torch.ones(last.out_channels, dtype=torch.float64)
+    s2, t2 = _affine(bn2)
+    middle_bias = None if middle.bias is None else middle.bias.detach().double()
+    if block.act2:
+        kept, last_new, constant = select_outputs(stats.g_second, last_w, out_scale, r2)
+        _copy_sub_batchnorm(built[block.bn2], bn2, kept)
+        return _Output(kernel[kept], None if middle_bias is None else middle_bias[kept], last_new, constant,
+                       s2[kept] * (out_scale[:, None] * last_new).norm(dim=0))
+    # y = V w + b: the middle conv's bias b joins bn2's shift on its way into the constant.
+    v = tucker[2] if tucker is not None else _tucker(kernel, stats, kernel.shape[1], r2, damping)[2]
+    bias = torch.zeros_like(s2) if middle_bias is None else middle_bias
+    last_new, constant = fold_output_factor(last_w, s2, t2 + s2 * bias, v)
+    if stats is not None:
+        mean, variance = _projected_moments(v, stats.y_mean, stats.y_second)
+    else:
+        mean, variance = _projected_moments(v, bn2.running_mean.double(), None, bn2.running_var.double())
+    _set_shift_batchnorm(built[block.bn2], mean - v.T @ bias, variance, torch.zeros_like(mean))  # w = V^T (y - b)
+    return _Output(torch.einsum("os,oihw->sihw", v, kernel), None if middle_bias is None else torch.zeros(r2),
+                   last_new, constant, (out_scale[:, None] * last_new).norm(dim=0))
+
+
+def _input_side(model: nn.Module, row: LayerPlan, built: dict[str, nn.Module], stats: BlockStats | None,
+                out: _Output, tucker: tuple | None, damping: float) -> torch.Tensor:
+    """Fill first' and bn1'; return the core. Across act1: keep r1 channels of h, the core by patch
+    least squares. Without: fold the Tucker-2 input factor into first exactly."""
+    block, r1 = row.merge, row.rank[0]
+    first, bn1 = model.get_submodule(block.first), model.get_submodule(block.bn1)
+    new_first, new_bn1 = built[block.first], built[block.bn1]
+    first_w = first.weight.detach().double()[:, :, 0, 0]
+    if block.act1:
+        chosen = select_inputs(stats.h_second, out.target * out.importance[:, None, None, None], r1)
+        _assign(new_first.weight, first_w[chosen])
+        if first.bias is not None:
+            _assign(new_first.bias, first.bias.detach()[chosen])
+        _copy_sub_batchnorm(new_bn1, bn1, chosen)
+        return patch_least_squares(out.target, stats.patch_second, chosen)
+    if tucker is not None:
+        u_in, core = tucker[0], tucker[1]
+    else:  # the kept outputs' kernel, Tucker-2 on its input mode (output mode at full rank)
+        u_in, core_t, u_out = _tucker(out.target, stats, r1, out.target.shape[0], damping)
+        core = torch.einsum("os,srhw->orhw", u_out, core_t)
+    s1, t1 = _affine(bn1)
+    first_new, shift = fold_input_factor(first_w, None if first.bias is None else first.bias.detach(), s1, t1, u_in.T)
+    _assign(new_first.weight, first_new)
+    if new_first.bias is not None:
+        new_first.bias.zero_()
+    if stats is not None:
+        mean, variance = _projected_moments(u_in, stats.h_mean, stats.h_second)
+    else:  # h = bn1(...): mean about its bias, variance about its weight squared
+        mean, variance = _projected_moments(u_in, bn1.bias.detach().double(), None, bn1.weight.detach().double() ** 2)
+    _set_shift_batchnorm(new_bn1, mean - shift, variance, shift)
+    return core
 
 
 @torch.no_grad()
