@@ -51,7 +51,6 @@ class Op:
         inputs: indices of the ops that produced its tensor inputs, in argument order (the
             data input first); tensors from outside the trace (model inputs, parameters) are left out.
         readers: indices of the ops that read its result (filled as the trace proceeds).
-        groups: a conv's groups argument.
     """
 
     index: int
@@ -60,7 +59,6 @@ class Op:
     module: str | None = None
     inputs: list[int] = field(default_factory=list)
     readers: list[int] = field(default_factory=list)
-    groups: int = 1
 
     def describe(self) -> str:
         return self.module or f"{self.name} (op {self.index})"
@@ -85,8 +83,6 @@ class _Recorder(TorchFunctionMode):
         op = Op(len(self.ops), name, _kind(name))
         if op.kind in ("conv", "bn"):
             op.module = self._owner(args, kwargs, op.kind)
-            if op.kind == "conv":
-                op.groups = int(_argument(args, kwargs, 6, "groups", 1))
         data = args[0] if args and isinstance(args[0], torch.Tensor) else None
         for tensor in tensors:
             source = self.producer.get(id(tensor))
@@ -103,8 +99,8 @@ class _Recorder(TorchFunctionMode):
         return result
 
     def _owner(self, args, kwargs, kind: str) -> str | None:
-        position, key = (1, "weight") if kind == "conv" else (3, "weight")
-        tensor = _argument(args, kwargs, position, key, None)
+        # F.conv2d(input, weight, ...); F.batch_norm(input, running_mean, running_var, weight, ...)
+        tensor = _argument(args, kwargs, 1 if kind == "conv" else 3, "weight", None)
         if tensor is None and kind == "bn":  # affine=False: the running mean names the module
             tensor = _argument(args, kwargs, 1, "running_mean", None)
         return self.owners.get(id(tensor)) if tensor is not None else None
