@@ -20,6 +20,7 @@ from torch import nn
 from lrdaccel._files import check_header, check_output_dir, replace_together
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
+from lrdaccel.block_merge import merged_rows
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning import LayerPlan, Plan
@@ -32,15 +33,18 @@ CONFIG_VERSION = 1
 
 
 def plan_of(model: nn.Module) -> Plan:
-    """The structural plan of a decomposed model, read off its low-rank modules."""
+    """The structural plan of a decomposed model, read off its low-rank modules and merged blocks."""
+    model = unwrap(model)
     rows = []
-    for name, module in unwrap(model).named_modules():
+    for name, module in model.named_modules():
         if isinstance(module, LowRankModule):
             dense = module.to_dense()
-            stride = tuple(module.core.stride) if module.kind == "tucker2" else (1, 1)
+            stride = tuple(module.core.stride) if hasattr(module, "core") else (1, 1)
             rows.append(LayerPlan(name, module.kind, module.rank, "saved", _source_type(module),
-                                  dense_shape(dense), stride))
-    return Plan(rows)
+                                  dense_shape(dense), stride, branches=getattr(module, "branches", 1)))
+    rows += merged_rows(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return Plan(sorted(rows, key=lambda row: order[row.name]))
 
 
 def _source_type(module: LowRankModule) -> str:

@@ -1,7 +1,9 @@
 """Apply a Plan to a model, atomically: build every new module first, then swap them all.
 
 On any error while building, the model is untouched; the swap itself is plain attribute
-assignment and is rolled back if it fails part-way.
+assignment and is rolled back if it fails part-way. Merged rows (lrdaccel.block_merge) replace
+a bottleneck's three convs and two BatchNorms at once, and are followed by re-estimating every
+BatchNorm's statistics on the calibration batches; that too is undone on error.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +21,24 @@ from tqdm.auto import tqdm
 
 from lrdaccel._modules import parent_and_attr, unwrap
 from lrdaccel._settings import check_choice, check_int, resolve
+from lrdaccel.block_merge import (
+    BlockStats,
+    build_merged,
+    collect_block_stats,
+    merge_error,
+    merged_like,
+    merged_shape_check,
+    recalibrate_batchnorm,
+    restore_batchnorm,
+    snapshot_batchnorm,
+)
 from lrdaccel.calibrate import InputStats, collect_input_stats
+from lrdaccel.factorize.branched import check_branched_rank
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, check_damping
-from lrdaccel.layers import LowRankModule, TuckerConv2d, entry_for
+from lrdaccel.layers import LowRankModule, entry_for
 from lrdaccel.layers.base import warn_plain
-from lrdaccel.layers.registry import dense_shape
+from lrdaccel.layers.merged import MergedConv2d
+from lrdaccel.layers.registry import dense_shape, layer_class_for
 from lrdaccel.measure.counting import macs_by_module
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
@@ -39,7 +55,8 @@ class DecomposeConfig:
             output error on calibration inputs (truncation-aware whitening for SVD layers,
             input-covariance-weighted HOOI for Tucker-2; see lrdaccel.factorize.whiten). Same
             ranks and structure either way, so optimize_ranks, freezing and save/load apply.
-        n_iter: HOOI refinement sweeps for Tucker-2 (None: the default, 2).
+        n_iter: HOOI refinement sweeps for Tucker-2 (None: the default, 2), ALS sweeps for
+            branched Tucker-2 (None: 4).
         damping: whitening's relative diagonal loading (method="whiten").
     """
 
@@ -65,7 +82,9 @@ class LayerReport:
     params_after: int
     macs_before: int
     macs_after: int
-    relative_error: float  # ||W - W_hat||_F / ||W||_F
+    # ||W - W_hat||_F / ||W||_F; for a merged block, the relative error of the block's output on the
+    # first calibration batch before BatchNorm re-estimation (None without calibration)
+    relative_error: float | None
 
 
 @dataclass
@@ -86,8 +105,9 @@ class DecomposeReport:
     def __str__(self) -> str:
         lines = [f"{'layer':<40} {'kind':<8} {'rank':<10} {'params':>23} {'rel.err':>8}"]
         for r in self.layers:
+            error = "-" if r.relative_error is None else f"{r.relative_error:.4f}"
             lines.append(f"{r.name:<40} {r.kind:<8} {str(r.rank):<10} "
-                         f"{r.params_before:>10,} -> {r.params_after:>9,} {r.relative_error:>8.4f}")
+                         f"{r.params_before:>10,} -> {r.params_after:>9,} {error:>8}")
         lines.append(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,}"
                      + (f" ({self.model_params_after / self.model_params_before:.3f}x)"
                         if self.model_params_before else ""))
@@ -100,25 +120,31 @@ class DecomposeReport:
 
 def validate_plan(model: nn.Module, plan: Plan) -> None:
     """Every row must name a layer of the right type and shape in this model; every decomposed
-    row a layer that can be decomposed, on real (not meta) weights.
+    row a layer that can be decomposed, on real (not meta) weights; every merged row its whole
+    bottleneck, no module of which another row claims.
 
     Raises:
         ValueError: naming the row and what differs.
     """
-    if not isinstance(plan, Plan):
-        raise ValueError(f"plan must be an lrdaccel Plan (from lrd.plan or Plan.load), got {type(plan).__name__}")
+    _check_plan_type(plan)
+    claimed: dict[str, str] = {}
+    for row in plan:
+        for name in [row.name, *(row.merge.module_names() if row.merge else [])]:
+            if name in claimed:
+                raise ValueError(f"plan row {row.name!r}: module {name!r} is also claimed by row {claimed[name]!r}")
+            claimed[name] = row.name
     for row in plan:
         try:
             module = model.get_submodule(row.name)
         except AttributeError:
             raise ValueError(f"plan row {row.name!r}: the model has no such module; "
                              f"the plan is for another architecture") from None
-        if row.reason == "already decomposed":
-            if not isinstance(module, LowRankModule):
+        if row.reason in ("already decomposed", "already merged"):
+            if not isinstance(module, (LowRankModule, MergedConv2d)):
                 raise ValueError(f"plan row {row.name!r}: expected a decomposed layer, the model has "
                                  f"{type(module).__name__}")
             continue
-        if row.decomposed and isinstance(module, LowRankModule):
+        if row.decomposed and isinstance(module, (LowRankModule, MergedConv2d)):
             raise ValueError(f"plan row {row.name!r}: the model's layer is already decomposed "
                              f"({type(module).__name__}); apply the plan to an undecomposed model")
         if type(module).__name__ != row.layer_type:
@@ -133,13 +159,40 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
                              f"the plan is for another architecture")
         if not row.decomposed:
             continue
-        if entry.kind != row.kind:
+        _check_form(model, module, row)
+
+
+def _check_plan_type(plan: Any) -> None:
+    if not isinstance(plan, Plan):
+        raise ValueError(f"plan must be an lrdaccel Plan (from lrd.plan or Plan.load), got {type(plan).__name__}")
+
+
+def _check_form(model: nn.Module, module: nn.Module, row) -> None:
+    """The row's kind and ranks fit the layer (and, for a merged row, its neighbours)."""
+    entry = entry_for(module)
+    if row.kind == "merged":
+        if not isinstance(module, nn.Conv2d):
+            raise ValueError(f"plan row {row.name!r}: a merged row must name a Conv2d, got {row.layer_type}")
+        why = merged_shape_check(model, row)
+        if why is not None:
+            raise ValueError(f"plan row {row.name!r}: {why}; the plan is for another architecture")
+        r1, r2 = row.rank
+        if not (0 < r1 <= row.shape["in"] and 0 < r2 <= row.shape["out"]):
+            raise ValueError(f"plan row {row.name!r}: merged ranks must be in [1, {row.shape['in']}] x "
+                             f"[1, {row.shape['out']}], got {row.rank}")
+        convs = [module] + [model.get_submodule(n) for n in row.merge.convs]
+    else:
+        if layer_class_for(module, row.kind) is None:
             raise ValueError(f"plan row {row.name!r}: kind {row.kind!r} does not fit a {row.layer_type} "
-                             f"with kernel {shape['kernel']} (expected {entry.kind!r})")
-        why = entry.why_not(module)
+                             f"with kernel {row.shape['kernel']} (expected {entry.kind!r})")
+        if row.kind == "tucker2_branched":
+            check_branched_rank(*row.rank, row.branches, row.shape["in"], row.shape["out"], row.name)
+        convs = [module]
+    for conv in convs:
+        why = entry_for(conv).why_not(conv) if entry_for(conv) is not None else "not a supported layer"
         if why is not None:
             raise ValueError(f"plan row {row.name!r}: cannot decompose this layer: {why}")
-        if module.weight.is_meta:
+        if conv.weight.is_meta:
             raise ValueError(f"plan row {row.name!r}: the weights are on the meta device; decompose needs real "
                              f"weights (lrd.plan works on meta, decompose and load do not)")
 
@@ -151,25 +204,35 @@ def build_modules(
     config: DecomposeConfig | None = None,
     input_stats: dict[str, InputStats] | None = None,
     progress: bool = False,
-) -> dict[str, LowRankModule]:
-    """New modules for every decomposed row, the model untouched.
+    block_stats: dict[str, BlockStats] | None = None,
+) -> dict[str, nn.Module]:
+    """New modules for every row that changes the model, by qualified name, the model untouched
+    (a merged row gives its three convs, two BatchNorms and, where it folds into it, bn3).
 
     factorize=False builds the right shapes only (for loading weights or timing). With
     `input_stats` (from `lrdaccel.calibrate.collect_input_stats`) each layer is whitened by its
     inputs' covariance; a layer the calibration never reached falls back to the plain
-    factorization with a warning naming it.
+    factorization with a warning naming it. Merged rows need `block_stats`
+    (`lrdaccel.block_merge.collect_block_stats`) unless both their sides are linear.
     """
     validate_plan(model, plan)
     config = config or DecomposeConfig()
     built = {}
-    rows = plan.decomposed
+    rows = plan.changed
     for row in tqdm(rows, desc="decomposing", unit="layer", disable=not progress or not rows):
-        dense = model.get_submodule(row.name)
-        layer_class = entry_for(dense).layer_class
-        if not factorize:
-            built[row.name] = layer_class.like(dense, row.rank, row.name)
+        if row.kind == "merged":
+            if not factorize:
+                built.update(merged_like(model, row))
+            else:
+                built.update(build_merged(model, row, (block_stats or {}).get(row.name), config.damping))
             continue
-        options = {"n_iter": config.n_iter} if layer_class is TuckerConv2d else {}
+        dense = model.get_submodule(row.name)
+        layer_class = layer_class_for(dense, row.kind)
+        form = {"branches": row.branches} if row.kind == "tucker2_branched" else {}
+        if not factorize:
+            built[row.name] = layer_class.like(dense, row.rank, row.name, **form)
+            continue
+        options = {"n_iter": config.n_iter, **form} if row.kind in ("tucker2", "tucker2_branched") else {}
         if input_stats is not None:
             stats = input_stats.get(row.name)
             if stats is None or not stats.count:
@@ -214,12 +277,15 @@ def decompose(
         plan: from `lrd.plan` / `lrd.optimize_ranks`; give either this or `ratio`.
         example_inputs: a tensor, tuple or dict for the model; when given, MACs in the report
             are counted by torch.utils.flop_counter per forward of it.
-        calibration: batches for method="whiten" (a DataLoader, list or other iterable; each
-            batch called as model(tensor), model(*tuple) or model(**dict), so drop labels).
+        calibration: batches for method="whiten" and for merged rows (a DataLoader, list or other
+            iterable; each batch called as model(tensor), model(*tuple) or model(**dict), so drop
+            labels). Merging uses them to choose what to keep and to re-estimate every
+            BatchNorm's statistics afterwards (two passes: a generator is read into a list
+            first); use about a thousand samples.
         config: a DecomposeConfig (method, n_iter, damping).
         progress: show a tqdm bar.
         **settings: DecomposeConfig fields; without a plan, also PlanConfig fields
-            (`decompose(model, ratio=2.0, min_rank=4)`).
+            (`decompose(model, ratio=2.0, min_rank=4)`; `merge=True` traces `example_inputs`).
 
     Returns:
         A DecomposeReport: per layer parameters, MACs and relative weight error, and totals.
@@ -246,33 +312,36 @@ def decompose(
     config = resolve(DecomposeConfig, config, {k: v for k, v in settings.items() if k in decompose_fields},
                      "decompose")
     if plan is None:
-        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, **plan_settings)
+        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, example_inputs=example_inputs, **plan_settings)
     elif ratio is not None or plan_settings:
         raise ValueError("give either a plan or ratio/plan options to decompose(), not both")
-    if config.method == "svd" and calibration is not None:
-        raise ValueError("calibration is only used by method='whiten'; pass method='whiten' or drop it")
-    input_stats = None
-    if config.method == "whiten":
-        if calibration is None:
-            raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
-        validate_plan(model, plan)  # before the calibration pass, which may be long
-        input_stats = collect_input_stats(model, [row.name for row in plan.decomposed], calibration,
-                                          progress=progress)
+    _check_plan_type(plan)
+    merged = plan.merged
+    input_stats, block_stats, calibration = _statistics(model, plan, calibration, config, progress)
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = None if example_inputs is None else macs_by_module(model, example_inputs)
-    built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress)
-    errors = {name: _relative_error(model.get_submodule(name), new) for name, new in built.items()}
+    built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress,
+                          block_stats=block_stats)
+    errors = {row.name: merge_error(model, row, built, block_stats) if row.kind == "merged"
+              else _relative_error(model.get_submodule(row.name), built[row.name]) for row in plan.changed}
+    saved_norms = snapshot_batchnorm(model) if merged and calibration is not None else None
     originals = swap_modules(model, built)
     try:  # the model's own forward may fail on the new layers: then undo the swap
         macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
+        if saved_norms is not None:
+            recalibrate_batchnorm(model, calibration)
     except BaseException:
         swap_modules(model, originals)
+        if saved_norms is not None:
+            restore_batchnorm(saved_norms)
         raise
     rows = []
-    for row in plan.decomposed:
+    for row in plan.changed:
         before, after = row.macs_before, row.macs_after
         if macs_before is not None:
-            before, after = macs_before[1].get(row.name, 0), macs_after[1].get(row.name, 0)
+            names = [row.name, *(row.merge.convs if row.merge else ())]
+            before = sum(macs_before[1].get(name, 0) for name in names)
+            after = sum(macs_after[1].get(name, 0) for name in names)
         rows.append(LayerReport(row.name, row.kind, row.rank, row.params_before, row.params_after,
                                 before, after, errors[row.name]))
     return DecomposeReport(
@@ -285,6 +354,36 @@ def decompose(
         seconds=time.perf_counter() - start,
         plan=plan,
     )
+
+
+def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: DecomposeConfig, progress: bool):
+    """(input statistics for whitening, block statistics for merges, the calibration batches as
+    they will be read again), each None where the plan and method do not need it.
+
+    Raises:
+        ValueError: calibration missing where needed or given where nothing reads it.
+    """
+    merged = plan.merged
+    approximate = [row.name for row in merged if row.merge.act1 or row.merge.act2]
+    if config.method == "svd" and calibration is not None and not merged:
+        raise ValueError("calibration is only used by method='whiten' and by merged rows; pass method='whiten' "
+                         "or drop it")
+    if merged and isinstance(calibration, Iterator):
+        calibration = list(calibration)  # merging reads the batches twice (statistics, then BatchNorms)
+    if approximate and calibration is None:
+        raise ValueError(f"merged rows {approximate[:3]}{' ...' if len(approximate) > 3 else ''} merge across an "
+                         f"activation, which needs calibration batches (calibration=loader_or_list)")
+    input_stats = block_stats = None
+    if config.method == "whiten":
+        if calibration is None:
+            raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
+        validate_plan(model, plan)  # before the calibration pass, which may be long
+        input_stats = collect_input_stats(model, [row.name for row in plan.changed if row.kind != "merged"],
+                                          calibration, progress=progress)
+    if merged and calibration is not None:
+        validate_plan(model, plan)
+        block_stats = collect_block_stats(model, merged, calibration)
+    return input_stats, block_stats, calibration
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from typing import Callable
 from torch import nn
 
 from lrdaccel.layers.base import LowRankModule
+from lrdaccel.layers.branched import BranchedTuckerConv2d
 from lrdaccel.layers.svd import SVDConv2d, SVDLinear, dense_linear_weight, is_conv1d
 from lrdaccel.layers.tucker import TuckerConv2d
 
@@ -98,6 +99,25 @@ UNSUPPORTED: tuple[tuple[type, str], ...] = (
     (nn.EmbeddingBag, "an embedding is a table lookup, not a matrix product: nothing to gain"),
     (nn.MultiheadAttention, "MultiheadAttention's packed in_proj_weight is read directly by its forward"),
 )
+
+
+# Other forms a layer may take, by plan kind: (the kind of the entry it replaces, its layer class).
+# The registry's own kinds ("svd", "tucker2") are what each type gets by default.
+FORMS: dict[str, tuple[str, type[LowRankModule]]] = {
+    "tucker2_branched": ("tucker2", BranchedTuckerConv2d),
+}
+
+
+def layer_class_for(module: nn.Module, kind: str) -> type[LowRankModule] | None:
+    """The LowRankModule class that builds `kind` for this module, or None if the kind does not
+    fit its type (a branched core for a Linear, an SVD for a 3x3 conv)."""
+    entry = entry_for(module)
+    if entry is None:
+        return None
+    if kind == entry.kind:
+        return entry.layer_class
+    base_kind, layer_class = FORMS.get(kind, (None, None))
+    return layer_class if base_kind == entry.kind else None
 
 
 def entry_for(module: nn.Module) -> Entry | None:

@@ -8,6 +8,12 @@ bias shared with another module; then explicit ranks, or the ratio's rank unless
 `min_rank` or would not reduce MACs. Weight layers of unsupported types (Conv1d, Conv3d,
 transposed convs, lazy modules, embeddings, ...) get a kept row with the reason too.
 
+With `branches=N` every Tucker-2 row becomes "tucker2_branched" (core as a grouped conv of N
+branches) at the ratio's branched ranks. With `merge=True` (and example inputs to trace one
+forward) every bottleneck found by lrdaccel.planning.merging becomes one "merged" row at its
+k x k conv's ratio ranks, in place of the rows of its three convs; a candidate that cannot merge
+keeps its rows, the k x k conv's row saying why in `merge_skipped`.
+
 Example:
     >>> import torch, lrdaccel as lrd
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
@@ -18,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -25,9 +33,12 @@ from torch import nn
 
 from lrdaccel._modules import direct_reader, unwrap, weight_owners
 from lrdaccel._settings import check_int, check_number, resolve
+from lrdaccel.factorize.branched import branched_full_rank, branched_ranks, check_branched_rank
 from lrdaccel.factorize.ranks import Rank, below_min_rank, check_ratio, full_rank, ratio_rank, tucker_pair
 from lrdaccel.layers import LowRankModule, entry_for
+from lrdaccel.layers.merged import MergedConv2d
 from lrdaccel.layers.registry import dense_shape, unsupported_reason, weight_shape
+from lrdaccel.planning.merging import MergeCandidate, find_merge_candidates
 from lrdaccel.planning.rows import LayerPlan, Plan
 from lrdaccel.planning.targeting import Selector, compile_selector, resolve_per_layer
 
@@ -49,6 +60,10 @@ class PlanConfig:
             that is smaller) is kept: it saves few parameters and loses much, like a 1-channel
             image stem at Tucker ranks (1, 2). Explicit `ranks` are exempt.
         beta: Tucker-2 rank_out / rank_in.
+        branches: Tucker-2 cores as grouped convs of this many branches ("tucker2_branched" rows,
+            ranks multiples of it); 1 is plain Tucker-2.
+        merge: merge each bottleneck (1x1 conv -> BN -> act -> k x k conv -> BN -> act -> 1x1 conv)
+            into three narrower convs ("merged" rows); needs example_inputs to trace the model.
     """
 
     ratio: float = 2.0
@@ -59,28 +74,35 @@ class PlanConfig:
     filter_fn: Callable[[nn.Module, str], bool] | None = None
     min_rank: int = 8
     beta: float = 1.0
+    branches: int = 1
+    merge: bool = False
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
         check_int("min_rank", self.min_rank, 1)
         check_number("beta", self.beta, above=0)
+        check_int("branches", self.branches, 1)
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"merge must be True or False, got {self.merge!r}")
         if isinstance(self.ratios, Mapping):
             for name, value in self.ratios.items():
                 check_ratio(value, f"ratios[{name!r}]")
 
 
-def plan(model: nn.Module, ratio: float | None = None, *, config: PlanConfig | None = None,
-         **settings: Any) -> Plan:
+def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = None,
+         config: PlanConfig | None = None, **settings: Any) -> Plan:
     """Plan the decomposition of `model` without changing it.
 
     Args:
         model: the trained model (DDP / torch.compile wrappers are looked through).
         ratio: shorthand for `ratio=` of the config.
+        example_inputs: a tensor, tuple or dict for the model (a batch of one is enough); needed by
+            merge=True, which traces one forward to find the bottlenecks.
         config: a PlanConfig; keyword `settings` (its field names) override its fields.
 
     Raises:
-        ValueError: ratio <= 1, a bad rank, an unknown setting, or a name pattern that matches
-            no candidate.
+        ValueError: ratio <= 1, a bad rank, an unknown setting, a name pattern that matches no
+            candidate, or merge=True without example_inputs (or inputs the model fails on).
     """
     if ratio is not None:
         settings["ratio"] = ratio
@@ -88,24 +110,56 @@ def plan(model: nn.Module, ratio: float | None = None, *, config: PlanConfig | N
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise ValueError(f"plan: model must be a torch.nn.Module, got {type(model).__name__}")
+    if config.merge and example_inputs is None:
+        raise ValueError("plan: merge=True needs example_inputs (a batch for the model): the bottlenecks to "
+                         "merge are found by tracing one forward")
     candidates, already, unsupported = _candidates(model)
     names = [name for name, _ in candidates]
     context = _Context(model, config, names)
-    rows = [LayerPlan(name, "keep", None, "already decomposed", type(m).__name__, dense_shape(m.to_dense()))
+    rows = [LayerPlan(name, "keep", None, f"already {'merged' if isinstance(m, MergedConv2d) else 'decomposed'}",
+                      type(m).__name__, dense_shape(m if isinstance(m, MergedConv2d) else m.to_dense()))
             for name, m in already]
     rows += [LayerPlan(name, "keep", None, reason, type(m).__name__, weight_shape(m), supported=False)
              for name, m, reason in unsupported]
     rows += [context.row(name, module) for name, module in candidates]
+    if config.merge:
+        rows = _merge(context, rows, find_merge_candidates(model, example_inputs))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda row: order[row.name])
     return Plan(rows, ratio=config.ratio, beta=config.beta, meta={"model": type(model).__name__})
+
+
+def _merge(context: "_Context", rows: list[LayerPlan], candidates: list[MergeCandidate]) -> list[LayerPlan]:
+    """Replace the rows of each mergeable bottleneck by one merged row; note why others are not."""
+    by_name = {row.name: row for row in rows}
+    taken: dict[str, str] = {}  # conv name -> the merged row that absorbed it
+    for candidate in candidates:
+        convs = (candidate.first, candidate.middle, candidate.last)
+        if any(name not in context.names for name in convs):
+            continue  # part of an already decomposed or merged layer: not a candidate any more
+        merged, why = None, candidate.reason
+        if why is None:
+            clash = next((name for name in convs if name in taken), None)
+            if clash is not None:
+                why = f"{clash} is already merged into the block of {taken[clash]}"
+        if why is None:
+            merged, why = context.merged_row(candidate, by_name[candidate.middle])
+        if merged is None:
+            if candidate.middle in by_name:
+                by_name[candidate.middle] = dataclasses.replace(by_name[candidate.middle], merge_skipped=why)
+            continue
+        by_name[candidate.middle] = merged
+        for name in (candidate.first, candidate.last):
+            del by_name[name]
+        taken.update({name: candidate.middle for name in convs})
+    return list(by_name.values())
 
 
 class _Context:
     """What the rules need about the whole model, resolved once."""
 
     def __init__(self, model: nn.Module, config: PlanConfig, names: list[str]):
-        self.model, self.config = model, config
+        self.model, self.config, self.names = model, config, set(names)
         self.included = compile_selector(config.include, "include", names)
         self.excluded = compile_selector(config.exclude, "exclude", names)
         self.ratios = resolve_per_layer("ratios", config.ratios, names)
@@ -147,23 +201,65 @@ class _Context:
         why = self.kept_because(name, module)
         if why is not None:
             return keep(why, supported=entry.why_not(module) is None)
+        branches = self.config.branches if entry.kind == "tucker2" else 1
+        kind = "tucker2_branched" if branches > 1 else entry.kind
+        if self.config.merge and entry.kind == "svd" and isinstance(self.ranks.get(name), (tuple, list)):
+            # A rank pair on a 1x1 conv only makes sense as the inner conv of a merged block.
+            return keep(f"rank pair {tuple(self.ranks[name])} set for a merged block")
         if self.full_rank or name in self.ranks:
-            rank = full_rank(entry.kind, shape) if self.full_rank else self.ranks[name]
-            entry.layer_class.like(module, rank, name)  # validates the rank against the shape
-            if entry.kind == "tucker2":
-                rank = tucker_pair(rank, name, shape["in"], shape["out"])
+            rank = self._explicit_rank(name, module, entry.kind, shape, branches)
             reason = "full rank" if self.full_rank else "rank set by user"
-            return LayerPlan(name, entry.kind, rank, reason, layer_type, shape, stride, ratio_rank=rank)
+            return LayerPlan(name, kind, rank, reason, layer_type, shape, stride, ratio_rank=rank, branches=branches)
         layer_ratio = self.ratios.get(name, self.config.ratio)
-        rank = ratio_rank(entry.kind, shape, layer_ratio, self.config.beta)
+        if branches > 1:
+            rank = branched_ranks(shape["in"], shape["out"], math.prod(shape["kernel"]), layer_ratio, branches,
+                                  self.config.beta)
+        else:
+            rank = ratio_rank(entry.kind, shape, layer_ratio, self.config.beta)
         min_rank = self.config.min_rank
         if below_min_rank(rank, shape, min_rank):
             return keep(f"ratio {layer_ratio:g} gives rank {rank}, below min_rank {min_rank}")
-        row = LayerPlan(name, entry.kind, rank, f"ratio {layer_ratio:g}", layer_type, shape, stride, ratio_rank=rank)
+        row = LayerPlan(name, kind, rank, f"ratio {layer_ratio:g}", layer_type, shape, stride, ratio_rank=rank,
+                        branches=branches)
         if row.macs_after >= row.macs_before:
             return row.with_rank(None, f"rank {rank} does not reduce MACs "
                                        f"({row.macs_after:,} >= {row.macs_before:,} per position)", kind="keep")
         return row
+
+    def _explicit_rank(self, name: str, module: nn.Module, kind: str, shape: dict, branches: int) -> Rank:
+        """The full or user-given rank of a layer, checked against its shape."""
+        if self.full_rank:
+            return branched_full_rank(shape["in"], shape["out"], branches) if branches > 1 else full_rank(kind, shape)
+        rank = self.ranks[name]
+        if branches > 1:
+            rank = tuple(rank) if isinstance(rank, (tuple, list)) else (rank, rank)
+            check_branched_rank(*rank, branches, shape["in"], shape["out"], name)
+            return rank
+        entry_for(module).layer_class.like(module, rank, name)  # validates the rank against the shape
+        return tucker_pair(rank, name, shape["in"], shape["out"]) if kind == "tucker2" else rank
+
+    def merged_row(self, candidate: MergeCandidate, middle_row: LayerPlan) -> tuple[LayerPlan | None, str]:
+        """The merged row of a structurally mergeable bottleneck, or (None, why not)."""
+        for role, name in (("first", candidate.first), ("inner", candidate.middle), ("last", candidate.last)):
+            why = self.kept_because(name, self.model.get_submodule(name))
+            if why is not None:
+                return None, f"{role} conv {name} is kept: {why}"
+        name, shape = candidate.middle, middle_row.shape
+        if self.full_rank:
+            rank, reason = (shape["in"], shape["out"]), "full rank"
+        elif name in self.ranks:
+            rank, reason = tucker_pair(self.ranks[name], name, shape["in"], shape["out"]), "rank set by user"
+        else:
+            layer_ratio = self.ratios.get(name, self.config.ratio)
+            rank, reason = ratio_rank("tucker2", shape, layer_ratio, self.config.beta), f"ratio {layer_ratio:g}"
+            if below_min_rank(rank, shape, self.config.min_rank):
+                return None, f"{reason} gives ranks {rank}, below min_rank {self.config.min_rank}"
+        block = candidate.block(self.model)
+        row = LayerPlan(name, "merged", rank, f"{reason}; merged with {block.first} and {block.last}",
+                        middle_row.layer_type, shape, middle_row.stride, ratio_rank=rank, merge=block)
+        if row.macs_after >= row.macs_before and reason.startswith("ratio"):
+            return None, f"ranks {rank} do not reduce the block's MACs ({row.macs_after:,} >= {row.macs_before:,})"
+        return row, ""
 
 
 def _candidates(model: nn.Module) -> tuple[list, list, list]:
@@ -174,7 +270,7 @@ def _candidates(model: nn.Module) -> tuple[list, list, list]:
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
             continue
-        if isinstance(module, LowRankModule):
+        if isinstance(module, (LowRankModule, MergedConv2d)):
             already.append((name, module))
             inside = name + "."
         elif not name:

@@ -3,6 +3,13 @@
 
 A plan is data: `lrdaccel.planning.planner.plan` makes one, `optimize_ranks` rewrites one,
 `decompose` applies one, `save` stores one beside the weights.
+
+Kinds: "svd" and "tucker2" replace one layer by the decomposition its type gets (the rows rank
+optimization searches, `Plan.decomposed`); "tucker2_branched" replaces a k x k conv by a Tucker-2
+chain whose core is a grouped conv of `branches` branches; "merged" stands for a whole bottleneck
+(1x1 conv -> BN -> act -> k x k conv -> BN -> act -> 1x1 conv): the row is named by the k x k conv,
+its rank is (r1, r2), and `merge` names the 1x1 convs it absorbed (which get no rows of their own)
+and the BatchNorms resized to r1 / r2 channels; its counts cover all three convs.
 """
 
 from __future__ import annotations
@@ -15,11 +22,54 @@ from typing import Any, Callable, Iterator, Mapping
 
 from lrdaccel._files import check_header
 from lrdaccel._version import __version__
+from lrdaccel.factorize.branched import branched_params
 from lrdaccel.factorize.ranks import Rank, layer_cost, weight_params
+from lrdaccel.planning.dataflow import ACTIVATIONS
 
 PLAN_FORMAT = "lrdaccel.plan"
 PLAN_VERSION = 1
-KINDS = ("svd", "tucker2", "keep")
+KINDS = ("svd", "tucker2", "tucker2_branched", "merged", "keep")
+LAYER_KINDS = ("svd", "tucker2")  # the decomposition a layer's type gets; what rank optimization searches
+PAIR_KINDS = ("tucker2", "tucker2_branched", "merged")  # ranks (rank_in, rank_out)
+
+
+@dataclass(frozen=True)
+class MergeBlock:
+    """The neighbours a merged row absorbs: `first -> bn1 -> act1 -> (the row's conv) -> bn2 -> act2
+    -> last [-> bn3]`, by qualified module name, with the geometry of the two 1x1 convs.
+
+    Attributes:
+        first / last: the 1x1 convs before and after the row's k x k conv (narrowed to r1 outputs /
+            r2 inputs by the merge).
+        bn1 / bn2: the BatchNorms between them (resized to r1 / r2 channels).
+        act1 / act2: the activation on each side (the torch function's name), or None: a side
+            without activation is merged exactly; across an activation the merge is approximate.
+        bn3: a BatchNorm that alone reads `last`'s output, or None (constants fold into it).
+        first_shape / last_shape: {"out", "in", "kernel"} of the two 1x1 convs before merging.
+        first_stride: the first conv's stride.
+    """
+
+    first: str
+    bn1: str
+    bn2: str
+    last: str
+    first_shape: dict
+    last_shape: dict
+    act1: str | None = None
+    act2: str | None = None
+    bn3: str | None = None
+    first_stride: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "first_stride", tuple(self.first_stride))
+
+    @property
+    def convs(self) -> tuple[str, str]:
+        return self.first, self.last
+
+    def module_names(self) -> list[str]:
+        """Every module the merge replaces besides the row's own conv."""
+        return [self.first, self.bn1, self.bn2, self.last]
 
 
 @dataclass
@@ -28,8 +78,8 @@ class LayerPlan:
 
     Attributes:
         name: qualified module name in the model.
-        kind: "svd", "tucker2" or "keep".
-        rank: int for SVD, (rank_in, rank_out) for Tucker-2, None for keep.
+        kind: "svd", "tucker2", "tucker2_branched", "merged" or "keep".
+        rank: int for SVD, (rank_in, rank_out) for Tucker-2, branched and merged rows, None for keep.
         reason: why kept, or how the rank was chosen.
         layer_type: class name of the dense layer (Linear, Conv1D, Conv2d, or what the row keeps).
         shape: {"out", "in", "kernel"} of the dense weight; checked when the plan is applied.
@@ -41,6 +91,11 @@ class LayerPlan:
         supported: False for a weight layer no decomposition applies to (its type, an overridden
             forward, a parametrized weight); such rows are listed with their reason but left out
             of the totals.
+        branches: the core's groups for "tucker2_branched" (>= 2; ranks are multiples of it), else 1.
+        merge: for "merged" rows, the absorbed neighbours (a MergeBlock); else None. Counts of a
+            merged row cover the three convs (per output position of the row's conv).
+        merge_skipped: why the merge candidate centred on this conv was not merged (None if it
+            was, or if the conv is no candidate).
     """
 
     name: str
@@ -59,6 +114,9 @@ class LayerPlan:
     time_ratio_rank_ms: float | None = None
     time_ms: float | None = None
     supported: bool = True
+    branches: int = 1
+    merge: MergeBlock | None = None
+    merge_skipped: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,21 +124,76 @@ class LayerPlan:
         self.stride = tuple(self.stride)
         self.rank = _as_rank(self.rank, self.name)
         self.ratio_rank = _as_rank(self.ratio_rank, self.name)
-        self.params_before = weight_params(self.shape)
-        self.macs_before = self.params_before
-        self.params_after, self.macs_after = layer_cost(self.kind, self.rank, self.shape, self.stride)
+        if isinstance(self.merge, Mapping):
+            self.merge = MergeBlock(**self.merge)
+        self._check_form()
+        self.params_before, self.macs_before, self.params_after, self.macs_after = row_cost(self)
+
+    def _check_form(self) -> None:
+        """The form fields agree with the kind (the rank's own bounds are the layer's to check)."""
+        if (self.kind == "tucker2_branched") != (self.branches != 1):
+            raise ValueError(f"layer {self.name!r}: branches must be >= 2 for kind 'tucker2_branched' and 1 "
+                             f"otherwise, got {self.branches!r} for kind {self.kind!r}")
+        if self.kind == "tucker2_branched" and self.rank is not None and any(r % self.branches for r in self.rank):
+            raise ValueError(f"layer {self.name!r}: branched ranks must be multiples of {self.branches} "
+                             f"branches, got {self.rank}")
+        if (self.kind == "merged") != (self.merge is not None):
+            raise ValueError(f"layer {self.name!r}: a 'merged' row needs its merge block and no other kind has "
+                             f"one (kind {self.kind!r}, merge {self.merge!r})")
 
     @property
     def decomposed(self) -> bool:
+        """True where the row changes the model (any kind but keep)."""
         return self.kind != "keep"
 
-    def with_rank(self, rank: Rank, reason: str, kind: str | None = None) -> "LayerPlan":
-        """A copy at another rank (or kept), with counts recomputed."""
+    def with_rank(self, rank: Rank, reason: str, kind: str | None = None,
+                  branches: int | None = None) -> "LayerPlan":
+        """A copy at another rank (or kept, or in another form: kind "tucker2_branched" takes
+        `branches`), with counts recomputed; a merged row keeps its block, other kinds drop it.
+
+        Raises:
+            ValueError: a rank or branch count the new kind does not allow.
+        """
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(rank=rank, reason=reason, kind=kind or self.kind)
         if values["kind"] == "keep":
             values["rank"] = None
+        if branches is not None:
+            values["branches"] = branches
+        elif values["kind"] != "tucker2_branched":
+            values["branches"] = 1
+        if values["kind"] != "merged":
+            values["merge"] = None
         return LayerPlan(**values)
+
+
+def row_cost(row: LayerPlan) -> tuple[int, int, int, int]:
+    """(params_before, macs_before, params_after, macs_after) of a row: weights (biases excluded)
+    and MACs per output position of the row's layer."""
+    if row.kind == "merged":
+        return merged_cost(row.shape, row.stride, row.merge, row.rank)
+    before = weight_params(row.shape)
+    if row.kind == "tucker2_branched":
+        c_out, c_in, area = row.shape["out"], row.shape["in"], math.prod(row.shape["kernel"])
+        (r_in, r_out), positions = row.rank, row.stride[0] * row.stride[1]
+        params = branched_params(c_in, c_out, area, r_in, r_out, row.branches)
+        return before, before, params, params + c_in * r_in * (positions - 1)
+    return (before, before, *layer_cost(row.kind, row.rank, row.shape, row.stride))
+
+
+def merged_cost(shape: dict, stride: tuple[int, int], block: MergeBlock, rank: Rank) -> tuple[int, int, int, int]:
+    """Counts of a merged bottleneck before and after, per output position of its k x k conv: the
+    first 1x1 runs at that conv's input resolution (stride_h * stride_w positions per output one)."""
+    area, positions = math.prod(shape["kernel"]), stride[0] * stride[1]
+    c_in, c_out = block.first_shape["in"], block.last_shape["out"]
+    middle_in, middle_out = shape["in"], shape["out"]
+    params_before = c_in * middle_in + area * middle_in * middle_out + middle_out * c_out
+    macs_before = c_in * middle_in * positions + area * middle_in * middle_out + middle_out * c_out
+    if rank is None:
+        return params_before, macs_before, params_before, macs_before
+    r_in, r_out = rank
+    params_after = c_in * r_in + area * r_in * r_out + r_out * c_out
+    return params_before, macs_before, params_after, c_in * r_in * positions + area * r_in * r_out + r_out * c_out
 
 
 def _as_rank(rank: Any, name: str) -> Rank:
@@ -112,6 +225,9 @@ class Plan:
         for row in self.layers:
             if row.name == name:
                 return row
+        block = self.absorbed().get(name)
+        if block is not None:
+            raise KeyError(f"no row {name!r} in the plan: it is merged into the row {block!r}")
         raise KeyError(f"no layer {name!r} in the plan")
 
     def replace(self, row: LayerPlan) -> "Plan":
@@ -121,7 +237,22 @@ class Plan:
 
     @property
     def decomposed(self) -> list[LayerPlan]:
+        """Rows that replace one layer by the decomposition of its type ("svd", "tucker2"): the rows
+        rank optimization searches. Branched and merged rows are in `changed`."""
+        return [row for row in self.layers if row.kind in LAYER_KINDS]
+
+    @property
+    def changed(self) -> list[LayerPlan]:
+        """Every row that changes the model: decomposed, branched and merged."""
         return [row for row in self.layers if row.decomposed]
+
+    @property
+    def merged(self) -> list[LayerPlan]:
+        return [row for row in self.layers if row.kind == "merged"]
+
+    def absorbed(self) -> dict[str, str]:
+        """Module name of each conv a merged row absorbed -> that row's name."""
+        return {conv: row.name for row in self.merged for conv in row.merge.convs}
 
     def totals(self) -> dict[str, int]:
         """Weight parameters and per-position MACs summed over the supported candidate layers."""
@@ -164,7 +295,14 @@ class Plan:
             _check_fields(raw, _ROW_SCHEMA, where, _ROW_OPTIONAL)
             _check_rank_field(raw, "rank", where, raw["kind"])
             _check_rank_field(raw, "ratio_rank", where, None)
-            rows.append(LayerPlan(**{k: v for k, v in raw.items() if k in _ROW_SCHEMA}))
+            values = {k: v for k, v in raw.items() if k in _ROW_SCHEMA}
+            if values.get("merge") is not None:
+                _check_fields(values["merge"], _MERGE_SCHEMA, f"{where}: field 'merge'", _MERGE_OPTIONAL)
+                values["merge"] = {k: v for k, v in values["merge"].items() if k in _MERGE_SCHEMA}
+            try:
+                rows.append(LayerPlan(**values))
+            except ValueError as error:  # the fields disagree with each other (kind vs branches / merge)
+                raise ValueError(f"{where}: {error}") from None
         ratio = data.get("ratio")
         return cls(rows, ratio=ratio, beta=data.get("beta", 1.0), meta=dict(data.get("meta") or {}))
 
@@ -193,15 +331,20 @@ class Plan:
             s = row.shape
             shape = "x".join(str(d) for d in [s["out"], s["in"], *([] if s["kernel"] == [1, 1] else s["kernel"])])
             rank = "-" if row.rank is None else (str(row.rank) if isinstance(row.rank, int) else "{}x{}".format(*row.rank))
+            if row.kind == "tucker2_branched":
+                rank += f"/{row.branches}"
             params = f"{row.params_before:,} -> {row.params_after:,}" if row.decomposed else f"{row.params_before:,}"
-            lines.append((row.name, row.layer_type, shape, row.kind, rank, params, row.reason))
+            reason = row.reason if row.merge_skipped is None else f"{row.reason}; not merged: {row.merge_skipped}"
+            lines.append((row.name, row.layer_type, shape, row.kind, rank, params, reason))
         widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
         t = self.totals()
         saved = 1 - t["params_after"] / t["params_before"] if t["params_before"] else 0.0
+        merged = len(self.merged)
         footer = (
-            f"{len(self.decomposed)}/{len(self.layers)} layers decomposed; candidate-layer weights "
-            f"{t['params_before']:,} -> {t['params_after']:,} ({saved:.1%} fewer)"
+            f"{len(self.changed) - merged}/{len(self.layers)} layers decomposed"
+            + (f", {merged} bottlenecks merged (3 convs each)" if merged else "")
+            + f"; candidate-layer weights {t['params_before']:,} -> {t['params_after']:,} ({saved:.1%} fewer)"
         )
         return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines] + [footer])
 
@@ -238,19 +381,47 @@ _ROW_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reason": (lambda v: isinstance(v, str), "a string"),
     "layer_type": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
     "shape": (_is_shape, 'an object {"out": int, "in": int, "kernel": [ints]}'),
-    "stride": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x, 1) for x in v),
-               "a list of two ints >= 1"),
+    "stride": (lambda v: _is_stride(v), "a list of two ints >= 1"),
     "ratio_rank": (lambda v: True, ""),
     "time_original_ms": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
     "time_ratio_rank_ms": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
     "time_ms": (lambda v: v is None or (_is_number(v) and v >= 0), "null or a number >= 0"),
     "supported": (lambda v: isinstance(v, bool), "true or false"),
+    "branches": (lambda v: _is_int(v, 1), "an int >= 1"),
+    "merge": (lambda v: v is None or isinstance(v, Mapping), "null or an object naming the merged neighbours"),
+    "merge_skipped": (lambda v: v is None or isinstance(v, str), "null or a string"),
 }
-_ROW_OPTIONAL = {"stride", "ratio_rank", "time_original_ms", "time_ratio_rank_ms", "time_ms", "supported"}
+_ROW_OPTIONAL = {"stride", "ratio_rank", "time_original_ms", "time_ratio_rank_ms", "time_ms", "supported",
+                 "branches", "merge", "merge_skipped"}
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_stride(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(x, 1) for x in value)
+
+
+_MERGE_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "first": (_is_name, "a non-empty string"),
+    "bn1": (_is_name, "a non-empty string"),
+    "bn2": (_is_name, "a non-empty string"),
+    "last": (_is_name, "a non-empty string"),
+    "first_shape": (_is_shape, 'an object {"out": int, "in": int, "kernel": [ints]}'),
+    "last_shape": (_is_shape, 'an object {"out": int, "in": int, "kernel": [ints]}'),
+    "act1": (lambda v: v is None or v in ACTIVATIONS, f"null or one of {sorted(ACTIVATIONS)}"),
+    "act2": (lambda v: v is None or v in ACTIVATIONS, f"null or one of {sorted(ACTIVATIONS)}"),
+    "bn3": (lambda v: v is None or _is_name(v), "null or a non-empty string"),
+    "first_stride": (_is_stride, "a list of two ints >= 1"),
+}
+_MERGE_OPTIONAL = {"act1", "act2", "bn3", "first_stride"}
 _DERIVED = {"params_before", "params_after", "macs_before", "macs_after"}
 
 
 def _check_fields(data: Mapping, schema: dict, where: str, optional: set[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
     missing = sorted(set(schema) - optional - set(data))
     if missing:
         raise ValueError(f"{where}: missing field {missing[0]!r}")
@@ -259,18 +430,19 @@ def _check_fields(data: Mapping, schema: dict, where: str, optional: set[str]) -
             check, expected = schema[key]
             if not check(value):
                 raise ValueError(f"{where}: field {key!r} must be {expected}, got {value!r}")
-    extra = set(data) - set(schema) - _DERIVED
+    extra = set(data) - set(schema) - (_DERIVED if schema is _ROW_SCHEMA else set())
     if extra:
         warnings.warn(f"{where}: ignoring unknown plan fields {sorted(extra)}; upgrade lrdaccel", stacklevel=3)
 
 
 def _check_rank_field(raw: Mapping, field: str, where: str, kind: str | None) -> None:
-    """rank: None for keep, an int >= 1 for svd, two ints >= 1 for tucker2; ratio_rank: any of those."""
+    """rank: None for keep, an int >= 1 for svd, two ints >= 1 for the pair kinds; ratio_rank: any of those."""
     value = raw.get(field)
     is_int = _is_int(value, 1)
     is_pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(r, 1) for r in value)
+    pair = (is_pair, "a list of two ints >= 1 [rank_in, rank_out]")
     expected = {"keep": (value is None, "null"), "svd": (is_int, "an int >= 1"),
-                "tucker2": (is_pair, "a list of two ints >= 1 [rank_in, rank_out]"),
+                **{k: pair for k in PAIR_KINDS},
                 None: (value is None or is_int or is_pair, "null, an int >= 1 or two ints >= 1")}[kind]
     if not expected[0]:
         what = f"for kind {kind!r} " if kind else ""

@@ -13,6 +13,10 @@ only the SVD second factor and the Tucker-2 core ever train, is one of the sched
             ...; optimizer.step()
             freezer.step()                                    # counts steps; switches with every_steps=N
 
+A merged bottleneck (lrdaccel.block_merge) counts as one layer whose factors are its three convs
+(first 1x1, inner k x k, last 1x1): `rotate` trains one of them per phase, `static` the inner one;
+the BatchNorms between them are ordinary layers (see `freeze_undecomposed`).
+
 The core is small, after Lightning's `BaseFinetuning`: static `freeze` / `make_trainable`
 helpers, and one overridable method, `trainable_factors(phase, module)`, that decides which
 factors train in a phase. A bias lives on its factor's module, so it goes with its factor.
@@ -49,25 +53,29 @@ from torch import nn
 
 from lrdaccel._modules import clean_name, unwrap
 from lrdaccel._settings import check_int
+from lrdaccel.block_merge import merged_blocks
 from lrdaccel.layers import LowRankModule
+from lrdaccel.layers.merged import MergedBlock
 from lrdaccel.training.distributed import PhaseDDP
 from lrdaccel.training.phase_report import PhaseReport
 
 SCHEDULES = ("rotate", "freeze_one", "static")
-# Index of the factor that trains under the static scheme: the SVD second factor (rank -> out)
-# and the Tucker-2 core are both factors[1].
-STATIC_FACTOR = {"svd": 1, "tucker2": 1}
+# Index of the factor that trains under the static scheme: the SVD second factor (rank -> out),
+# the (branched) Tucker-2 core and a merged block's inner conv are all factors[1].
+STATIC_FACTOR = {"svd": 1, "tucker2": 1, "tucker2_branched": 1, "merged": 1}
 STATE_VERSION = 1
 
-# A schedule name, or (phase, decomposed layer) -> indices of its factors that train.
-Schedule = Union[str, Callable[[int, LowRankModule], Iterable[int]]]
+# A decomposed layer or a merged block: what has `factors` the freezer rotates over.
+Unit = Union[LowRankModule, MergedBlock]
+# A schedule name, or (phase, decomposed layer or merged block) -> indices of its factors that train.
+Schedule = Union[str, Callable[[int, Unit], Iterable[int]]]
 
 
 class SequentialFreezer:
     """Rotate which factors of each decomposed layer train, phase by phase.
 
     Args:
-        model: a model decomposed by `lrd.decompose` (or wrapped in DDP / torch.compile).
+        model: a model decomposed (or merged) by `lrd.decompose` (or wrapped in DDP / torch.compile).
         schedule: "rotate" (phase p trains factor p mod n of each layer with n factors),
             "freeze_one" (phase p freezes only factor p mod n), "static" (only the SVD second
             factor and the Tucker-2 core train, always), or a callable
@@ -101,11 +109,12 @@ class SequentialFreezer:
         self._module = module
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._frozen_here: set[int] = set()  # ids of the parameters this freezer froze (and may thaw)
-        self.layers: dict[str, LowRankModule] = {
-            name: m for name, m in module.named_modules() if isinstance(m, LowRankModule)
-        }
+        order = {name: i for i, (name, _) in enumerate(module.named_modules())}
+        units: dict[str, Unit] = {name: m for name, m in module.named_modules() if isinstance(m, LowRankModule)}
+        units.update(merged_blocks(module))
+        self.layers: dict[str, Unit] = dict(sorted(units.items(), key=lambda item: order[item[0]]))
         if not self.layers:
-            raise ValueError(f"{type(module).__name__} has no decomposed layers (LowRankModule); "
+            raise ValueError(f"{type(module).__name__} has no decomposed layers (LowRankModule) or merged blocks; "
                              f"run lrd.decompose(model, ...) before SequentialFreezer")
         # Per layer, per factor: the parameters the freezer manages (those trainable at the start).
         self._factor_params = {
@@ -127,7 +136,7 @@ class SequentialFreezer:
 
     # ---- the overridable decision -------------------------------------------------------------
 
-    def trainable_factors(self, phase: int, module: LowRankModule) -> Sequence[int]:
+    def trainable_factors(self, phase: int, module: Unit) -> Sequence[int]:
         """Indices into `module.factors` of the factors that train in `phase`. Override to customise."""
         n = len(module.factors)
         if callable(self.schedule):
@@ -226,7 +235,7 @@ class SequentialFreezer:
                 self.freeze([p])
                 self._frozen_here.add(id(p))
 
-    def _checked(self, name: str, layer: LowRankModule, phase: int) -> tuple[int, ...]:
+    def _checked(self, name: str, layer: Unit, phase: int) -> tuple[int, ...]:
         indices = self.trainable_factors(phase, layer)
         n = len(layer.factors)
         try:
