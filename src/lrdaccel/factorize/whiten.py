@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from lrdaccel.factorize.tucker2 import tucker2
+from lrdaccel.factorize.tucker2 import _leading_left_singular_vectors, _unfold, tucker2
 
 # Relative to the mean input energy: whitening follows the inputs' spectrum over two decades and
 # treats directions weaker than that alike. It regularises what a few calibration batches cannot
@@ -281,3 +281,38 @@ def reduced_rank_fit(
     if bias is not None:
         new_bias = bias.detach().to(torch.float64) + w @ original_mean - second @ (first @ mean)
     return first, second, new_bias
+
+
+# ---- truncation loss at every rank (rank allocation, lrdaccel.planning.allocation) --------------
+
+
+def whitened_svd_truncation_loss(weight: torch.Tensor, covariance: torch.Tensor,
+                                 damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """E||(W - W_r) x||^2 for the best rank-r W_r, for every r = 0 .. min(out, in) (float64).
+
+    By Eckart-Young in the whitened space this is the tail sum of the squared singular values of
+    W S (S S^T = C): exact for the whitened SVD of `whitened_svd_split` (with damping, for the
+    damped covariance). Index r holds the loss at rank r; index 0 is E||W x||^2.
+    """
+    factor = whitening_factor(covariance.to(weight.device), damping)
+    energy = torch.linalg.svdvals(weight.detach().to(torch.float64) @ factor).square()
+    tail = energy.flip(0).cumsum(0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def whitened_tucker2_truncation_loss(weight: torch.Tensor, covariance: torch.Tensor,
+                                     damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """The output error of a Tucker-2 truncation at every (rank_out, rank_in), float64
+    [C_out + 1, C_in + 1]: entry [s, r] is what truncating the whitened kernel's HOSVD to output
+    rank s and input rank r loses, ||W~||^2 - ||core[:s, :r]||^2 (the HOSVD error, an upper
+    bound on HOOI's at the same ranks). Per output position, under the C (x) I approximation of
+    `whitened_tucker2`.
+    """
+    factor = whitening_factor(covariance.to(weight.device), damping)
+    whitened = torch.einsum("oihw,ij->ojhw", weight.detach().to(torch.float64), factor)
+    c_out, c_in = whitened.shape[:2]
+    u_out = _leading_left_singular_vectors(_unfold(whitened, 0), c_out)
+    u_in = _leading_left_singular_vectors(_unfold(whitened, 1), c_in)
+    kept = torch.einsum("oihw,os,ir->srhw", whitened, u_out, u_in).square().sum((2, 3)).cumsum(0).cumsum(1)
+    kept = torch.nn.functional.pad(kept, (1, 0, 1, 0))
+    return (whitened.square().sum() - kept).clamp_min(0)
