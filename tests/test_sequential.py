@@ -329,3 +329,20 @@ def test_a_plan_for_another_model_is_refused_before_any_pass():
     with pytest.raises(ValueError, match="plan row"):
         decompose_sequential(model, lrd.plan(nn.Sequential(nn.Linear(3, 3)), ranks={"0": 1}), batches())
     assert calls == []
+
+
+@pytest.mark.parametrize("budget", [0, 100_000])
+def test_keeping_the_original_inputs_or_not_gives_the_same_layers(budget, monkeypatch):
+    """The original's input rows are kept for several groups up to a byte budget, else read batch
+    by batch: the statistics, hence the factors, are the same to the bit."""
+    import lrdaccel.sequential as sequential
+
+    model = TwoConv().double().eval()
+    head = nn.Sequential(model, nn.Flatten(), nn.Linear(14 * 81, 7).double()).eval()
+    batches = image_batches()
+    plan = lrd.plan(head, ranks={"0.conv1": (3, 3), "0.conv2": (4, 4), "2": 3})
+    expected = build_sequential(head, plan, batches)
+    monkeypatch.setattr(sequential, "REFERENCE_CACHE_BYTES", budget)  # none kept / one conv group at a time
+    built = build_sequential(head, plan, batches)
+    for name, layer in expected.items():
+        assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), built[name].state_dict().values()))

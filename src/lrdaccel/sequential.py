@@ -80,6 +80,10 @@ REFITS = ("last", "joint", "none")
 # pulls towards the factorization's own last factor. 1e-3 on MiniLM's 1024 calibration sentences
 # beat 1e-2 and matched 1e-4; see lrdaccel.factorize.whiten.least_squares_last_factor.
 DEFAULT_REFIT_DAMPING = 1e-3
+# The original model's input rows of upcoming layer groups are kept up to this many bytes, so that
+# one pass of the original serves several groups (MiniLM on 1024 sentences: about a third of the
+# groups per pass); memory beyond that stays per batch.
+REFERENCE_CACHE_BYTES = 256 << 20
 
 
 def decompose_sequential(
@@ -190,8 +194,10 @@ def build_sequential(
             raise ValueError(f"layer {order.unreached[0]!r}: the calibration forward never reaches it "
                              f"(nor {len(order.unreached) - 1} other planned layers); exclude it from the plan "
                              f"or give batches that use it")
-        for group in tqdm(order.groups, desc="sequential calibration", unit="group", disable=not progress):
-            stats = _paired_input_stats(model, working, group, order, batches)
+        originals = _OriginalInputs(model, order, batches)
+        for index, group in enumerate(tqdm(order.groups, desc="sequential calibration", unit="group",
+                                           disable=not progress)):
+            stats = _paired_input_stats(originals, working, index, batches)
             fitted = {name: fitter.fit(working.get_submodule(name), rows[name], stats[name]) for name in group}
             swap_modules(working, fitted)
             if refit != "none":
@@ -212,31 +218,101 @@ def _row_rule(module: nn.Module) -> tuple:
     return ("pixels",)
 
 
-def _paired_input_stats(original: nn.Module, working: nn.Module, group: list[str], order: CallOrder,
+class _OriginalInputs:
+    """The inputs the ORIGINAL model feeds each layer group, by batch and call, as rows.
+
+    They never change, so one pass of the original can serve several groups: the rows of the
+    next groups are kept for every batch at once, up to `REFERENCE_CACHE_BYTES` (estimated from
+    the probe's positions); a group too large for that is read batch by batch from its own pass.
+    Layers of a group that see the same rows (query, key, value) are read once, by a leader.
+    """
+
+    def __init__(self, original: nn.Module, order: CallOrder, batches: list[Any]):
+        self.original, self.order, self.batches = original, order, batches
+        self.leaders: list[dict[str, str]] = []  # per group: layer -> the layer whose rows it shares
+        for group in order.groups:
+            first: dict[tuple, str] = {}
+            self.leaders.append({name: first.setdefault(_row_rule(original.get_submodule(name)), name)
+                                 for name in group})
+        self.kept: dict[str, list[list[torch.Tensor]]] = {}  # leader -> batch -> call -> rows
+        self.kept_until = 0  # groups below this index are (or were) in `kept`
+
+    def watched(self, group: int) -> list[str]:
+        return sorted(set(self.leaders[group].values()), key=list(self.leaders[group]).index)
+
+    def rows(self, group: int, index: int, batch: Any) -> dict[str, list[torch.Tensor]]:
+        """{leader: rows per call} of batch `index` for layer group `group`."""
+        if group >= self.kept_until:
+            self._keep_from(group)
+        watched = self.watched(group)
+        if all(name in self.kept for name in watched):
+            return {name: self.kept[name][index] for name in watched}
+        mask = token_mask(batch)
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in watched}
+        forward_until(self.original, batch, index, layers_by_name(self.original, watched), self.order.calls,
+                      lambda name, module, x: seen[name].append(input_rows(module, x, mask)))
+        return seen
+
+    def release(self, group: int) -> None:
+        for name in self.watched(group):
+            self.kept.pop(name, None)
+
+    def _keep_from(self, group: int) -> None:
+        """One pass of the original for as many groups from `group` on as fit the byte budget."""
+        names, total, end = [], 0, group
+        while end < len(self.order.groups):
+            size = sum(self._bytes(name) for name in self.watched(end))
+            if total + size > REFERENCE_CACHE_BYTES:
+                break
+            names += self.watched(end)
+            total, end = total + size, end + 1
+        self.kept_until = max(end, group + 1)
+        if not names:
+            return  # this group alone is too large: `rows` reads it batch by batch
+        self.kept = {name: [] for name in names}
+        modules = layers_by_name(self.original, names)
+        for index, batch in enumerate(self.batches):
+            mask = token_mask(batch)
+            for name in names:
+                self.kept[name].append([])
+            forward_until(self.original, batch, index, modules, self.order.calls,
+                          lambda name, module, x: self.kept[name][-1].append(input_rows(module, x, mask)))
+
+    def _bytes(self, name: str) -> int:
+        """Estimated bytes of a layer's input rows over all batches (the probe batch's times the
+        number of batches; a k x k conv reads stride^2 input pixels per output position)."""
+        module = self.original.get_submodule(name)
+        positions = self.order.positions[name]
+        if isinstance(module, nn.Conv2d):
+            width = module.in_channels
+            if module.kernel_size != (1, 1):
+                positions *= module.stride[0] * module.stride[1]
+        else:
+            width = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+        return positions * width * module.weight.element_size() * len(self.batches)
+
+
+def _paired_input_stats(originals: _OriginalInputs, working: nn.Module, group: int,
                         batches: list[Any]) -> dict[str, PairedStats]:
-    """Each group layer's (x, x_hat) input moments over every batch; layers of the group that see
-    the same rows share one accumulator (query, key and value are summed once)."""
-    leaders: dict[tuple, str] = {}
-    for name in group:
-        leaders.setdefault(_row_rule(original.get_submodule(name)), name)
-    watched = list(leaders.values())
+    """Each layer of group `group`: the moments of its (x, x_hat) input pairs over every batch;
+    layers that see the same rows share one accumulator (query, key and value are summed once)."""
+    watched = originals.watched(group)
     shared = {name: PairedStats() for name in watched}
     for index, batch in enumerate(batches):
         mask = token_mask(batch)
-        seen_original: dict[str, list[torch.Tensor]] = {name: [] for name in watched}
-        forward_until(original, batch, index, layers_by_name(original, watched), order.calls,
-                      lambda name, module, x: seen_original[name].append(input_rows(module, x, mask)))
+        seen_original = originals.rows(group, index, batch)
         calls = {name: 0 for name in watched}
 
         def pair(name: str, module: nn.Module, x_hat: torch.Tensor) -> None:
             shared[name].add(seen_original[name][calls[name]], input_rows(module, x_hat, mask))
             calls[name] += 1
 
-        forward_until(working, batch, index, layers_by_name(working, watched), order.calls, pair)
+        forward_until(working, batch, index, layers_by_name(working, watched), originals.order.calls, pair)
         for name in watched:
             if not shared[name].finite():
                 raise ValueError(f"calibration batch {index}: NaN/Inf reached layer {name!r}")
-    return {name: shared[leaders[_row_rule(original.get_submodule(name))]] for name in group}
+    originals.release(group)
+    return {name: shared[leader] for name, leader in originals.leaders[group].items()}
 
 
 class _Fitter:
