@@ -88,7 +88,8 @@ def test_last_factor_is_the_least_squares_optimum_and_strictly_reduces_the_error
     original = TwoLinear().double().eval()
     batches = linear_batches()
     model = copy.deepcopy(original)
-    decompose_sequential(model, lrd.plan(original, ranks={"fc1": 6, "fc2": 5}), batches, refit_damping=0.0)
+    decompose_sequential(model, lrd.plan(original, ranks={"fc1": 6, "fc2": 5}), batches, refit="last",
+                         refit_damping=0.0)
     x = torch.cat([b.reshape(-1, 24) for b in batches])
     with torch.no_grad():
         target = original.fc2(torch.tanh(original.fc1(x)))  # the original layer on the original inputs
@@ -306,7 +307,8 @@ def test_singular_last_factor_system_without_damping_is_an_error():
     x[..., 0] = torch.randn(2, 16)
     before = snapshot(model)
     with pytest.raises(ValueError, match="layer 'fc1': the least-squares system for the last factor is singular"):
-        decompose_sequential(model, lrd.plan(model, ranks={"fc1": 3}, include=["fc1"]), [x], refit_damping=0.0)
+        decompose_sequential(model, lrd.plan(model, ranks={"fc1": 3}, include=["fc1"]), [x], refit="last",
+                             refit_damping=0.0)
     assert unchanged(model, before)
 
 
