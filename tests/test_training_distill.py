@@ -170,3 +170,27 @@ def test_losses_against_hand_computation():
     assert agreement(logits_s, logits_s).tolist() == [1.0] * 6
     with pytest.raises(ValueError, match="differ"):
         distill_loss(logits_s, logits_t[:, :5], "kl")
+
+
+def test_matched_layers_add_each_blocks_error_and_hooks_go_away():
+    teacher = tiny_bert()
+    student = copy.deepcopy(teacher)
+    lrd.decompose(student, ratio=1.5, min_rank=1)
+    batch = token_batches(1)
+    plain = distill(copy.deepcopy(student), teacher, batch, lr=1e-9, progress=False, eval_batches=batch)
+    matched = distill(student, teacher, batch, lr=1e-9, progress=False, eval_batches=batch,
+                      match_layers=r"encoder\.layer\.\d+")
+    assert all(not m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))
+    student.eval()
+    with torch.no_grad():
+        s_out = student(**batch[0], output_hidden_states=True)
+        t_out = teacher(**batch[0], output_hidden_states=True)
+    mask = batch[0]["attention_mask"]
+    blocks = sum(distill_loss(s, t, "mse", mask) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:])) / 2
+    assert matched.epochs[0].test_loss == pytest.approx(plain.epochs[0].test_loss + blocks.item(), rel=1e-4)
+    # Trained in eval mode (no dropout): the train loss is the evaluation loss on the same batch.
+    assert matched.epochs[0].train_loss == pytest.approx(matched.epochs[0].test_loss, rel=1e-2)
+    with pytest.raises(ValueError, match="matches no module"):
+        distill(student, teacher, batch, match_layers="nothing", progress=False)
+    with pytest.raises(ValueError, match="match_layers must be a regex"):
+        distill(student, teacher, batch, match_layers="(", progress=False)

@@ -61,8 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     run_group = parser.add_argument_group("training")
     add_config_args(run_group, DistillConfig, ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule",
-                                               "warmup_steps", "loss", "temperature", "train_embeddings", "seed",
-                                               "amp"),
+                                               "warmup_steps", "loss", "temperature", "match_layers", "eval_mode",
+                                               "train_embeddings", "seed", "amp"),
                     choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "loss": DISTILL_LOSSES})
     freeze = parser.add_argument_group("sequential freezing")
     add_config_args(freeze, DistillConfig, ("schedule", "every_epochs", "every_steps", "freeze_undecomposed"),

@@ -3,6 +3,7 @@ checkpoint. The fields they share mean the same and are checked by the same code
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lrdaccel._settings import check_choice, check_int, check_number
@@ -89,10 +90,16 @@ class DistillConfig:
         loss: "auto", "kl" (logits), "cosine", "mse" or "cosine+mse" (token states; see
             DISTILL_LOSSES).
         temperature: softening temperature of "kl".
+        match_layers: a full regex on module names (e.g. "encoder\\.layer\\.\\d+", every
+            transformer block): their outputs are matched to the teacher's too (relative squared
+            error, real tokens only), added to the loss: a signal for every block, not just the last.
         schedule: freezing schedule ("rotate", "freeze_one", "static") or None for no freezing.
         every_epochs: epochs per freezing phase.
         every_steps: optimizer steps per freezing phase (overrides every_epochs).
         freeze_undecomposed: keep every layer outside the decomposed ones frozen.
+        eval_mode: train the model in eval mode (dropout off, BatchNorm on its running statistics),
+            as the teacher runs and as the model will serve: the target is the teacher's exact
+            output, and dropout noise only slows a short run. False: ordinary training mode.
         train_embeddings: also train nn.Embedding tables (default: frozen; few of their rows are
             seen in a short run, and their dense optimizer update would dominate a CPU step).
         amp: autocast (bfloat16 on CPU; float16 with a grad scaler on CUDA).
@@ -112,10 +119,12 @@ class DistillConfig:
     warmup_steps: int = 0
     loss: str = "auto"
     temperature: float = 2.0
+    match_layers: str | None = None
     schedule: str | None = None
     every_epochs: int = 1
     every_steps: int | None = None
     freeze_undecomposed: bool = False
+    eval_mode: bool = True
     train_embeddings: bool = False
     amp: bool = False
     checkpoint_dir: str | None = None
@@ -128,6 +137,12 @@ class DistillConfig:
         _check_shared(self)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_choice("loss", self.loss, DISTILL_LOSSES)
+        if self.match_layers is not None:
+            try:
+                re.compile(self.match_layers)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"match_layers must be a regex on module names, got {self.match_layers!r} "
+                                 f"({error})") from None
 
 
 def _check_shared(config) -> None:

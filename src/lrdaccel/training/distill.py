@@ -16,7 +16,9 @@ teacher's on the same batch:
 - "cosine": 1 - cosine between the mask-averaged embeddings (an encoder's sentence embedding,
   as sentence-transformers pools it; padded tokens excluded by the batch's attention_mask);
 - "mse": squared error of the real tokens' states relative to the teacher's energy;
-- "cosine+mse": both, the default for token states ("auto": "kl" for logits).
+- "cosine+mse": both, the default for token states ("auto": "kl" for logits);
+- with `match_layers` (a regex on module names), the relative squared error of those modules'
+  outputs too (every transformer block, say): a signal for each block, not only the last.
 
 Everything else is `lrd.finetune`'s loop: sequential freezing (`schedule="rotate"`...), AMP,
 DDP under torchrun (batches sharded over processes), and exact resume from checkpoints.
@@ -24,6 +26,7 @@ DDP under torchrun (batches sharded over processes), and exact resume from check
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import torch
@@ -78,12 +81,14 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Iterable[Any], config
     model = unwrap(model)
     frozen = [] if config.train_embeddings else [
         m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    task = _Distillation(batches, held_out, teacher, model, config)
     with process_group():
         try:
             for weight in frozen:
                 weight.requires_grad_(False)
-            return _Run(model, _Distillation(batches, held_out, teacher, config), config, device, progress).run()
+            return _Run(model, task, config, device, progress).run()
         finally:
+            task.close()
             for weight in frozen:
                 weight.requires_grad_(True)
 
@@ -94,22 +99,62 @@ class _Distillation(Task):
     verb = "distill"
     score = "test_agreement"
 
-    def __init__(self, batches: list, eval_batches: list | None, teacher: nn.Module, config: DistillConfig):
+    def __init__(self, batches: list, eval_batches: list | None, teacher: nn.Module, model: nn.Module,
+                 config: DistillConfig):
         self.batches, self.eval_batches, self.teacher, self.config = batches, eval_batches, teacher, config
         self.size, self.items_per_step = len(batches), 1
+        self.matched: dict[str, dict[str, torch.Tensor]] = {"teacher": {}, "student": {}}
+        self.handles = []
+        if config.match_layers is not None:
+            pattern = re.compile(config.match_layers)
+            student_modules = dict(model.named_modules())
+            names = [name for name, _ in unwrap(teacher).named_modules()
+                     if name and pattern.fullmatch(name) and name in student_modules]
+            if not names:
+                raise ValueError(f"match_layers: regex {config.match_layers!r} matches no module the model and the "
+                                 f"teacher both have")
+            for role, net in (("teacher", unwrap(teacher)), ("student", model)):
+                for name in names:
+                    self.handles.append(net.get_submodule(name).register_forward_hook(self._keeper(role, name)))
+
+    def _keeper(self, role: str, name: str):
+        def hook(_module, _args, output):
+            self.matched[role][name] = output_tensor(output)
+
+        return hook
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Eval mode unless asked otherwise: the model learns the function it will serve."""
+        model.train(not self.config.eval_mode)
+
+    def close(self) -> None:
+        """Remove the hooks on the model and the teacher."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def fetch(self, indices: list[int], device: torch.device) -> Any:
         return move_inputs(self.batches[indices[0]], device)
 
     def _outputs(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        for kept in self.matched.values():
+            kept.clear()
         with torch.no_grad():
             target = output_tensor(call_model(self.teacher, batch)).float()
         return output_tensor(call_model(net, batch)).float(), target
 
+    def _loss(self, student: torch.Tensor, teacher: torch.Tensor, batch: Any) -> torch.Tensor:
+        mask = token_mask(batch)
+        loss = distill_loss(student, teacher, self.config.loss, mask, self.config.temperature)
+        layers = self.matched["teacher"]
+        if layers:
+            loss = loss + sum(distill_loss(self.matched["student"][name].float(), target.float(), "mse", mask)
+                              for name, target in layers.items()) / len(layers)
+        return loss
+
     def loss(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         student, teacher = self._outputs(net, batch)
-        return distill_loss(student, teacher, self.config.loss, token_mask(batch), self.config.temperature), \
-            student.shape[0]
+        return self._loss(student, teacher, batch), student.shape[0]
 
     @property
     def has_evaluation(self) -> bool:
@@ -120,10 +165,9 @@ class _Distillation(Task):
         for batch in self.eval_batches[rank::world]:
             batch = move_inputs(batch, device)
             student, teacher = self._outputs(model, batch)
-            mask = token_mask(batch)
             count = student.shape[0]
-            loss_sum += distill_loss(student, teacher, self.config.loss, mask, self.config.temperature).item() * count
-            score_sum += float(agreement(student, teacher, self.config.loss, mask).sum())
+            loss_sum += self._loss(student, teacher, batch).item() * count
+            score_sum += float(agreement(student, teacher, self.config.loss, token_mask(batch)).sum())
             n += count
         return loss_sum, score_sum, n
 

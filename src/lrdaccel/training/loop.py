@@ -118,6 +118,10 @@ class Task:
     def has_evaluation(self) -> bool:
         return False
 
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in the mode it trains in."""
+        model.train()
+
     def describe(self) -> dict:
         """What else must match for a checkpoint to resume this run."""
         return {"teacher": self.teacher is not None}
@@ -229,7 +233,7 @@ class _Run:
         per_step = self.task.items_per_step
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
                    disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
-        self.model.train()
+        self.task.train_mode(self.model)
         start = time.perf_counter()
         try:
             while self.batch < self.steps_per_epoch:
@@ -316,7 +320,7 @@ class _Run:
         start = time.perf_counter()
         self.model.eval()
         loss_sum, score_sum, n = self.task.evaluate(self.model, self.device, self.rank, self.world)
-        self.model.train()
+        self.task.train_mode(self.model)
         loss_sum, score_sum, n = self._all_sum([loss_sum, score_sum, n])
         return loss_sum / max(n, 1), score_sum / max(n, 1), time.perf_counter() - start
 
