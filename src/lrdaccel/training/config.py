@@ -87,8 +87,9 @@ class DistillConfig:
         weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
         lr_schedule: "cosine" (to zero over the run, per step) or "constant".
         warmup_steps: linear learning-rate warm-up over the first steps (0: none).
-        loss: "auto", "kl" (logits), "cosine", "mse" or "cosine+mse" (token states; see
-            DISTILL_LOSSES).
+        loss: "kl" (logits, temperature-softened), "cosine" (between mask-averaged
+            embeddings), "mse" (real tokens' states, relative), "cosine+mse", or "auto": "kl"
+            for logits [batch, classes], "cosine+mse" for token states [batch, tokens, width].
         temperature: softening temperature of "kl".
         match_layers: a full regex on module names (e.g. "encoder\\.layer\\.\\d+", every
             transformer block): their outputs are matched to the teacher's too (relative squared
