@@ -192,9 +192,9 @@ def build_sequential(
         working.eval()
         order = probe_calls(model, layers_by_name(model, rows), batches[0])
         if order.unreached:
-            raise ValueError(f"layer {order.unreached[0]!r}: the calibration forward never reaches it "
-                             f"(nor {len(order.unreached) - 1} other planned layers); exclude it from the plan "
-                             f"or give batches that use it")
+            others = f" (nor {len(order.unreached) - 1} more planned layers)" if len(order.unreached) > 1 else ""
+            raise ValueError(f"layer {order.unreached[0]!r}: the calibration forward never reaches it{others}; "
+                             f"exclude it from the plan or give batches that use it")
         originals = _OriginalInputs(model, order, batches)
         for index, group in enumerate(tqdm(order.groups, desc="sequential calibration", unit="group",
                                            disable=not progress)):
