@@ -322,8 +322,8 @@ def fmnist(name: str, args) -> dict:
         uniform, allocated, alloc_clock = plans_for(original, ratio, calibration, labels=labels, **settings)
         _, by_macs, _ = plans_for(original, ratio, calibration, labels=labels, budget="macs", **settings)
         plans = {"uniform": uniform, "allocated": allocated, "allocated (MACs)": by_macs}
-        variants = [("uniform", step) for step in args.steps] + [("allocated", "whiten"), ("allocated", "seq+joint"),
-                                                                 ("allocated (MACs)", "seq+joint")]
+        variants = [("uniform", step) for step in args.fmnist_steps] + [
+            ("allocated", "whiten"), ("allocated", "seq+joint"), ("allocated (MACs)", "seq+joint")]
         for plan_name, step in variants:
             plan = plans[plan_name]
             model, clock = decompose_step(original, plan, step, calibration)
@@ -335,7 +335,7 @@ def fmnist(name: str, args) -> dict:
             if has_bn:
                 recalibrate_batchnorm(model, bn_batches)
                 row["accuracy_bn"] = accuracy(model.eval(), test, progress=False)
-            if step == "seq+joint" or (plan_name == "uniform" and step == "svd"):
+            if plan_name != "uniform" and step == "seq+joint" or (plan_name == "uniform" and step == "svd"):
                 tuned = copy.deepcopy(model)
                 clock = Clock()
                 finetune(tuned, third, None, teacher=original, epochs=1, lr=args.fmnist_lr, optimizer="adamw",
@@ -399,6 +399,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fmnist-calibration", type=int, default=8, help="calibration batches of 128 (default 8)")
     parser.add_argument("--fmnist-bn", type=int, default=20, help="BatchNorm batches of 128 (default 20)")
     parser.add_argument("--fmnist-lr", type=float, default=5e-4, help="1/3-epoch fine-tuning AdamW lr (default 5e-4)")
+    parser.add_argument("--fmnist-steps", default="svd,whiten,seq,seq+joint", help="uniform-plan steps for the "
+                                                                                 "Fashion-MNIST models")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "calibration"), help="output prefix")
     args = parser.parse_args(argv)
@@ -406,6 +408,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.steps = tuple(s for s in args.steps.split(",") if s)
+    args.fmnist_steps = tuple(s for s in args.fmnist_steps.split(",") if s)
     args.distill_ratios = [float(r) for r in args.distill_ratios.split(",") if r]
     meta = {"command": "python benchmarks/calibration_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
