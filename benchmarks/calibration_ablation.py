@@ -392,7 +392,7 @@ def main(argv=None) -> int:
                         help="uniform-plan steps to run (the allocated plan always runs whiten and seq+joint)")
     parser.add_argument("--distill-ratios", default="1.5,2", help="MiniLM ratios to distil after the full pipeline")
     parser.add_argument("--distill-seconds", type=float, default=300, help="CPU seconds of distillation (default 300)")
-    parser.add_argument("--distill-chunk", type=int, default=40, help="steps between scores (default 40)")
+    parser.add_argument("--distill-chunk", type=int, default=80, help="steps between scores (default 80)")
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--distill-freeze", default=None, help="freezing schedule during distillation (default none)")
     parser.add_argument("--effnet-images", type=int, default=64, help="calibration crops per fold (default 64)")
@@ -422,9 +422,9 @@ def main(argv=None) -> int:
         meta["load"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
         result = runners[name](args)
         result.update(meta=dict(meta), seconds=clock())
-        out = Path(f"{args.out}_{name}")
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(result, meta))
+        out = f"{args.out}_{name}"
+        Path(out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(out + ".md").write_text(markdown(result, meta))
         print(markdown(result, meta), flush=True)
     return 0
 
