@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -50,12 +51,20 @@ def test_distill_from_saved_dir_stop_and_resume(tmp_path):
     assert history["global_step"] == 6 and history["completed"]
 
 
+@pytest.mark.slow
 def test_distill_minilm_on_sentences(tmp_path):
     out = tmp_path / "out"
     assert main(["distill", "--model", "minilm", "--ratio", "1.5", "--data", "text", "--limit", "16",
                  "--eval-limit", "8", "--train-batch-size", "8", "--max-steps", "1", "--no-progress",
                  "--checkpoint-dir", str(tmp_path / "c"), "-o", str(out)]) == 0
-    assert (out / "model.safetensors").is_file() or any(out.iterdir())
+    history = json.loads((out / "history.json").read_text())
+    assert history["global_step"] == 1 and not history["completed"]
+    from lrdaccel import zoo
+
+    base = zoo.minilm()
+    expected = len(lrd.plan(base, ratio=1.5).decomposed)
+    model = lrd.load(out, base)
+    assert sum(isinstance(m, lrd.SVDLinear) for m in model.modules()) == expected > 0
 
 
 def test_bad_arguments(tmp_path, capsys):
