@@ -135,7 +135,7 @@ def test_memory_stays_bounded_and_no_batch_is_kept():
     one = collect_input_stats(model, ["0", "1"], stream(1))
     many = collect_input_stats(model, ["0", "1"], stream(200))
     assert many["0"].count == 200 * 32
-    expected = {"0": (16 * 16 * 8, ["sum_outer"]), "1": (8 * 8 * 8, ["sum_outer"])}
+    expected = {"0": (16 * 16 * 8, ["sum_outer", "sum_rows"]), "1": (8 * 8 * 8, ["sum_outer", "sum_rows"])}
     assert footprint(one) == footprint(many) == expected
     gc.collect()
     assert len(alive) == 201 and all(ref() is None for ref in alive)

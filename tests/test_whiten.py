@@ -191,3 +191,55 @@ def test_whitened_tucker2_with_identity_covariance_is_plain_hooi():
     weight = torch.randn(12, 9, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(reconstruct(*whitened_tucker2(weight, torch.eye(9, dtype=torch.float64), 4, 5, damping=0.0)),
                                reconstruct(*tucker2(weight, 4, 5)), rtol=1e-9, atol=1e-9)
+
+
+# ---- closed-form re-solves (sequential calibration) ------------------------------------------------
+
+
+def test_last_factor_least_squares_keeps_the_prior_when_inputs_did_not_change():
+    """z and y from the original layer itself: the answer is the factorization's own last factor
+    and bias, whatever the damping."""
+    from lrdaccel.factorize.whiten import least_squares_last_factor
+
+    weight, bias = torch.randn(9, 12, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    x = anisotropic_inputs(300, 12) + 0.5
+    first, second = whitened_svd_split(weight, second_moment(x), 4)
+    z, y = x @ first.T, x @ (second @ first).T + bias
+    for damping in (0.0, 1e-3, 1.0):
+        last, fitted_bias = least_squares_last_factor(second_moment(z), y.T @ z / 300, second, z.mean(0), y.mean(0),
+                                                      damping)
+        torch.testing.assert_close(last, second)
+        torch.testing.assert_close(fitted_bias, bias)
+
+
+def test_reduced_rank_fit_is_the_whitened_svd_when_inputs_did_not_change_and_exact_at_full_rank():
+    from lrdaccel.factorize.whiten import reduced_rank_fit
+
+    weight, bias = torch.randn(10, 8, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    x = anisotropic_inputs(400, 8, decades=2) + 1.0
+    mean = x.mean(0)
+    centred = second_moment(x - mean)
+    first, second, new_bias = reduced_rank_fit(weight, bias, second_moment(x), second_moment(x), 3, mean, mean,
+                                               damping=0.0)
+    w_first, w_second = whitened_svd_split(weight, centred, 3, damping=0.0)
+    torch.testing.assert_close(second @ first, w_second @ w_first)
+    torch.testing.assert_close(new_bias, bias + (weight - second @ first) @ mean)
+    # A changed input, full rank: W' x_hat + c reproduces W x + b exactly when x = T x_hat.
+    transform = torch.randn(8, 8, dtype=torch.float64)
+    x_hat = x @ torch.linalg.inv(transform).T
+    first, second, new_bias = reduced_rank_fit(weight, bias, second_moment(x_hat), x.T @ x_hat / 400, 8,
+                                               x_hat.mean(0), mean, damping=0.0)
+    torch.testing.assert_close(x_hat @ (second @ first).T + new_bias, x @ weight.T + bias)
+
+
+def test_least_squares_last_factor_refuses_a_singular_system():
+    from lrdaccel.factorize.whiten import least_squares_last_factor
+
+    z = torch.zeros(50, 3, dtype=torch.float64)
+    z[:, 0] = torch.randn(50, dtype=torch.float64)
+    with pytest.raises(WhiteningError, match="singular"):
+        least_squares_last_factor(second_moment(z), torch.randn(4, 3, dtype=torch.float64),
+                                  torch.zeros(4, 3, dtype=torch.float64), damping=0.0)
+    with pytest.raises(ValueError, match="both"):
+        least_squares_last_factor(second_moment(z), torch.randn(4, 3, dtype=torch.float64),
+                                  torch.zeros(4, 3, dtype=torch.float64), factor_mean=z.mean(0))

@@ -1,25 +1,34 @@
 """Calibration: what each layer's inputs look like on real data, for activation-aware decomposition.
 
 `collect_input_stats` runs the model on calibration batches with forward pre-hooks on the
-chosen layers and streams sum(x x^T) and the count of input vectors into a float64 accumulator
-per layer: memory is channels^2 per layer whatever the number of batches, and no activation is
-kept. The layers' `from_dense(..., input_covariance=stats.covariance())` turn the statistics
-into factors (`decompose(..., method="whiten")` does this), so ranks, structure, freezing and
-save/load are exactly those of plain decomposition.
+chosen layers and streams sum(x x^T), sum(x) and the count of input vectors into float64
+accumulators per layer: memory is channels^2 per layer whatever the number of batches, and no
+activation is kept. The layers' `from_dense(..., input_covariance=stats.covariance())` turn the
+statistics into factors (`decompose(..., method="whiten")` does this), so ranks, structure,
+freezing and save/load are exactly those of plain decomposition. Sequential calibration
+(lrdaccel.sequential) streams `PairedStats` instead: the inputs of one layer in the original and
+in the partly decomposed model, side by side.
 
 What counts as "the input" of each layer type (the vectors its weight multiplies):
-- Linear / HF Conv1D: every vector along the last dimension (every token).
+- Linear / HF Conv1D: every vector along the last dimension (every token), except padding: when
+  a batch is a mapping with a 2-D `attention_mask` (a tokenizer's output), an input shaped
+  [batch, tokens, d] contributes only its real tokens. Padded positions are not text, and in
+  short sentences they would outnumber the words.
 - 1x1 Conv2d: every pixel the conv reads after its own padding and stride subsampling; a
   zero-padded position is a zero vector (it adds to the count, not the sum: a uniform rescale of
   the covariance, which whitening ignores). Reflect/replicate/circular padding is reproduced.
 - k x k Conv2d (Tucker-2): every pixel of the unpadded input, as channel vectors: the channel
   covariance of the C (x) I approximation of the patch covariance (see factorize/whiten.py).
+
+The helpers at the end run a model only as far as the layers of interest (`forward_until`) and
+find their execution order (`probe_calls`): sequential calibration and rank allocation use them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -35,26 +44,34 @@ from lrdaccel.layers import entry_for
 _CHUNK_ELEMENTS = 1 << 22
 
 
+def _zeros(*shape: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+
 @dataclass
 class InputStats:
-    """Streamed second moment of one layer's inputs.
+    """Streamed first and second moments of one layer's inputs.
 
     Attributes:
         sum_outer: float64 [d, d], sum over every input vector x of x x^T (None before any input).
+        sum_rows: float64 [d], sum of the input vectors (for the mean a bias absorbs).
         count: how many input vectors were summed.
     """
 
     sum_outer: torch.Tensor | None = None
+    sum_rows: torch.Tensor | None = None
     count: int = 0
 
     def add(self, rows: torch.Tensor) -> None:
         """Fold in input vectors `rows` [n, d], in chunks, in float64."""
         if self.sum_outer is None:
-            self.sum_outer = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+            self.sum_outer = _zeros(rows.shape[1], rows.shape[1], device=rows.device)
+            self.sum_rows = _zeros(rows.shape[1], device=rows.device)
         step = max(1, _CHUNK_ELEMENTS // max(1, rows.shape[1]))
         for start in range(0, rows.shape[0], step):
             chunk = rows[start:start + step].to(torch.float64)
             self.sum_outer.addmm_(chunk.T, chunk)
+            self.sum_rows += chunk.sum(0)
         self.count += rows.shape[0]
 
     def covariance(self) -> torch.Tensor:
@@ -63,10 +80,83 @@ class InputStats:
             raise ValueError("no inputs were recorded")
         return self.sum_outer / self.count
 
+    def mean(self) -> torch.Tensor:
+        """E[x] over the inputs seen."""
+        if not self.count:
+            raise ValueError("no inputs were recorded")
+        return self.sum_rows / self.count
 
-def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The vectors `module`'s weight multiplies, as rows [n, d] (see the module docstring)."""
+    def finite(self) -> bool:
+        return self.sum_outer is None or bool(torch.isfinite(self.sum_outer).all() and torch.isfinite(self.sum_rows).all())
+
+
+@dataclass
+class PairedStats:
+    """Streamed moments of paired rows from two models fed the same batches: x from the original
+    model and x_hat from the partly decomposed one, row i of each from the same token or pixel.
+    For one layer's inputs (x and x_hat of the same width) they give the closed-form re-solve of
+    the layer so its output on x_hat matches the original layer's on x; with x the original
+    layer's output and x_hat what the new layer's earlier factors output, they give its last
+    factor (lrdaccel.sequential).
+
+    Attributes:
+        decomposed: the moments of x_hat (E[x_hat x_hat^T], E[x_hat]).
+        sum_cross: float64 [d_x, d_x_hat], sum of x x_hat^T.
+        sum_original: float64 [d_x], sum of x.
+    """
+
+    decomposed: InputStats = field(default_factory=InputStats)
+    sum_cross: torch.Tensor | None = None
+    sum_original: torch.Tensor | None = None
+
+    def add(self, original: torch.Tensor, decomposed: torch.Tensor) -> None:
+        """Fold in paired rows: `original` [n, d_x] (x) and `decomposed` [n, d_x_hat] (x_hat)."""
+        if original.shape[0] != decomposed.shape[0]:
+            raise ValueError(f"the original and decomposed models gave different numbers of rows "
+                             f"({original.shape[0]} and {decomposed.shape[0]}) for the same batch")
+        if self.sum_cross is None:
+            self.sum_cross = _zeros(original.shape[1], decomposed.shape[1], device=original.device)
+            self.sum_original = _zeros(original.shape[1], device=original.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, original.shape[1], decomposed.shape[1]))
+        for start in range(0, original.shape[0], step):
+            x = original[start:start + step].to(torch.float64)
+            self.sum_cross.addmm_(x.T, decomposed[start:start + step].to(torch.float64))
+            self.sum_original += x.sum(0)
+        self.decomposed.add(decomposed)
+
+    @property
+    def count(self) -> int:
+        return self.decomposed.count
+
+    def cross(self) -> torch.Tensor:
+        """E[x x_hat^T]."""
+        return self.sum_cross / self.count
+
+    def original_mean(self) -> torch.Tensor:
+        """E[x]."""
+        return self.sum_original / self.count
+
+    def finite(self) -> bool:
+        return self.decomposed.finite() and (self.sum_cross is None or bool(
+            torch.isfinite(self.sum_cross).all() and torch.isfinite(self.sum_original).all()))
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The [batch, tokens] boolean mask of real tokens, when the batch is a mapping holding a 2-D
+    `attention_mask` (a tokenizer's output); else None."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.bool()
+    return None
+
+
+def input_rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The vectors `module`'s weight multiplies, as rows [n, d] (see the module docstring);
+    with a token `mask` [batch, tokens], only the real tokens of a [batch, tokens, d] input."""
     if not isinstance(module, nn.Conv2d):
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.to(x.device)]
         return x.reshape(-1, x.shape[-1])
     if x.dim() == 3:  # unbatched [C, H, W]
         x = x.unsqueeze(0)
@@ -84,12 +174,52 @@ def _pad_like(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (pw, pw, ph, ph), mode=mode)
 
 
-def _check_iterable(calibration: Any) -> None:
+def check_calibration(calibration: Any) -> None:
+    """Calibration must be an iterable of batches, not one batch.
+
+    Raises:
+        ValueError: None, a single tensor or mapping, or something that is not iterable.
+    """
     if calibration is None:
         raise ValueError("calibration batches are required: give a DataLoader or a list of batches")
     if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
         raise ValueError(f"calibration must be an iterable of batches (a DataLoader or a list); got a single "
                          f"{type(calibration).__name__}: wrap one batch in a list, e.g. [batch]")
+
+
+def layers_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """{name: module} for layers whose inputs can be collected.
+
+    Raises:
+        ValueError: a name the model does not have, or a module no decomposition applies to.
+    """
+    modules = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"layer {name!r}: the model has no such module") from None
+        if entry_for(module) is None:
+            raise ValueError(f"layer {name!r}: cannot collect input statistics of a {type(module).__name__}")
+        modules[name] = module
+    return modules
+
+
+def call_batch(model: nn.Module, batch: Any, index: int) -> Any:
+    """Call the model on one calibration batch.
+
+    Raises:
+        ValueError: whatever the model raised, naming the batch and how batches are called.
+    """
+    try:
+        return call_model(model, batch)
+    except _Stop:
+        raise
+    except Exception as error:  # whatever the model raises, say which batch and how it was called
+        raise ValueError(
+            f"calibration batch {index}: the model failed on it ({type(error).__name__}: {error}); "
+            f"batches are called as model(tensor), model(*tuple) or model(**dict): drop labels first"
+        ) from error
 
 
 @torch.no_grad()
@@ -110,7 +240,8 @@ def collect_input_stats(
         names: qualified names of the Linear / Conv1D / Conv2d layers to observe.
         calibration: an iterable of batches (DataLoader, list, generator). A batch is called as
             model(batch) for a tensor, model(*batch) for a tuple/list, model(**batch) for a
-            mapping: drop labels first, e.g. `[x for x, _ in loader]`.
+            mapping: drop labels first, e.g. `[x for x, _ in loader]`. A mapping's 2-D
+            `attention_mask` keeps padded tokens out of the statistics.
         progress: show a tqdm bar over batches.
 
     Returns:
@@ -120,50 +251,143 @@ def collect_input_stats(
         ValueError: no batches, a batch the model fails on (naming its index), a name that is not
             a supported layer, or NaN/Inf inputs reaching a layer (naming it).
     """
-    _check_iterable(calibration)
-    modules = {}
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"layer {name!r}: the model has no such module") from None
-        if entry_for(module) is None:
-            raise ValueError(f"layer {name!r}: cannot collect input statistics of a {type(module).__name__}")
-        modules[name] = module
+    check_calibration(calibration)
+    modules = layers_by_name(model, names)
     stats = {name: InputStats() for name in modules}
     device = model_device(model)
-    modes = {module: module.training for module in model.modules()}
-    handles = []
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(_recorder(module, stats[name]), with_kwargs=True))
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def recorder(name: str, module: nn.Module) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            stats[name].add(input_rows(module, x.detach(), current["mask"]))
+
+        return hook
+
+    n_batches = 0
+    with kept_modes(model), hooked(modules, recorder):
         model.eval()
-        n_batches = 0
         for index, batch in enumerate(tqdm(calibration, desc="calibrating", unit="batch", disable=not progress)):
-            try:
-                call_model(model, move_inputs(batch, device))
-            except Exception as error:  # whatever the model raises, say which batch and how it was called
-                raise ValueError(
-                    f"calibration batch {index}: the model failed on it ({type(error).__name__}: {error}); "
-                    f"batches are called as model(tensor), model(*tuple) or model(**dict): drop labels first"
-                ) from error
+            batch = move_inputs(batch, device)
+            current["mask"] = token_mask(batch)
+            call_batch(model, batch, index)
             n_batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
     if not n_batches:
         raise ValueError("calibration gave no batches")
     for name, item in stats.items():
-        if item.count and not torch.isfinite(item.sum_outer).all():
+        if not item.finite():
             raise ValueError(f"layer {name!r}: its calibration inputs contain NaN/Inf")
     return stats
 
 
-def _recorder(module: nn.Module, stats: InputStats) -> Callable:
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
-        stats.add(_input_rows(module, x.detach()))
+# ---- running a model part of the way -------------------------------------------------------------
 
-    return hook
+
+class _Stop(Exception):
+    """Raised by a hook to cut a forward short once every layer of interest has been called."""
+
+
+@contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Every module's training flag as it was on entry, restored on exit (also on error)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextmanager
+def hooked(modules: dict[str, nn.Module], make: Callable, after: bool = False) -> Iterator[None]:
+    """A forward pre-hook (with `after`, a forward hook) `make(name, module)` on each module, with
+    kwargs, all removed on exit (also on error)."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            register = module.register_forward_hook if after else module.register_forward_pre_hook
+            handles.append(register(make(name, module), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+@dataclass
+class CallOrder:
+    """How one forward reaches a set of layers (from `probe_calls`).
+
+    Attributes:
+        groups: the layers in the order of their first call, grouped where consecutive layers
+            read the very same input tensor (a transformer's query, key and value).
+        calls: how many times one forward calls each layer.
+        positions: output vectors (tokens or pixels) each layer produced in that forward.
+        unreached: layers the forward never called.
+    """
+
+    groups: list[list[str]]
+    calls: dict[str, int]
+    positions: dict[str, int]
+    unreached: list[str]
+
+
+@torch.no_grad()
+def probe_calls(model: nn.Module, modules: dict[str, nn.Module], batch: Any) -> CallOrder:
+    """Run one batch (already on the model's device) with hooks on `modules` and report when and
+    on what each is called. The model's modes are the caller's business."""
+    order: list[str] = []
+    calls: dict[str, int] = {}
+    positions: dict[str, int] = {}
+    inputs: dict[str, tuple] = {}
+
+    def make(name: str, module: nn.Module) -> Callable:
+        def hook(_m, args, kwargs, output) -> None:
+            x = _first_tensor(args, kwargs)
+            if name not in calls:
+                order.append(name)
+                inputs[name] = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            calls[name] = calls.get(name, 0) + 1
+            out = output if isinstance(output, torch.Tensor) else _first_tensor(tuple(output), {})
+            channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
+            positions[name] = positions.get(name, 0) + out.numel() // max(1, channels)
+
+        return hook
+
+    with hooked(modules, make, after=True):
+        call_batch(model, batch, 0)
+    groups: list[list[str]] = []
+    for name in order:
+        if groups and inputs[groups[-1][0]] == inputs[name]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return CallOrder(groups, calls, positions, [name for name in modules if name not in calls])
+
+
+def forward_until(model: nn.Module, batch: Any, index: int, modules: dict[str, nn.Module], calls: dict[str, int],
+                  on_call: Callable[[str, nn.Module, torch.Tensor], None], *, outputs: bool = False) -> None:
+    """Call the model on `batch` and `on_call(name, module, tensor)` at each call of a module in
+    `modules` with its input (or, with `outputs`, its output); the forward stops as soon as every
+    module has been called `calls[name]` times, so later layers cost nothing."""
+    remaining = {name: calls[name] for name in modules}
+
+    def make(name: str, module: nn.Module) -> Callable:
+        def seen(tensor: torch.Tensor) -> None:
+            on_call(name, module, tensor.detach())
+            remaining[name] -= 1
+            if not any(remaining.values()):
+                raise _Stop
+
+        if outputs:
+            return lambda _m, args, kwargs, output: seen(output)
+        return lambda _m, args, kwargs: seen(_first_tensor(args, kwargs))
+
+    with hooked(modules, make, after=outputs):
+        try:
+            call_batch(model, batch, index)
+        except _Stop:
+            pass

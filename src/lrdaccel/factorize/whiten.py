@@ -16,6 +16,10 @@ then drops what the inputs rarely excite.
   the HOOI core is then already the core re-fitted to minimise the (approximated) output error,
   so no separate refit is needed.
 
+Sequential calibration (lrdaccel.sequential) needs two closed-form re-solves for a layer whose
+inputs x_hat differ from the original's x: `least_squares_last_factor` (the last factor and bias
+given the others) and `reduced_rank_fit` (both SVD factors at once, reduced-rank regression).
+
 Everything is computed in float64. `damping` adds damping * mean(diag C) to the diagonal so a
 singular covariance (dead inputs, inputs in a subspace) still has a Cholesky factor; where even
 that fails, `WhiteningError` tells the caller to fall back to the plain factorization.
@@ -27,13 +31,23 @@ import math
 
 import torch
 
-from lrdaccel.factorize.tucker2 import tucker2
+from lrdaccel.factorize.tucker2 import _leading_left_singular_vectors, _unfold, tucker2
 
 # Relative to the mean input energy: whitening follows the inputs' spectrum over two decades and
 # treats directions weaker than that alike. It regularises what a few calibration batches cannot
 # estimate (MiniLM's 1536-wide FFN inputs from ~500 tokens: 1e-2 matched or beat 1e-4 and 1e-6
 # on held-out sentences; on the Fashion-MNIST CNN 1e-6..1e-1 gave the same accuracy).
 DEFAULT_DAMPING = 1e-2
+
+
+# What sequential calibration (lrdaccel.sequential) re-solves in closed form: both SVD factors
+# ("joint", reduced-rank regression; Tucker-2: the last 1x1), the last factor and bias ("last",
+# least squares), or nothing ("none").
+REFITS = ("joint", "last", "none")
+# The re-solve's ridge, relative to the mean energy of what the re-solved factor reads; it pulls
+# towards the factorization's own factors. 1e-3 on MiniLM's 1024 calibration sentences beat 1e-2
+# and matched 1e-4.
+DEFAULT_REFIT_DAMPING = 1e-3
 
 
 class WhiteningError(ValueError):
@@ -108,12 +122,16 @@ def whitened_svd_split(
         raise ValueError(f"covariance must be [{in_features}, {in_features}] for weight "
                          f"{out_features}x{in_features}, got {tuple(covariance.shape)}")
     factor = whitening_factor(covariance.to(weight.device), damping)
-    w = weight.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
-    root = s[:rank].sqrt()
-    first = _undo_whitening(root[:, None] * vh[:rank], factor)
-    second = u[:, :rank] * root[None, :]
+    first, second = _truncated_unwhitened(weight.detach().to(torch.float64) @ factor, factor, rank)
     return first.to(weight.dtype), second.to(weight.dtype)
+
+
+def _truncated_unwhitened(whitened: torch.Tensor, factor: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) of the rank-r SVD of a whitened weight W S (sqrt(Sigma) split), with the
+    whitening undone in `first`: second @ first is the best rank-r W' for E||(W - W') x||^2."""
+    u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
+    root = s[:rank].sqrt()
+    return _undo_whitening(root[:, None] * vh[:rank], factor), u[:, :rank] * root[None, :]
 
 
 def whitened_tucker2(
@@ -153,3 +171,158 @@ def whitened_tucker2(
     u_in = _undo_whitening(u_white.T, factor).T
     cast = dict(dtype=weight.dtype)
     return u_in.to(**cast), core.to(**cast), u_out.to(**cast)
+
+
+# ---- closed-form re-solves for sequential calibration (lrdaccel.sequential) ---------------------
+#
+# A layer of a partly decomposed model sees inputs x_hat where the original saw x. Given streamed
+# moments of the pairs, these fit the new layer so that its output on x_hat matches the original
+# layer's output on x, y = W x + b, in the least-squares sense.
+
+
+def _relative_load(matrix: torch.Tensor, damping: float) -> float:
+    """damping * mean(diag matrix): the ridge, relative to the mean energy, as in whitening."""
+    return damping * float(matrix.diagonal().mean())
+
+
+def least_squares_last_factor(
+    factor_second_moment: torch.Tensor,
+    target_cross: torch.Tensor,
+    prior: torch.Tensor,
+    factor_mean: torch.Tensor | None = None,
+    target_mean: torch.Tensor | None = None,
+    damping: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last factor B [m, r] (and bias c [m] where means are given) that best maps what the
+    earlier factors output, z, to the target y:
+
+        min over B, c of  E||y - B z - c||^2 + lam ||B - B0||^2,   lam = damping * mean(diag E[z z^T])
+
+    The ridge pulls B towards `prior` B0 (the factorization's own last factor), not towards 0:
+    directions the calibration data never excites keep their factorized values, and when z and y
+    come from the original layer itself the answer is B0 whatever lam. The normal equations
+    [B c] [[E zz^T + lam I, E z], [E z^T, 1]] = [E yz^T + lam B0, E y] are solved by Cholesky in
+    float64.
+
+    Args:
+        factor_second_moment: E[z z^T], [r, r].
+        target_cross: E[y z^T], [m, r].
+        prior: B0, [m, r].
+        factor_mean / target_mean: E[z] [r] and E[y] [m]; both or neither (no bias).
+        damping: >= 0.
+
+    Raises:
+        WhiteningError: the system is singular (z confined to a subspace and damping 0) or the
+            statistics are not finite.
+    """
+    check_damping(damping)
+    if (factor_mean is None) != (target_mean is None):
+        raise ValueError("give both factor_mean and target_mean (a bias to fit) or neither")
+    zz = factor_second_moment.to(torch.float64)
+    rank = zz.shape[0]
+    gram = zz + _relative_load(zz, damping) * torch.eye(rank, dtype=zz.dtype, device=zz.device)
+    rhs = target_cross.to(torch.float64) + _relative_load(zz, damping) * prior.to(torch.float64)
+    if factor_mean is not None:
+        z_mean = factor_mean.to(torch.float64)
+        gram = torch.cat([torch.cat([gram, z_mean[:, None]], 1),
+                          torch.cat([z_mean, z_mean.new_ones(1)])[None, :]], 0)
+        rhs = torch.cat([rhs, target_mean.to(torch.float64)[:, None]], 1)
+    if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
+        raise WhiteningError("the factor statistics have NaN/Inf entries")
+    cholesky, info = torch.linalg.cholesky_ex(gram)
+    if info.item() != 0:
+        raise WhiteningError(f"the least-squares system for the last factor is singular (its input is confined "
+                             f"to a subspace; pivot {info.item()}): give more calibration data or damping > 0")
+    solution = torch.cholesky_solve(rhs.T, cholesky).T
+    return (solution[:, :rank], solution[:, rank]) if factor_mean is not None else (solution, None)
+
+
+def reduced_rank_fit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    covariance: torch.Tensor,
+    cross: torch.Tensor,
+    rank: int,
+    mean: torch.Tensor | None = None,
+    original_mean: torch.Tensor | None = None,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Both SVD factors at once: the rank-r W' (and bias c) minimising E||W x + b - W' x_hat - c||^2,
+    reduced-rank regression in closed form.
+
+    With centred moments (where there is a bias; raw ones otherwise) C = Cov(x_hat) and
+    X = Cov(x, x_hat), the full-rank least-squares map is M = W X C^{-1}, and the error of any W'
+    is a constant plus ||(M - W') S||_F^2 for S S^T = C: the truncated SVD of M S, mapped back by
+    S^{-1}, is the optimum. The ridge pulls M towards W, M = (W X + lam W)(C + lam I)^{-1}, so
+    M = W exactly when x_hat = x (this is then the whitened SVD) and directions the calibration
+    never excites keep W. c = b + W E[x] - W' E[x_hat].
+
+    Args:
+        weight: W [m, d]; bias: b [m] or None.
+        covariance: E[x_hat x_hat^T] [d, d]; cross: E[x x_hat^T] [d, d].
+        rank: 1 <= rank <= min(m, d).
+        mean / original_mean: E[x_hat], E[x] (required with a bias).
+        damping: see `whitening_factor`.
+
+    Returns:
+        (first [rank, d], second [m, rank], bias [m] or None), float64.
+
+    Raises:
+        ValueError: bad shapes or rank, or a bias without the means.
+        WhiteningError: no usable whitening factor.
+    """
+    w = weight.detach().to(torch.float64)
+    out_features, in_features = w.shape
+    if not 0 < rank <= min(out_features, in_features):
+        raise ValueError(f"rank must be in [1, {min(out_features, in_features)}], got {rank}")
+    c, x = covariance.to(torch.float64), cross.to(torch.float64)
+    if bias is not None:
+        if mean is None or original_mean is None:
+            raise ValueError("a layer with a bias needs mean and original_mean")
+        mean, original_mean = mean.to(torch.float64), original_mean.to(torch.float64)
+        c = c - torch.outer(mean, mean)
+        x = x - torch.outer(original_mean, mean)
+    factor = whitening_factor(c, damping)
+    load = _relative_load((c + c.T) / 2, damping)
+    # M S = (W X + lam W) S^{-T}, by a triangular solve.
+    regression = torch.linalg.solve_triangular(factor, (w @ x + load * w).T, upper=False).T
+    first, second = _truncated_unwhitened(regression, factor, rank)
+    new_bias = None
+    if bias is not None:
+        new_bias = bias.detach().to(torch.float64) + w @ original_mean - second @ (first @ mean)
+    return first, second, new_bias
+
+
+# ---- truncation loss at every rank (rank allocation, lrdaccel.planning.allocation) --------------
+
+
+def whitened_svd_truncation_loss(weight: torch.Tensor, covariance: torch.Tensor,
+                                 damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """E||(W - W_r) x||^2 for the best rank-r W_r, for every r = 0 .. min(out, in) (float64).
+
+    By Eckart-Young in the whitened space this is the tail sum of the squared singular values of
+    W S (S S^T = C): exact for the whitened SVD of `whitened_svd_split` (with damping, for the
+    damped covariance). Index r holds the loss at rank r; index 0 is E||W x||^2.
+    """
+    factor = whitening_factor(covariance.to(weight.device), damping)
+    energy = torch.linalg.svdvals(weight.detach().to(torch.float64) @ factor).square()
+    tail = energy.flip(0).cumsum(0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def whitened_tucker2_truncation_loss(weight: torch.Tensor, covariance: torch.Tensor,
+                                     damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """The output error of a Tucker-2 truncation at every (rank_out, rank_in), float64
+    [C_out + 1, C_in + 1]: entry [s, r] is what truncating the whitened kernel's HOSVD to output
+    rank s and input rank r loses, ||W~||^2 - ||core[:s, :r]||^2 (the HOSVD error, an upper
+    bound on HOOI's at the same ranks). Per output position, under the C (x) I approximation of
+    `whitened_tucker2`.
+    """
+    factor = whitening_factor(covariance.to(weight.device), damping)
+    whitened = torch.einsum("oihw,ij->ojhw", weight.detach().to(torch.float64), factor)
+    c_out, c_in = whitened.shape[:2]
+    u_out = _leading_left_singular_vectors(_unfold(whitened, 0), c_out)
+    u_in = _leading_left_singular_vectors(_unfold(whitened, 1), c_in)
+    kept = torch.einsum("oihw,os,ir->srhw", whitened, u_out, u_in).square().sum((2, 3)).cumsum(0).cumsum(1)
+    kept = torch.nn.functional.pad(kept, (1, 0, 1, 0))
+    return (whitened.square().sum() - kept).clamp_min(0)

@@ -1,4 +1,5 @@
-"""The fine-tuning checkpoint: its file format, the RNG states it carries, and the checks on resume.
+"""The training checkpoint (finetune and distill): its file format, the RNG states it carries, and
+the checks on resume.
 
 A checkpoint is one `torch.save`d dict (tensors and plain Python only, read back with
 `weights_only=True`), written to a temporary file and renamed, by rank 0 only.
@@ -16,23 +17,29 @@ import torch
 from lrdaccel._files import atomic_write, check_header
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "lrdaccel.finetune"
+# The format is "lrdaccel.<verb>": a distillation checkpoint never resumes a fine-tuning run.
 CHECKPOINT_VERSION = 1
+_WHAT = {"finetune": "fine-tuning checkpoint", "distill": "distillation checkpoint"}
 
 
-def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+def _format(verb: str) -> str:
+    return f"lrdaccel.{verb}"
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any], verb: str = "finetune") -> None:
     """Write `payload` (model, optimizer, position, ...) with the format header, atomically."""
-    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    checkpoint = {"format": _format(verb), "version": CHECKPOINT_VERSION, **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at `path`, its format and version checked.
+def read_checkpoint(path: Path, verb: str = "finetune") -> dict[str, Any]:
+    """The checkpoint at `path`, its format (that of `verb`: "finetune" or "distill") and version
+    checked.
 
     Raises:
         FileNotFoundError: no file there.
-        ValueError: not a readable lrdaccel fine-tuning checkpoint, or a newer version.
+        ValueError: not a readable lrdaccel checkpoint of this verb, or a newer version.
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
@@ -40,7 +47,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a checkpoint
         raise ValueError(f"{path}: not a readable lrdaccel checkpoint ({error})") from None
-    check_header(checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, str(path), "fine-tuning checkpoint")
+    check_header(checkpoint, _format(verb), CHECKPOINT_VERSION, str(path), _WHAT[verb])
     return checkpoint
 
 

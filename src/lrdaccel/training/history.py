@@ -15,6 +15,9 @@ class EpochRecord:
     eval_seconds: float
     trainable_share: float  # mean over the epoch's steps of the trainable share of all parameters
     phases: list[int] = field(default_factory=list)
+    # distill: agreement with the teacher on the evaluation batches (top-1 for logits, mean cosine
+    # of the mask-averaged embeddings for token states)
+    test_agreement: float | None = None
 
 
 @dataclass
@@ -27,9 +30,12 @@ class History:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"{'epoch':>5} {'train loss':>10} {'test acc':>8} {'train s':>8} {'share':>6}  phases"]
+        agreement = any(r.test_agreement is not None for r in self.epochs)
+        lines = [f"{'epoch':>5} {'train loss':>10} {'test agr' if agreement else 'test acc':>8} {'train s':>8} "
+                 f"{'share':>6}  phases"]
         for r in self.epochs:
-            acc = f"{100 * r.test_accuracy:7.2f}%" if r.test_accuracy is not None else f"{'-':>8}"
+            score = r.test_agreement if agreement else r.test_accuracy
+            acc = f"{100 * score:7.2f}%" if score is not None else f"{'-':>8}"
             lines.append(f"{r.epoch + 1:>5} {r.train_loss:>10.4f} {acc} {r.train_seconds:>8.1f} "
                          f"{100 * r.trainable_share:>5.1f}%  {r.phases}")
         if not self.completed:

@@ -1,7 +1,11 @@
-"""The fine-tuning loop the CLI and the demo use: sequential freezing, DDP, AMP, distillation, resume.
+"""The training loop the CLI and the demo use: sequential freezing, DDP, AMP, distillation, resume.
 
     history = lrd.finetune(model, train_set, test_set, epochs=3, lr=0.01, schedule="rotate")
     print(history)
+
+One loop (`_Run`) drives both verbs; a `Task` says what a step trains on and how a run is scored:
+`finetune` fits labelled data (`_Labelled`, here), `lrd.distill` fits a teacher's outputs on
+unlabeled batches (lrdaccel.training.distill).
 
 Launched under `torchrun`, it joins the process group (gloo on CPU, NCCL on GPU), shards the data
 with DistributedSampler and wraps the model in DistributedDataParallel, re-wrapped at each phase
@@ -20,7 +24,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -57,7 +61,8 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
         train_data, eval_data: datasets of (input, label) pairs, e.g. from `lrdaccel.data.load`.
         config: a FinetuneConfig; keyword `settings` override its fields (epochs=3, lr=0.1, ...).
         teacher: the original model, for knowledge distillation (KL on temperature-softened
-            logits, weighted by alpha, plus the task loss); never updated.
+            logits, weighted by alpha, plus the task loss); never updated. Without labels, see
+            `lrd.distill`.
         transform: applied to each input batch on the device (e.g. `lrdaccel.data.normalize`).
         device: default: this process's CUDA device if there is one, else CPU.
         progress: tqdm bars (rank 0 only).
@@ -73,35 +78,126 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
     with process_group():
-        return _Run(model, train_data, eval_data, config, teacher, transform, device, progress).run()
+        task = _Labelled(train_data, eval_data, teacher, transform, config)
+        return _Run(model, task, config, device, progress).run()
+
+
+class Task:
+    """What a run trains on and how it is scored; `_Run` does the rest (optimizer, freezing,
+    schedule, DDP, checkpoints, resume).
+
+    Attributes:
+        verb: "finetune" or "distill": names the checkpoint format and the messages.
+        score: the EpochRecord field the evaluation score goes to ("test_accuracy" or
+            "test_agreement").
+        teacher: a model the loss compares with (moved to the run's device, kept in eval mode).
+        size: items in an epoch (samples, or whole batches); sharded over processes.
+        items_per_step: items per optimizer step.
+    """
+
+    verb: str = ""
+    score: str = "test_accuracy"
+    teacher: nn.Module | None = None
+    size: int = 0
+    items_per_step: int = 1
+
+    def fetch(self, indices: list[int], device: torch.device) -> Any:
+        """The step's batch for these item indices, on `device`."""
+        raise NotImplementedError
+
+    def loss(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """(the loss to minimise, how many samples it averages)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, device: torch.device, rank: int, world: int) -> tuple[float, float, int]:
+        """(loss sum, score sum, samples) over this process's share of the evaluation data, the
+        model in eval mode (called only where `has_evaluation`)."""
+        raise NotImplementedError
+
+    @property
+    def has_evaluation(self) -> bool:
+        return False
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in the mode it trains in."""
+        model.train()
+
+    def describe(self) -> dict:
+        """What else must match for a checkpoint to resume this run."""
+        return {"teacher": self.teacher is not None}
+
+
+class _Labelled(Task):
+    """Labelled (input, label) pairs: cross-entropy, plus distillation where a teacher is given."""
+
+    verb = "finetune"
+
+    def __init__(self, train_data: Dataset, eval_data: Dataset | None, teacher: nn.Module | None,
+                 transform: Callable | None, config: FinetuneConfig):
+        self.train_data, self.eval_data, self.teacher = train_data, eval_data, teacher
+        self.transform, self.config = transform, config
+        self.size, self.items_per_step = len(train_data), config.batch_size
+
+    def fetch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = (t.to(device) for t in _fetch(self.train_data, indices)[:2])
+        return (self.transform(inputs) if self.transform is not None else inputs), labels
+
+    def loss(self, net: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        inputs, labels = batch
+        logits = output_tensor(net(inputs)).float()
+        loss = F.cross_entropy(logits, labels)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = output_tensor(self.teacher(inputs)).float()
+            loss = self.config.alpha * distillation_loss(logits, teacher_logits, self.config.temperature) \
+                + (1 - self.config.alpha) * loss
+        return loss, len(labels)
+
+    @property
+    def has_evaluation(self) -> bool:
+        return self.eval_data is not None and len(self.eval_data) > 0
+
+    def evaluate(self, model: nn.Module, device: torch.device, rank: int, world: int) -> tuple[float, float, int]:
+        indices = list(range(rank, len(self.eval_data), world))
+        loss_sum, correct = 0.0, 0
+        size = self.config.eval_batch_size
+        for i in range(0, len(indices), size):
+            inputs, labels = (t.to(device) for t in _fetch(self.eval_data, indices[i:i + size])[:2])
+            if self.transform is not None:
+                inputs = self.transform(inputs)
+            with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=self.config.amp):
+                logits = output_tensor(model(inputs)).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+        return loss_sum, correct, len(indices)
 
 
 class _Run:
-    """One fine-tuning run's state; `run()` drives it, the rest are its steps."""
+    """One training run's state; `run()` drives it, the rest are its steps."""
 
-    def __init__(self, model, train_data, eval_data, config, teacher, transform, device, progress):
-        self.config, self.train_data, self.eval_data = config, train_data, eval_data
-        self.teacher, self.transform, self.progress = teacher, transform, progress
+    def __init__(self, model: nn.Module, task: Task, config, device, progress: bool):
+        self.config, self.task, self.progress = config, task, progress
         self.rank, self.world = rank_and_world()
         self.device = torch.device(device) if device is not None else default_device()
         self.model = unwrap(model).to(self.device)
-        if teacher is not None:
-            teacher.to(self.device).eval()
+        if task.teacher is not None:
+            task.teacher.to(self.device).eval()
         seed_everything(config.seed)
         # The optimizer gets every parameter trainable now, before the freezer freezes any of them.
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{task.verb}: the model has no trainable parameter")
         self.optimizer = _make_optimizer(params, config)
         self.freezer = None
         if config.schedule is not None:
             self.freezer = SequentialFreezer(self.model, config.schedule, config.every_epochs,
                                              config.every_steps, config.freeze_undecomposed)
             self.freezer.check_optimizer(self.optimizer)
-        self.steps_per_epoch = math.ceil(len(self._epoch_indices(0)) / config.batch_size)
-        total = config.epochs * self.steps_per_epoch
-        cosine = config.lr_schedule == "cosine"
+        self.steps_per_epoch = math.ceil(len(self._epoch_indices(0)) / task.items_per_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0)
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+            self.optimizer, _lr_factor(config.lr_schedule, config.epochs * self.steps_per_epoch,
+                                       getattr(config, "warmup_steps", 0)))
+        self.amp_dtype = _amp_dtype(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
         self.history = History()
         self.epoch, self.batch, self.global_step = 0, 0, 0
@@ -134,14 +230,15 @@ class _Run:
         """Train the rest of the current epoch; False if max_steps stopped the run."""
         config = self.config
         indices = self._epoch_indices(self.epoch)
+        per_step = self.task.items_per_step
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
                    disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
-        self.model.train()
+        self.task.train_mode(self.model)
         start = time.perf_counter()
         try:
             while self.batch < self.steps_per_epoch:
-                chunk = indices[self.batch * config.batch_size:(self.batch + 1) * config.batch_size]
-                loss, n = self._train_step(_fetch(self.train_data, chunk))
+                chunk = indices[self.batch * per_step:(self.batch + 1) * per_step]
+                loss, n = self._train_step(self.task.fetch(chunk, self.device))
                 self.batch += 1
                 self.global_step += 1
                 self.running["loss_sum"] += loss * n
@@ -168,22 +265,18 @@ class _Run:
         return True
 
     def _train_step(self, batch) -> tuple[float, int]:
-        inputs, labels = self._to_device(batch)
         net = self._network()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.amp):
-            logits = output_tensor(net(inputs))
-            loss = F.cross_entropy(logits.float(), labels)
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = output_tensor(self.teacher(inputs)).float()
-                loss = self.config.alpha * distillation_loss(logits.float(), teacher_logits, self.config.temperature) \
-                    + (1 - self.config.alpha) * loss
+            loss, n = self.task.loss(net, batch)
+        if not torch.isfinite(loss) and not self.scaler.is_enabled():  # the scaler skips overflowing steps itself
+            raise ValueError(f"{self.task.verb}: the loss is {loss.item()} at step {self.global_step + 1}; "
+                             f"lower lr or check the data")
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.item(), len(labels)
+        return loss.item(), n
 
     def _network(self) -> nn.Module:
         """The module to call: the model itself, or its DDP wrapper for the current trainable set."""
@@ -205,14 +298,16 @@ class _Run:
         self._sync_buffers()
         running = self.running
         totals = self._all_sum([running["loss_sum"], running["seen"]])
-        test_loss, test_accuracy, eval_seconds = self._evaluate()
+        test_loss, test_score, eval_seconds = self._evaluate()
         share = running["share_sum"] / running["steps"] if self.freezer is not None and running["steps"] else 1.0
-        record = EpochRecord(self.epoch, totals[0] / max(totals[1], 1), test_loss, test_accuracy,
+        record = EpochRecord(self.epoch, totals[0] / max(totals[1], 1), test_loss, None,
                              running["train_seconds"], eval_seconds, share, list(running["phases"]))
+        setattr(record, self.task.score, test_score)
         self.history.epochs.append(record)
         if self.progress and self.rank == 0:
-            acc = f", test accuracy {100 * test_accuracy:.2f}%" if test_accuracy is not None else ""
-            tqdm.write(f"epoch {self.epoch + 1}/{self.config.epochs}: train loss {record.train_loss:.4f}{acc}, "
+            what = self.task.score.removeprefix("test_")
+            score = f", test {what} {100 * test_score:.2f}%" if test_score is not None else ""
+            tqdm.write(f"epoch {self.epoch + 1}/{self.config.epochs}: train loss {record.train_loss:.4f}{score}, "
                        f"{record.train_seconds:.1f} s, trainable {100 * share:.1f}%")
         self.epoch, self.batch = self.epoch + 1, 0
         self._reset_running()
@@ -220,38 +315,23 @@ class _Run:
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float | None, float | None, float]:
-        if self.eval_data is None or len(self.eval_data) == 0:
+        if not self.task.has_evaluation:
             return None, None, 0.0
         start = time.perf_counter()
         self.model.eval()
-        indices = list(range(self.rank, len(self.eval_data), self.world))
-        loss_sum, correct = 0.0, 0
-        size = self.config.eval_batch_size
-        for i in range(0, len(indices), size):
-            inputs, labels = self._to_device(_fetch(self.eval_data, indices[i:i + size]))
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.config.amp):
-                logits = output_tensor(self.model(inputs)).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-        self.model.train()
-        loss_sum, correct = self._all_sum([loss_sum, correct])
-        n = len(self.eval_data)
-        return loss_sum / n, correct / n, time.perf_counter() - start
+        loss_sum, score_sum, n = self.task.evaluate(self.model, self.device, self.rank, self.world)
+        self.task.train_mode(self.model)
+        loss_sum, score_sum, n = self._all_sum([loss_sum, score_sum, n])
+        return loss_sum / max(n, 1), score_sum / max(n, 1), time.perf_counter() - start
 
     # ---- data ----------------------------------------------------------------------------------
 
     def _epoch_indices(self, epoch: int) -> list[int]:
-        """This process's sample order for an epoch: a function of (seed, epoch, rank) only."""
-        sampler = DistributedSampler(self.train_data, num_replicas=self.world, rank=self.rank,
+        """This process's item order for an epoch: a function of (seed, epoch, rank) only."""
+        sampler = DistributedSampler(range(self.task.size), num_replicas=self.world, rank=self.rank,
                                      shuffle=True, seed=self.config.seed)
         sampler.set_epoch(epoch)
         return list(sampler)
-
-    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = batch[0].to(self.device), batch[1].to(self.device)
-        if self.transform is not None:
-            inputs = self.transform(inputs)
-        return inputs, labels
 
     # ---- distributed helpers -------------------------------------------------------------------
 
@@ -287,7 +367,7 @@ class _Run:
             write_checkpoint(self.checkpoint_path, {
                 "config": self._config_dict(),
                 "world_size": self.world,
-                "teacher": self.teacher is not None,
+                **self.task.describe(),
                 "position": {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step},
                 "running": dict(self.running),
                 "history": [asdict(r) for r in self.history.epochs],
@@ -297,15 +377,16 @@ class _Run:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "freezer": self.freezer.state_dict() if self.freezer is not None else None,
                 "rng": states,
-            })
+            }, verb=self.task.verb)
         if self.world > 1:
             dist.barrier()
 
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
-        checkpoint = read_checkpoint(path)
-        check_same_run(path, {**checkpoint["config"], "teacher": checkpoint["teacher"]},
-                       {**self._config_dict(), "teacher": self.teacher is not None})
+        checkpoint = read_checkpoint(path, verb=self.task.verb)
+        described = self.task.describe()
+        check_same_run(path, {**checkpoint["config"], **{k: checkpoint.get(k) for k in described}},
+                       {**self._config_dict(), **described})
         try:
             self.model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:
@@ -327,10 +408,23 @@ class _Run:
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def _make_optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+def _make_optimizer(params: list[nn.Parameter], config) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _lr_factor(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """The LR multiplier at each step: a linear warm-up, then cosine to zero or constant."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * (0.5 * (1 + math.cos(math.pi * step / total_steps)) if schedule == "cosine" else 1.0)
+
+    return factor
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 def _fetch(dataset: Dataset, indices: list[int]):
