@@ -66,7 +66,6 @@ from lrdaccel.bench.demo_pipeline import keep_input_layer
 from lrdaccel.measure.counting import count_macs
 from lrdaccel.planning.allocation import allocate_ranks
 from lrdaccel.recalibrate import recalibrate_batchnorm
-from lrdaccel.sequential import decompose_sequential
 from lrdaccel.training.distill import distill
 from lrdaccel.training.evaluate import accuracy
 from lrdaccel.training.loop import finetune
@@ -97,8 +96,8 @@ def decompose_step(original, plan, step: str, calibration):
     elif step == "whiten":
         lrd.decompose(model, plan, method="whiten", calibration=calibration)
     else:
-        decompose_sequential(model, plan, calibration, refit={"seq": "none", "seq+last": "last",
-                                                              "seq+joint": "joint"}[step])
+        lrd.decompose(model, plan, method="whiten", sequential=True, calibration=calibration,
+                      refit={"seq": "none", "seq+last": "last", "seq+joint": "joint"}[step])
     return model.eval(), clock()
 
 

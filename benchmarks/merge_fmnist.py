@@ -45,55 +45,18 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.bench.demo_pipeline import keep_input_layer
-from lrdaccel.block_merge import merged_like, recalibrate_batchnorm
+from lrdaccel.block_merge import merged_like
 from lrdaccel.data import standardized_splits
 from lrdaccel.measure.counting import count_macs, count_params
 from lrdaccel.measure.machine import load_average
 from lrdaccel.planning import Plan
+from lrdaccel.recalibrate import recalibrate_batchnorm
 from lrdaccel.surgery import swap_modules
 from lrdaccel.training.evaluate import accuracy
 from lrdaccel.training.loop import finetune
+from lrdaccel.zoo import BottleneckNet
 
 SCHEDULES = ("none", "rotate", "static")
-
-
-class Bottleneck(nn.Module):
-    """conv1x1 -> BN -> ReLU -> conv3x3 (stride) -> BN -> ReLU -> conv1x1 -> BN, + shortcut, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int, reduction: int = 4):
-        super().__init__()
-        inner = out_channels // reduction
-        self.conv1, self.bn1 = nn.Conv2d(in_channels, inner, 1, bias=False), nn.BatchNorm2d(inner)
-        self.conv2, self.bn2 = nn.Conv2d(inner, inner, 3, stride, 1, bias=False), nn.BatchNorm2d(inner)
-        self.conv3, self.bn3 = nn.Conv2d(inner, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn1(self.conv1(x)))
-        g = torch.relu(self.bn2(self.conv2(h)))
-        return torch.relu(self.bn3(self.conv3(g)) + self.shortcut(x))
-
-
-class BottleneckNet(nn.Module):
-    """Stem 3x3 (1 -> 32 channels, 28x28), three stages of two bottlenecks 64/128/256 wide (inner
-    16/32/64), each halving the resolution, global average pool, linear classifier (222k params)."""
-
-    def __init__(self, widths=(64, 128, 256), depths=(2, 2, 2), num_classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        blocks, channels = [], 32
-        for width, depth in zip(widths, depths):
-            for i in range(depth):
-                blocks.append(Bottleneck(channels, width, 2 if i == 0 else 1))
-                channels = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,9 +13,9 @@ from lrdaccel.block_merge import (
     build_merged,
     merged_blocks,
     merged_like,
-    recalibrate_batchnorm,
     timing_chain,
 )
+from lrdaccel.recalibrate import recalibrate_batchnorm
 from lrdaccel.data import load, normalize
 from lrdaccel.factorize.merging import batchnorm_affine, fold_input_factor, fold_output_factor
 from lrdaccel.io import plan_of

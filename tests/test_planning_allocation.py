@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lrdaccel as lrd
@@ -243,3 +242,33 @@ def test_fisher_needs_logits_or_token_states():
         measure_sensitivity(model, ["0", "1"], [torch.randn(2, 3, 4, 4)])
     curves = measure_sensitivity(model, ["0", "1"], [torch.randn(2, 3, 4, 4)], sensitivity="output")
     assert curves["0"].loss(3) == pytest.approx(float(curves["0"].truncation[3]) / curves["0"].energy)
+
+
+# ---- reached through lrd.plan and lrd.decompose ------------------------------------------------------
+
+
+def test_plan_allocate_equals_allocate_ranks_and_decompose_takes_it_in_one_call():
+    model, batches = Stack(), images()
+    direct = allocate_ranks(model, lrd.plan(model, ratio=2.0, min_rank=1), batches, budget="macs", min_rank=1)
+    through_plan = lrd.plan(model, ratio=2.0, min_rank=1, allocate="sensitivity", budget="macs",
+                            calibration=batches)
+    assert through_plan.to_dict() == direct.to_dict()
+    decomposed = copy.deepcopy(model)
+    report = lrd.decompose(decomposed, ratio=2.0, min_rank=1, allocate="sensitivity", budget="macs",
+                           calibration=iter(batches))  # a generator: read by the allocation and kept
+    assert [(row.name, row.rank) for row in report.layers] == [(row.name, row.rank) for row in direct.changed]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"allocate": "sensitivity"}, "needs calibration batches"),
+    ({"calibration": [torch.randn(2, 8, 12, 12)]}, "only used by allocate='sensitivity'"),
+    ({"allocate": "fisher", "calibration": [torch.randn(2, 8, 12, 12)]}, "allocate must be one of"),
+    ({"allocate": "sensitivity", "branches": 2, "calibration": [torch.randn(2, 8, 12, 12)]}, "does not combine"),
+    ({"budget": "time"}, "budget must be one of"),
+])
+def test_plan_allocation_settings_are_checked(settings, message):
+    model = Stack()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        lrd.plan(model, ratio=2.0, min_rank=1, **settings)
+    assert unchanged(model, before)

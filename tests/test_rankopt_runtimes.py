@@ -14,7 +14,7 @@ from lrdaccel.bench.paper_table import structural_copy
 from lrdaccel.layers import SVDConv2d
 from lrdaccel.measure.steps import Placement
 from lrdaccel.rankopt import compare_end_to_end
-from lrdaccel.rankopt.forms import apply_forms, plan_forms
+from lrdaccel.planning.forms import apply_forms, plan_forms
 
 
 def tiny_cnn() -> nn.Module:
@@ -146,3 +146,17 @@ def test_whole_model_check_runs_in_the_runtime():
     report = compare_end_to_end(model, {"ratio ranks": plan}, x, runtime="onnxruntime", rounds=2, min_run_time=0.01)
     assert report.runtime == "onnxruntime" and "runtime onnxruntime" in str(report)
     assert len(report.speedups("ratio ranks")) == 2
+
+
+def test_decompose_applies_the_plans_forms_and_save_load_keeps_them(tmp_path):
+    model, plan = tiny_cnn(), lrd.plan(tiny_cnn(), ratio=2.0, min_rank=2)
+    plan.meta["rank_optimization"] = {"forms": {"2": "linear"}}
+    original = tiny_cnn()
+    original.load_state_dict(model.state_dict())
+    lrd.decompose(model, plan)
+    assert model[2].form == "linear"
+    lrd.save(model, tmp_path)
+    loaded = lrd.load(tmp_path, original)
+    assert loaded[2].form == "linear"
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(loaded(x), model(x))

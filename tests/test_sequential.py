@@ -12,8 +12,12 @@ from torch import nn
 import lrdaccel as lrd
 from lrdaccel.calibrate import collect_input_stats, probe_calls
 from lrdaccel.factorize.whiten import whitened_svd_split
-from lrdaccel.sequential import build_sequential, decompose_sequential
+from lrdaccel.sequential import build_sequential
 from test_whiten import anisotropic_inputs
+
+
+def decompose_sequential(model, plan, batches, **settings):
+    return lrd.decompose(model, plan, method="whiten", sequential=True, calibration=batches, **settings)
 
 
 class TwoLinear(nn.Module):
@@ -348,3 +352,17 @@ def test_keeping_the_original_inputs_or_not_gives_the_same_layers(budget, monkey
     built = build_sequential(head, plan, batches)
     for name, layer in expected.items():
         assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), built[name].state_dict().values()))
+
+
+def test_sequential_goes_through_decompose_config_and_refuses_other_forms():
+    with pytest.raises(ValueError, match="pass method='whiten'"):
+        lrd.DecomposeConfig(sequential=True)
+    with pytest.raises(ValueError, match="refit must be one of"):
+        lrd.DecomposeConfig(method="whiten", sequential=True, refit="both")
+    model = TwoConv()
+    before = copy.deepcopy(model.state_dict())
+    plan = lrd.plan(model, ratio=2.0, min_rank=1, branches=2)
+    with pytest.raises(ValueError, match=r"sequential=True calibrates SVD and Tucker-2 rows.*tucker2_branched"):
+        decompose_sequential(model, plan, [torch.randn(2, 10, 8, 8)])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(model.conv1, nn.Conv2d)

@@ -9,7 +9,7 @@ import lrdaccel as lrd
 from lrdaccel._modules import call_model
 from lrdaccel import zoo
 
-SMALL = ("fmnist-cnn", "fmnist-cnn-wide", "fmnist-vit", "resnet-mini", "vit-tiny")
+SMALL = ("fmnist-bottleneck", "fmnist-cnn", "fmnist-cnn-wide", "fmnist-vit", "resnet-mini", "vit-tiny")
 LARGE = ("resnet50", "resnet101", "resnet152", "vit-b16", "gpt2", "minilm")
 
 
@@ -90,3 +90,11 @@ def test_example_inputs_are_deterministic():
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'nope'.*fmnist-cnn"):
         zoo.get("nope")
+
+
+def test_fmnist_bottleneck_has_six_mergeable_bottlenecks():
+    spec = zoo.get("fmnist-bottleneck")
+    model = spec.build().eval()
+    assert sum(p.numel() for p in model.parameters()) == 221_546
+    candidates = lrd.find_merge_candidates(model, spec.example_inputs(2))
+    assert len(candidates) == 6 and all(c.reason is None for c in candidates)

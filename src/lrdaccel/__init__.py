@@ -12,15 +12,19 @@
 from lrdaccel._version import __version__
 from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx, fuse_batchnorm
 from lrdaccel.io import load, save
-from lrdaccel.layers import LowRankModule, SVDConv2d, SVDLinear, TuckerConv2d
-from lrdaccel.planning import LayerPlan, Plan, PlanConfig, plan
+from lrdaccel.layers import BranchedTuckerConv2d, LowRankModule, MergedConv2d, SVDConv2d, SVDLinear, TuckerConv2d
+from lrdaccel.planning import LayerPlan, Plan, PlanConfig, allocate_ranks, find_merge_candidates, plan
 from lrdaccel.rankopt import SearchSettings, optimize_ranks
+from lrdaccel.recalibrate import BatchNormReport, recalibrate_batchnorm
 from lrdaccel.surgery import DecomposeConfig, DecomposeReport, LayerReport, decompose
-from lrdaccel.training import FinetuneConfig, History, SequentialFreezer, finetune
+from lrdaccel.training import DistillConfig, FinetuneConfig, History, SequentialFreezer, distill, finetune
 
 __all__ = [
+    "BatchNormReport",
+    "BranchedTuckerConv2d",
     "DecomposeConfig",
     "DecomposeReport",
+    "DistillConfig",
     "ExportConfig",
     "ExportReport",
     "FinetuneConfig",
@@ -29,6 +33,7 @@ __all__ = [
     "LayerPlan",
     "LayerReport",
     "LowRankModule",
+    "MergedConv2d",
     "Plan",
     "PlanConfig",
     "SVDConv2d",
@@ -36,13 +41,17 @@ __all__ = [
     "SearchSettings",
     "SequentialFreezer",
     "TuckerConv2d",
-    "__version__",
+    "allocate_ranks",
     "decompose",
+    "distill",
     "export_onnx",
+    "find_merge_candidates",
     "finetune",
     "fuse_batchnorm",
     "load",
     "optimize_ranks",
     "plan",
+    "recalibrate_batchnorm",
     "save",
+    "__version__",
 ]

@@ -15,7 +15,7 @@ lrdaccel.factorize.merging):
   Tucker-2 decomposed block computes, and needs no calibration data.
 
 After all merges, `decompose` re-estimates every BatchNorm's running statistics on the
-calibration batches (`recalibrate_batchnorm`): merged blocks shift the activations every later
+calibration batches (`lrdaccel.recalibrate.recalibrate_batchnorm`): merged blocks shift the activations every later
 BatchNorm sees. Measured on a bottleneck CNN for Fashion-MNIST (benchmarks/merge_fmnist.py), this
 initialisation is far closer to the original than a random one and than pushing the Tucker-2
 factors through the activation as if it were the identity.
@@ -438,59 +438,6 @@ def _copy_sub_batchnorm(new: nn.BatchNorm2d, old: nn.BatchNorm2d, channels: list
 @torch.no_grad()
 def _assign(parameter: torch.Tensor, value: torch.Tensor) -> None:
     parameter.copy_(value.reshape(parameter.shape).to(parameter))
-
-
-# ---- after merging ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, calibration: Iterable[Any]) -> int:
-    """Recompute every BatchNorm's running statistics (cumulative average over the batches), the
-    model otherwise in eval mode; affine parameters and every module's mode are left as they were.
-
-    Returns:
-        The number of BatchNorm layers re-estimated.
-
-    Raises:
-        ValueError: as `run_batches`; the statistics are then back to what they were.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = {bn: (bn.momentum, {k: v.clone() for k, v in bn.named_buffers()}) for bn in norms}
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    try:
-        run_batches(model, calibration, [])
-        for bn in norms:
-            if not all(torch.isfinite(buffer).all() for buffer in (bn.running_mean, bn.running_var)):
-                raise ValueError("re-estimated BatchNorm statistics contain NaN/Inf: the calibration batches or "
-                                 "the activations they produce are not finite")
-    except BaseException:
-        restore_batchnorm(saved)
-        raise
-    finally:
-        for bn, (momentum, _) in saved.items():
-            bn.momentum = momentum
-        for module, training in modes.items():
-            module.training = training
-    return len(norms)
-
-
-def snapshot_batchnorm(model: nn.Module) -> dict:
-    """Every BatchNorm's momentum and buffers, to put back with `restore_batchnorm`."""
-    return {bn: (bn.momentum, {k: v.clone() for k, v in bn.named_buffers()})
-            for bn in model.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)}
-
-
-@torch.no_grad()
-def restore_batchnorm(saved: dict) -> None:
-    for bn, (momentum, buffers) in saved.items():
-        bn.momentum = momentum
-        for key, value in buffers.items():
-            getattr(bn, key).copy_(value)
 
 
 # ---- reading merged blocks back --------------------------------------------------------------

@@ -24,6 +24,7 @@ from lrdaccel.block_merge import merged_rows
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning import LayerPlan, Plan
+from lrdaccel.planning.forms import apply_forms, forms_meta
 from lrdaccel.surgery import build_modules, swap_modules
 
 CONFIG_NAME = "lrdaccel_config.json"
@@ -44,7 +45,7 @@ def plan_of(model: nn.Module) -> Plan:
                                   dense_shape(dense), stride, branches=getattr(module, "branches", 1)))
     rows += merged_rows(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return Plan(sorted(rows, key=lambda row: order[row.name]))
+    return Plan(sorted(rows, key=lambda row: order[row.name]), meta=forms_meta(model))
 
 
 def _source_type(module: LowRankModule) -> str:
@@ -143,6 +144,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
     originals = swap_modules(model, built)
     try:
         model.load_state_dict(tensors, strict=strict)
+        apply_forms(model, plan)
     except BaseException:
         swap_modules(model, originals)
         raise

@@ -34,21 +34,22 @@ The model changes only at the end, all layers at once: on any error (a batch the
 NaN/Inf inputs, a layer the calibration never reaches, singular statistics with damping 0) it is
 left exactly as it was.
 
-    report = decompose_sequential(model, lrd.plan(model, ratio=1.5), calibration=batches)
+    report = lrd.decompose(model, lrd.plan(model, ratio=1.5), method="whiten", sequential=True,
+                           calibration=batches)
+
+`lrd.decompose` calls `build_sequential` here and swaps the layers in.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import time
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import model_device, move_inputs, unwrap
+from lrdaccel._modules import model_device, move_inputs
 from lrdaccel._settings import check_choice, check_int
 from lrdaccel.calibrate import (
     CallOrder,
@@ -77,82 +78,13 @@ from lrdaccel.layers import LowRankModule, TuckerConv2d, entry_for
 from lrdaccel.layers.base import assign
 from lrdaccel.layers.svd import dense_linear_weight
 from lrdaccel.layers.tucker import DEFAULT_HOOI_ITERS
-from lrdaccel.measure.counting import macs_by_module
 from lrdaccel.planning import LayerPlan, Plan
-from lrdaccel.surgery import DecomposeReport, LayerReport, _relative_error, swap_modules, validate_plan
+from lrdaccel.surgery import swap_modules, validate_plan
 
 # The original model's input rows of upcoming layer groups are kept up to this many bytes, so that
 # one pass of the original serves several groups (MiniLM on 1024 sentences: about a third of the
 # groups per pass); memory beyond that stays per batch.
 REFERENCE_CACHE_BYTES = 256 << 20
-
-
-def decompose_sequential(
-    model: nn.Module,
-    plan: Plan | str | os.PathLike,
-    calibration: Iterable[Any],
-    *,
-    refit: str = "joint",
-    damping: float = DEFAULT_DAMPING,
-    refit_damping: float = DEFAULT_REFIT_DAMPING,
-    n_iter: int | None = None,
-    example_inputs: Any = None,
-    progress: bool = False,
-) -> DecomposeReport:
-    """Decompose `model` in place by `plan`, calibrating layer by layer in execution order.
-
-    Args:
-        model: the model to change; wrappers (DDP, torch.compile) are looked through.
-        plan: from `lrd.plan` (or a saved plan's path).
-        calibration: batches (a list, DataLoader or other iterable; read once into memory, as
-            every layer needs a pass over them), each called as model(tensor), model(*tuple) or
-            model(**dict): drop labels first.
-        refit: "joint" (SVD layers: both factors, reduced-rank regression; Tucker-2: as
-            "last"), "last" (the last factor and bias, least squares) or "none".
-        damping: whitening's relative diagonal loading (as for method="whiten").
-        refit_damping: relative ridge of the least-squares re-solve, towards the factorization.
-        n_iter: HOOI sweeps for Tucker-2 (None: 2).
-        example_inputs: when given, MACs in the report are counted per forward of it.
-        progress: a tqdm bar over layer groups.
-
-    Returns:
-        A DecomposeReport, as `lrd.decompose` gives.
-
-    Raises:
-        ValueError: a bad setting, a plan that does not fit the model, no batches, a batch the
-            model fails on, NaN/Inf reaching a planned layer, a planned layer the calibration never
-            reaches, or statistics too singular to solve (only possible with damping 0), naming
-            the layer; the model is then left exactly as it was.
-    """
-    start = time.perf_counter()
-    model = unwrap(model)
-    if isinstance(plan, (str, os.PathLike)):
-        plan = Plan.load(plan)
-    built = build_sequential(model, plan, calibration, refit=refit, damping=damping, refit_damping=refit_damping,
-                             n_iter=n_iter, progress=progress)
-    params_before = sum(p.numel() for p in model.parameters())
-    macs_before = None if example_inputs is None else macs_by_module(model, example_inputs)
-    errors = {name: _relative_error(model.get_submodule(name), new) for name, new in built.items()}
-    originals = swap_modules(model, built)
-    try:  # the model's own forward may fail on the new layers: then undo the swap
-        macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
-    except BaseException:
-        swap_modules(model, originals)
-        raise
-    rows = []
-    for row in plan.decomposed:
-        before, after = row.macs_before, row.macs_after
-        if macs_before is not None:
-            before, after = macs_before[1].get(row.name, 0), macs_after[1].get(row.name, 0)
-        rows.append(LayerReport(row.name, row.kind, row.rank, row.params_before, row.params_after, before, after,
-                                errors[row.name]))
-    return DecomposeReport(
-        layers=rows, model_params_before=params_before,
-        model_params_after=sum(p.numel() for p in model.parameters()),
-        model_macs_before=None if macs_before is None else macs_before[0],
-        model_macs_after=None if macs_after is None else macs_after[0],
-        macs_unit="per output position" if macs_before is None else "per forward",
-        seconds=time.perf_counter() - start, plan=plan)
 
 
 @torch.no_grad()
@@ -169,7 +101,20 @@ def build_sequential(
 ) -> dict[str, LowRankModule]:
     """The decomposed layer for every decomposed row of `plan`, calibrated sequentially (see the
     module docstring); `model` itself is not changed (swap them in with `surgery.swap_modules`).
-    Arguments and errors as `decompose_sequential`."""
+
+    Args:
+        calibration: batches (a list, DataLoader or other iterable; read once into memory, as
+            every layer needs a pass over them), each called as model(tensor), model(*tuple) or
+            model(**dict): drop labels first.
+        refit, damping, refit_damping, n_iter: as `lrd.DecomposeConfig`.
+        progress: a tqdm bar over layer groups.
+
+    Raises:
+        ValueError: a bad setting, a plan that does not fit the model, no batches, a batch the
+            model fails on, NaN/Inf reaching a planned layer, a planned layer the calibration never
+            reaches, or statistics too singular to solve (only possible with damping 0), naming
+            the layer.
+    """
     check_choice("refit", refit, REFITS)
     check_damping(damping)
     check_damping(refit_damping)

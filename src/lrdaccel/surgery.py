@@ -28,13 +28,10 @@ from lrdaccel.block_merge import (
     merge_error,
     merged_like,
     merged_shape_check,
-    recalibrate_batchnorm,
-    restore_batchnorm,
-    snapshot_batchnorm,
 )
 from lrdaccel.calibrate import InputStats, collect_input_stats
 from lrdaccel.factorize.branched import check_branched_rank
-from lrdaccel.factorize.whiten import DEFAULT_DAMPING, check_damping
+from lrdaccel.factorize.whiten import DEFAULT_DAMPING, DEFAULT_REFIT_DAMPING, REFITS, check_damping
 from lrdaccel.layers import LowRankModule, entry_for
 from lrdaccel.layers.base import warn_plain
 from lrdaccel.layers.merged import MergedConv2d
@@ -42,6 +39,8 @@ from lrdaccel.layers.registry import dense_shape, layer_class_for
 from lrdaccel.measure.counting import macs_by_module
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
+from lrdaccel.planning.forms import apply_forms
+from lrdaccel.recalibrate import recalibrate_batchnorm
 
 METHODS = ("svd", "whiten")
 
@@ -58,16 +57,32 @@ class DecomposeConfig:
         n_iter: HOOI refinement sweeps for Tucker-2 (None: the default, 2), ALS sweeps for
             branched Tucker-2 (None: 4).
         damping: whitening's relative diagonal loading (method="whiten").
+        sequential: with method="whiten", decompose layer by layer in execution order, each on
+            the inputs of the partly decomposed model, re-solved in closed form so that its output
+            matches the original layer's (lrdaccel.sequential). SVD and Tucker-2 rows only.
+        refit: what sequential calibration re-solves: "joint" (both SVD factors, reduced-rank
+            regression; Tucker-2: the last 1x1), "last" (the last factor and bias, least
+            squares) or "none".
+        refit_damping: relative ridge of that re-solve, towards the factorization's own factors.
     """
 
     method: str = "svd"
     n_iter: int | None = None
     damping: float = DEFAULT_DAMPING
+    sequential: bool = False
+    refit: str = "joint"
+    refit_damping: float = DEFAULT_REFIT_DAMPING
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         check_int("n_iter", self.n_iter, 0, optional=True)
         check_damping(self.damping)
+        check_choice("refit", self.refit, REFITS)
+        check_damping(self.refit_damping)
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.sequential and self.method != "whiten":
+            raise ValueError("sequential=True calibrates the whitened factorization: pass method='whiten'")
 
 
 @dataclass
@@ -277,12 +292,12 @@ def decompose(
         plan: from `lrd.plan` / `lrd.optimize_ranks`; give either this or `ratio`.
         example_inputs: a tensor, tuple or dict for the model; when given, MACs in the report
             are counted by torch.utils.flop_counter per forward of it.
-        calibration: batches for method="whiten" and for merged rows (a DataLoader, list or other
-            iterable; each batch called as model(tensor), model(*tuple) or model(**dict), so drop
-            labels). Merging uses them to choose what to keep and to re-estimate every
-            BatchNorm's statistics afterwards (two passes: a generator is read into a list
-            first); use about a thousand samples.
-        config: a DecomposeConfig (method, n_iter, damping).
+        calibration: batches for method="whiten", for merged rows and, without a plan, for
+            allocate="sensitivity" (a DataLoader, list or other iterable; each batch called as
+            model(tensor), model(*tuple) or model(**dict), so drop labels). Merging uses them to
+            choose what to keep and to re-estimate every BatchNorm's statistics afterwards
+            (several passes: a generator is read into a list first); use about a thousand samples.
+        config: a DecomposeConfig (method, n_iter, damping, sequential, refit, refit_damping).
         progress: show a tqdm bar.
         **settings: DecomposeConfig fields; without a plan, also PlanConfig fields
             (`decompose(model, ratio=2.0, min_rank=4)`; `merge=True` traces `example_inputs`).
@@ -311,29 +326,39 @@ def decompose(
     plan_settings = {k: v for k, v in settings.items() if k not in decompose_fields}
     config = resolve(DecomposeConfig, config, {k: v for k, v in settings.items() if k in decompose_fields},
                      "decompose")
+    allocating = plan is None and plan_settings.get("allocate") is not None
     if plan is None:
-        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, example_inputs=example_inputs, **plan_settings)
+        if allocating and isinstance(calibration, Iterator):
+            calibration = list(calibration)  # read again by the statistics
+        plan = make_plan(model, ratio=2.0 if ratio is None else ratio, example_inputs=example_inputs,
+                         calibration=calibration if allocating else None, **plan_settings)
     elif ratio is not None or plan_settings:
         raise ValueError("give either a plan or ratio/plan options to decompose(), not both")
-    _check_plan_type(plan)
+    validate_plan(model, plan)  # before any pass over the calibration batches, which may be long
+    if isinstance(calibration, Iterator):
+        calibration = list(calibration)  # read by several passes (statistics, BatchNorms)
     merged = plan.merged
-    input_stats, block_stats, calibration = _statistics(model, plan, calibration, config, progress)
+    input_stats, block_stats = _statistics(model, plan, calibration, config, progress, allocating)
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = None if example_inputs is None else macs_by_module(model, example_inputs)
-    built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress,
-                          block_stats=block_stats)
+    if config.sequential:
+        from lrdaccel.sequential import build_sequential  # sequential imports this module
+
+        built = build_sequential(model, plan, calibration, refit=config.refit, damping=config.damping,
+                                 refit_damping=config.refit_damping, n_iter=config.n_iter, progress=progress)
+    else:
+        built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress,
+                              block_stats=block_stats)
     errors = {row.name: merge_error(model, row, built, block_stats) if row.kind == "merged"
               else _relative_error(model.get_submodule(row.name), built[row.name]) for row in plan.changed}
-    saved_norms = snapshot_batchnorm(model) if merged and calibration is not None else None
     originals = swap_modules(model, built)
     try:  # the model's own forward may fail on the new layers: then undo the swap
+        apply_forms(model, plan)
         macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
-        if saved_norms is not None:
+        if merged and calibration is not None:  # restores the statistics itself on error
             recalibrate_batchnorm(model, calibration)
     except BaseException:
         swap_modules(model, originals)
-        if saved_norms is not None:
-            restore_batchnorm(saved_norms)
         raise
     rows = []
     for row in plan.changed:
@@ -356,20 +381,19 @@ def decompose(
     )
 
 
-def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: DecomposeConfig, progress: bool):
-    """(input statistics for whitening, block statistics for merges, the calibration batches as
-    they will be read again), each None where the plan and method do not need it.
+def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: DecomposeConfig, progress: bool,
+                allocating: bool):
+    """(input statistics for whitening, block statistics for merges), each None where the plan
+    and method do not need it (sequential calibration collects its own).
 
     Raises:
         ValueError: calibration missing where needed or given where nothing reads it.
     """
     merged = plan.merged
     approximate = [row.name for row in merged if row.merge.act1 or row.merge.act2]
-    if config.method == "svd" and calibration is not None and not merged:
-        raise ValueError("calibration is only used by method='whiten' and by merged rows; pass method='whiten' "
-                         "or drop it")
-    if merged and isinstance(calibration, Iterator):
-        calibration = list(calibration)  # merging reads the batches twice (statistics, then BatchNorms)
+    if config.method == "svd" and calibration is not None and not merged and not allocating:
+        raise ValueError("calibration is only used by method='whiten', by merged rows and by "
+                         "allocate='sensitivity'; pass method='whiten' or drop it")
     if approximate and calibration is None:
         raise ValueError(f"merged rows {approximate[:3]}{' ...' if len(approximate) > 3 else ''} merge across an "
                          f"activation, which needs calibration batches (calibration=loader_or_list)")
@@ -377,13 +401,17 @@ def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: Decompos
     if config.method == "whiten":
         if calibration is None:
             raise ValueError("method='whiten' needs calibration batches (calibration=loader_or_list)")
-        validate_plan(model, plan)  # before the calibration pass, which may be long
+        if config.sequential:
+            others = [f"{row.name} ({row.kind})" for row in plan.changed if row.kind not in ("svd", "tucker2")]
+            if others:
+                raise ValueError(f"sequential=True calibrates SVD and Tucker-2 rows; the plan also has "
+                                 f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}: use sequential=False")
+            return None, None
         input_stats = collect_input_stats(model, [row.name for row in plan.changed if row.kind != "merged"],
                                           calibration, progress=progress)
     if merged and calibration is not None:
-        validate_plan(model, plan)
         block_stats = collect_block_stats(model, merged, calibration)
-    return input_stats, block_stats, calibration
+    return input_stats, block_stats
 
 
 @torch.no_grad()

@@ -46,7 +46,6 @@ from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved, ra
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.rankopt import optimize_ranks
-from lrdaccel.rankopt.forms import apply_forms
 from lrdaccel.surgery import decompose
 from lrdaccel.training.evaluate import accuracy
 from lrdaccel.training.freezer import SCHEDULES
@@ -265,8 +264,7 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
             cache=timing_cache_arg(config.timing_cache), budget_s=config.rank_budget_s,
             min_run_time=0.05 if config.quick else 0.1, progress=progress))
     decomposed = copy.deepcopy(original)
-    stages.run("decompose", lambda: decompose(decomposed, plan, progress=progress))
-    apply_forms(decomposed, plan)
+    stages.run("decompose", lambda: decompose(decomposed, plan, progress=progress))  # with the plan's forms
     decomposed_accuracy = stages.run("evaluate the decomposed model", lambda: accuracy(decomposed, test, progress=progress))
     schedule = config.schedule
     if not plan.decomposed:

@@ -37,7 +37,7 @@ from lrdaccel.measure.timer import OBJECTIVES, Timings, Workload, measure_interl
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.rankopt import measure_staircase, optimize_ranks
-from lrdaccel.rankopt.forms import apply_forms, plan_forms
+from lrdaccel.planning.forms import apply_forms, plan_forms
 from lrdaccel.rankopt.staircase import write_staircase
 from lrdaccel.surgery import build_modules, swap_modules
 

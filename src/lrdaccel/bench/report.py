@@ -187,7 +187,6 @@ def demo_markdown(results: Mapping) -> str:
     ratios, throughput = results["ratios"], results["throughput"]
     dataset = results["dataset"]
     points = 100 * (decomposed["accuracy"] - original["accuracy"])
-    phases = throughput["decomposed"].get("train_phases", 1)
     lines = [
         f"# lrdaccel demo: {results['model']} on {dataset['name']}",
         "",

@@ -5,6 +5,12 @@ With --fuse the deployable form is written beside it: every BatchNorm that direc
 conv folded into it, exported to `model.onnx` and checked with ONNX Runtime. A folded model has
 no BatchNorm to fine-tune and another structure than its plan describes, so it is kept only as
 that export; in Python, `lrd.fuse_batchnorm(lrd.load(dir, base).eval())` gives it back.
+
+Calibration batches (--calibration N) serve --method whiten (with --sequential: layer by layer on
+the partly decomposed model), --merge (what to keep, BatchNorm statistics) and --allocate
+sensitivity (ranks under the ratio's budget by measured sensitivity): images of a dataset's
+training split, or English sentences of lrdaccel.corpora's calibration split (--calibration-data
+text, tokenized for --model minilm).
 """
 
 from __future__ import annotations
@@ -14,19 +20,23 @@ from pathlib import Path
 
 import torch
 
-from lrdaccel import data
+from lrdaccel import corpora, data, zoo
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 from lrdaccel.deploy import export_onnx
 from lrdaccel.deploy.onnx_session import onnxruntime
 from lrdaccel.io import save
-from lrdaccel.planning import Plan
+from lrdaccel.planning import Plan, PlanConfig
+from lrdaccel.planning.allocation import ALLOCATIONS, BUDGETS
+from lrdaccel.planning.sensitivity import SENSITIVITIES
+from lrdaccel.factorize.whiten import REFITS
 from lrdaccel.surgery import METHODS, DecomposeConfig, decompose
 
 
 ORDER = 30  # place in `lrdaccel --help`: the pipeline's order
 ONNX_NAME = "model.onnx"
+TEXT = "text"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("compress", help="decompose a model and save it (weights + plan)",
@@ -36,13 +46,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--plan", help="a plan JSON from `lrdaccel plan -o` or `lrdaccel optimize -o` "
                                        "(overrides --ratio and the other plan options)")
     parser.add_argument("--output", "-o", required=True, help="directory to save the decomposed model to")
-    add_config_args(parser, DecomposeConfig, ("method", "n_iter", "damping"), choices={"method": METHODS},
-                    notes={"method": "whiten needs --calibration"})
+    add_config_args(parser, PlanConfig, ("allocate", "budget", "sensitivity"),
+                    choices={"allocate": ALLOCATIONS, "budget": BUDGETS, "sensitivity": SENSITIVITIES},
+                    notes={"allocate": "needs --calibration"})
+    add_config_args(parser, DecomposeConfig, ("method", "n_iter", "damping", "sequential", "refit", "refit_damping"),
+                    choices={"method": METHODS, "refit": REFITS}, notes={"method": "whiten needs --calibration"})
     parser.add_argument("--calibration", type=positive_int, metavar="N",
-                        help="number of calibration batches (of --batch-size images) for --method whiten")
-    parser.add_argument("--calibration-data", default="fashion-mnist", choices=data.NAMES,
+                        help="number of calibration batches (of --batch-size samples) for --method whiten, "
+                             "--merge (about 1000 images) and --allocate")
+    parser.add_argument("--calibration-data", default="fashion-mnist", choices=(*data.NAMES, TEXT),
                         help="training split the calibration images come from, normalised with "
-                             "lrdaccel.data.normalize (default fashion-mnist)")
+                             "lrdaccel.data.normalize, or 'text': sentences of lrdaccel.corpora's calibration "
+                             "split, for --model minilm (default fashion-mnist)")
     parser.add_argument("--fuse", action="store_true",
                         help=f"also fold BatchNorm into the convs before them and write the result to "
                              f"{ONNX_NAME} in --output, checked with ONNX Runtime (needs lrdaccel[onnx])")
@@ -60,21 +75,35 @@ def calibration_batches(name: str, n_batches: int, batch_size: int, seed: int = 
     return list(chosen.split(batch_size))
 
 
+def text_batches(n_batches: int, batch_size: int) -> list[dict]:
+    """`n_batches` tokenized batches of calibration sentences (lrdaccel.corpora) for MiniLM."""
+    texts = corpora.sentences("calibration", limit=n_batches * batch_size)
+    return corpora.tokenized_batches(zoo.minilm_tokenizer(), texts, batch_size)
+
+
 def run(args: argparse.Namespace) -> int:
     check_outputs(dirs={"--output": args.output})
     config = DecomposeConfig(**given(args, DecomposeConfig))
-    if args.calibration is not None and config.method != "whiten":
-        raise ValueError("--calibration is only used by --method whiten")
-    if config.method == "whiten" and args.calibration is None:
-        raise ValueError("--method whiten needs --calibration N (batches of calibration images)")
+    allocating = getattr(args, "allocate", None) is not None
+    if args.plan and allocating:
+        raise ValueError("--allocate plans the ranks; it does not apply to a --plan file")
+    if args.calibration_data == TEXT and args.model != "minilm":
+        raise ValueError("--calibration-data text is tokenized for --model minilm")
     if args.fuse:
         onnxruntime()  # before any work: say how to install it where it is missing
     model, example = load_model(args, check_input=True)
-    plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args)
     calibration = None
-    if config.method == "whiten":
-        calibration = calibration_batches(args.calibration_data, args.calibration, args.batch_size)
-    report = decompose(model, plan, example_inputs=example, calibration=calibration, config=config, progress=True)
+    if args.calibration is not None:
+        calibration = (text_batches(args.calibration, args.batch_size) if args.calibration_data == TEXT
+                       else calibration_batches(args.calibration_data, args.calibration, args.batch_size))
+    elif config.method == "whiten" or allocating:
+        raise ValueError("--method whiten and --allocate need --calibration N (batches of calibration samples)")
+    plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args, example,
+                                                                 calibration if allocating else None)
+    if calibration is not None and not (config.method == "whiten" or plan.merged or allocating):
+        raise ValueError("--calibration is only used by --method whiten, --merge and --allocate")
+    needed = calibration if config.method == "whiten" or plan.merged else None  # allocation has read them
+    report = decompose(model, plan, example_inputs=example, calibration=needed, config=config, progress=True)
     print(report)
     save(model, args.output)
     print(f"saved to {args.output}")

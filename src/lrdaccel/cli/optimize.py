@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(files={"--output": args.output, "--staircase": args.staircase})
     settings = SearchSettings(**given(args, SearchSettings))
     model, example = load_model(args, check_input=True)
-    plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args)
+    plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args, example)
     staircase_row = _staircase_row(plan, args.staircase_layer) if args.staircase else None
     cache = False if args.no_cache else args.cache
     optimized = optimize_ranks(model, plan, example, settings=settings, device=args.device, dtype=args.dtype,

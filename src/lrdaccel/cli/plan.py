@@ -8,7 +8,7 @@ from lrdaccel.cli._common import add_model_args, check_outputs, load_model
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.planning import Plan, PlanConfig, plan
 
-PLAN_OPTIONS = ("ratio", "include", "exclude", "min_rank", "beta")
+PLAN_OPTIONS = ("ratio", "include", "exclude", "min_rank", "beta", "branches", "merge")
 
 
 ORDER = 10  # place in `lrdaccel --help`: the pipeline's order
@@ -17,8 +17,10 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, PlanConfig, PLAN_OPTIONS)
 
 
-def plan_from_args(model, args: argparse.Namespace) -> Plan:
-    return plan(model, **given(args, PlanConfig))
+def plan_from_args(model, args: argparse.Namespace, example=None, calibration=None) -> Plan:
+    """The plan the options ask for; `example` is traced by --merge, `calibration` read by
+    --allocate (compress only)."""
+    return plan(model, example_inputs=example, calibration=calibration, **given(args, PlanConfig))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,8 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(files={"--output": args.output})
-    model, _ = load_model(args)
-    result = plan_from_args(model, args)
+    model, example = load_model(args)
+    result = plan_from_args(model, args, example)
     print(result)
     if args.output:
         result.save(args.output)

@@ -1,7 +1,10 @@
-"""Planning a decomposition: the rows and their JSON (`rows`), the planner (`planner`), and
-selecting layers by name (`targeting`)."""
+"""Planning a decomposition: the rows and their JSON (`rows`), the planner (`planner`),
+selecting layers by name (`targeting`), merge detection (`dataflow`, `merging`), rank allocation
+by sensitivity (`sensitivity`, `allocation`) and execution forms (`forms`)."""
 
+from lrdaccel.planning.allocation import allocate_ranks
+from lrdaccel.planning.merging import find_merge_candidates
 from lrdaccel.planning.planner import PlanConfig, plan
-from lrdaccel.planning.rows import KINDS, LayerPlan, Plan
+from lrdaccel.planning.rows import KINDS, LayerPlan, MergeBlock, Plan
 
-__all__ = ["KINDS", "LayerPlan", "Plan", "PlanConfig", "plan"]
+__all__ = ["KINDS", "LayerPlan", "MergeBlock", "Plan", "PlanConfig", "allocate_ranks", "find_merge_candidates", "plan"]

@@ -36,7 +36,7 @@ from lrdaccel._settings import check_choice, check_int
 from lrdaccel.factorize.ranks import Rank, check_ratio, layer_cost
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING
 from lrdaccel.planning.rows import LayerPlan, Plan
-from lrdaccel.planning.sensitivity import SENSITIVITIES, LayerSensitivity, measure_sensitivity
+from lrdaccel.planning.sensitivity import LayerSensitivity, measure_sensitivity
 
 BUDGETS = ("params", "macs")
 ALLOCATIONS = ("sensitivity",)

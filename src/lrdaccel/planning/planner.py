@@ -32,14 +32,16 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from lrdaccel._modules import direct_reader, unwrap, weight_owners
-from lrdaccel._settings import check_int, check_number, resolve
+from lrdaccel._settings import check_choice, check_int, check_number, resolve
 from lrdaccel.factorize.branched import branched_full_rank, branched_ranks, check_branched_rank
 from lrdaccel.factorize.ranks import Rank, below_min_rank, check_ratio, full_rank, ratio_rank, tucker_pair
 from lrdaccel.layers import LowRankModule, entry_for
 from lrdaccel.layers.merged import MergedConv2d
 from lrdaccel.layers.registry import dense_shape, unsupported_reason, weight_shape
+from lrdaccel.planning.allocation import ALLOCATIONS, BUDGETS, allocate_ranks
 from lrdaccel.planning.merging import MergeCandidate, find_merge_candidates
 from lrdaccel.planning.rows import LayerPlan, Plan
+from lrdaccel.planning.sensitivity import SENSITIVITIES
 from lrdaccel.planning.targeting import Selector, compile_selector, resolve_per_layer
 
 
@@ -64,6 +66,14 @@ class PlanConfig:
             ranks multiples of it); 1 is plain Tucker-2.
         merge: merge each bottleneck (1x1 conv -> BN -> act -> k x k conv -> BN -> act -> 1x1 conv)
             into three narrower convs ("merged" rows); needs example_inputs to trace the model.
+        allocate: None (one ratio for every layer) or "sensitivity": the layers the ratio would
+            decompose keep together 1/ratio of their cost, spent by measured sensitivity
+            (lrdaccel.planning.allocation); needs calibration batches.
+        budget: what allocation keeps 1/ratio of: "params" (weight parameters) or "macs"
+            (multiply-accumulates per forward of the calibration batches).
+        sensitivity: "fisher" (truncation loss weighted by the output's gradient: the task loss
+            where labels are given, distillation to the original otherwise) or "output" (relative
+            truncation loss of each layer alone, forward only).
     """
 
     ratio: float = 2.0
@@ -76,6 +86,9 @@ class PlanConfig:
     beta: float = 1.0
     branches: int = 1
     merge: bool = False
+    allocate: str | None = None
+    budget: str = "params"
+    sensitivity: str = "fisher"
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -84,13 +97,20 @@ class PlanConfig:
         check_int("branches", self.branches, 1)
         if not isinstance(self.merge, bool):
             raise ValueError(f"merge must be True or False, got {self.merge!r}")
+        if self.allocate is not None:
+            check_choice("allocate", self.allocate, ALLOCATIONS)
+            if self.branches > 1 or self.merge:
+                raise ValueError("allocate='sensitivity' allocates SVD and Tucker-2 ranks; it does not combine "
+                                 "with branches > 1 or merge=True")
+        check_choice("budget", self.budget, BUDGETS)
+        check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
         if isinstance(self.ratios, Mapping):
             for name, value in self.ratios.items():
                 check_ratio(value, f"ratios[{name!r}]")
 
 
 def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = None,
-         config: PlanConfig | None = None, **settings: Any) -> Plan:
+         config: PlanConfig | None = None, calibration: Any = None, labels: Any = None, **settings: Any) -> Plan:
     """Plan the decomposition of `model` without changing it.
 
     Args:
@@ -99,10 +119,15 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
         example_inputs: a tensor, tuple or dict for the model (a batch of one is enough); needed by
             merge=True, which traces one forward to find the bottlenecks.
         config: a PlanConfig; keyword `settings` (its field names) override its fields.
+        calibration: unlabeled batches for allocate="sensitivity" (each called as model(batch),
+            model(*tuple) or model(**dict)).
+        labels: optional class labels per calibration batch: the Fisher weight then uses the
+            task loss.
 
     Raises:
         ValueError: ratio <= 1, a bad rank, an unknown setting, a name pattern that matches no
-            candidate, or merge=True without example_inputs (or inputs the model fails on).
+            candidate, merge=True without example_inputs (or inputs the model fails on),
+            allocate="sensitivity" without calibration, or calibration without it.
     """
     if ratio is not None:
         settings["ratio"] = ratio
@@ -126,7 +151,15 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
         rows = _merge(context, rows, find_merge_candidates(model, example_inputs))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda row: order[row.name])
-    return Plan(rows, ratio=config.ratio, beta=config.beta, meta={"model": type(model).__name__})
+    result = Plan(rows, ratio=config.ratio, beta=config.beta, meta={"model": type(model).__name__})
+    if config.allocate is None:
+        if calibration is not None or labels is not None:
+            raise ValueError("plan: calibration and labels are only used by allocate='sensitivity'")
+        return result
+    if calibration is None:
+        raise ValueError("plan: allocate='sensitivity' needs calibration batches (calibration=loader_or_list)")
+    return allocate_ranks(model, result, calibration, ratio=config.ratio, budget=config.budget,
+                          sensitivity=config.sensitivity, labels=labels, min_rank=config.min_rank)
 
 
 def _merge(context: "_Context", rows: list[LayerPlan], candidates: list[MergeCandidate]) -> list[LayerPlan]:

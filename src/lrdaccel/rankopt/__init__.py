@@ -17,7 +17,7 @@ against rank, and its plot). Every time is taken in the runtime the model will r
 from lrdaccel.rankopt.cache import TimingCache, default_cache_path
 from lrdaccel.rankopt.capture import InputSpec, capture_inputs
 from lrdaccel.rankopt.choose import optimize_ranks, timing_table
-from lrdaccel.rankopt.forms import apply_forms
+from lrdaccel.planning.forms import apply_forms
 from lrdaccel.rankopt.layer_timing import BenchmarkTimer, TimingJob
 from lrdaccel.rankopt.search import SearchSettings
 from lrdaccel.rankopt.staircase import Staircase, measure_staircase, plot_staircase

@@ -28,7 +28,8 @@ from lrdaccel.rankopt.cache import CacheArg, TimingCache
 from lrdaccel.rankopt.capture import InputSpec, capture_inputs
 from lrdaccel.rankopt.layer_times import LayerTimes, dtype_name
 from lrdaccel.rankopt.layer_timing import BenchmarkTimer, Timer, input_signature, layer_signature
-from lrdaccel.rankopt.forms import FORMS_KEY, choose_form, linear_form_possible
+from lrdaccel.planning.forms import FORMS_KEY
+from lrdaccel.rankopt.forms import branch_counts, choose_branches, choose_form, linear_form_possible
 from lrdaccel.rankopt.search import Choice, SearchSettings, search_rank
 from lrdaccel.surgery import validate_plan
 
@@ -75,7 +76,7 @@ def optimize_ranks(
 
     Returns:
         The optimized Plan; `plan.meta["rank_optimization"]` records settings (the runtime
-        among them), counts, and the execution forms chosen (`rankopt.forms.apply_forms`).
+        among them), counts, and the execution forms chosen (`lrdaccel.planning.forms.apply_forms`).
 
     Raises:
         ValueError: a bad objective / runtime / rule / number / dtype, a device the runtime
@@ -104,10 +105,13 @@ def optimize_ranks(
 
     rows = plan.decomposed
     captured = capture_inputs(model, [row.name for row in rows], example_inputs)
+    sensitivity = plan.meta.get("sensitivity") or {}
     groups: dict[tuple, list[LayerPlan]] = {}
     for row in rows:
         if row.name in captured:
-            groups.setdefault(_group_key(model, row, captured[row.name]), []).append(row)
+            # Layers with their own sensitivity choose alone (their times still come from the cache).
+            key = _group_key(model, row, captured[row.name]) + ((row.name,) if row.name in sensitivity else ())
+            groups.setdefault(key, []).append(row)
 
     new_rows = {row.name: row.with_rank(_ratio_rank(row), NOT_REACHED) for row in rows if row.name not in captured}
     forms = {}
@@ -115,7 +119,8 @@ def optimize_ranks(
     for group in bar:
         first = group[0]
         bar.set_postfix_str(first.name, refresh=False)
-        choice = timings.search(model.get_submodule(first.name), first, captured[first.name], plan.beta)
+        choice = timings.search(model.get_submodule(first.name), first, captured[first.name], plan.beta,
+                                sensitivity.get(first.name))
         for row in group:
             new_rows[row.name] = _apply(row, choice)
             if choice.form is not None:
@@ -147,7 +152,8 @@ class _Timings:
         self.device, self.dtype, self.settings = device, dtype, settings
         self.timed = self.hits = 0
 
-    def search(self, dense: nn.Module, row: LayerPlan, spec: InputSpec, beta: float) -> Choice:
+    def search(self, dense: nn.Module, row: LayerPlan, spec: InputSpec, beta: float,
+               sensitivity: dict | None = None) -> Choice:
         times = LayerTimes(dense, row.kind, spec, self.objective, self.device, self.dtype, self.cache, self.timer,
                            self.settings.runtime)
         spent = 0.0  # charged with the recorded cost of cached times too, so reruns stop where the first did
@@ -162,10 +168,13 @@ class _Timings:
             return entry.ms
 
         try:
-            choice = search_rank(row, measure, self.settings, beta)
+            choice = search_rank(row, measure, self.settings, beta, sensitivity)
             if (self.settings.runtime == "eager" and choice.rank is not None
                     and linear_form_possible(dense, row.kind, choice.rank)):
                 choice = choose_form(choice, lambda rank, form: times(rank, form).ms, self.settings.min_gain)
+            if self.settings.try_branches > 1 and choice.rank is not None and row.kind == "tucker2":
+                choice = choose_branches(choice, row, beta, branch_counts(self.settings.try_branches),
+                                         lambda rank, n: times(rank, branches=n).ms, self.settings.min_gain)
             return choice
         finally:
             self.timed += times.timed
@@ -175,6 +184,8 @@ class _Timings:
 def _apply(row: LayerPlan, choice: Choice) -> LayerPlan:
     if choice.rank is None:
         new = row.with_rank(None, choice.reason, kind="keep")
+    elif choice.branches > 1:
+        new = row.with_rank(choice.rank, choice.reason, kind="tucker2_branched", branches=choice.branches)
     else:
         new = row.with_rank(choice.rank, choice.reason)
     return dataclasses.replace(new, time_original_ms=choice.time_original_ms,

@@ -1,4 +1,5 @@
-"""The execution form of a decomposed layer: chosen by timing, recorded in the plan, applied to a model.
+"""The form of a decomposed layer, chosen by timing: how an SVD layer runs, and whether a
+Tucker-2 core is branched.
 
 A 1x1 SVDConv2d can run as two 1x1 convs or as one product over channels through a
 channels-last view (`SVDConv2d.set_form`): the same weights and math, different kernels. In
@@ -7,24 +8,28 @@ the "linear" form at the rank it chose and keeps it where it saves more than the
 Compiled runtimes (inductor, ONNX Runtime) rewrite both into the same kernels, so there the
 search leaves the form alone.
 
-A plan row has no field for the form, so the choice lives in the plan's meta
-(`plan.meta["rank_optimization"]["forms"]`, layer name -> form) and is saved with the plan;
-`apply_forms` sets it on a decomposed model.
+The choice is recorded in the plan and applied by lrdaccel.planning.forms.
+
+A Tucker-2 core can also be a grouped conv of N branches (`BranchedTuckerConv2d`): N times fewer
+core weights at the same ranks, so within the same parameters it takes larger ranks, and a
+grouped conv may run faster or slower than a dense one of the same size. With
+`SearchSettings.try_branches` > 1 the search times the branched core at the ranks that fit the
+parameters of the Tucker-2 rank it chose, and keeps it where faster.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from torch import nn
 
+from lrdaccel.factorize.branched import branched_ranks
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.layers import SVDConv2d
-from lrdaccel.planning import Plan
+from lrdaccel.planning import LayerPlan
+from lrdaccel.planning.forms import LINEAR
 from lrdaccel.rankopt.search import Choice
-
-FORMS_KEY = "forms"
-LINEAR = "linear"
 
 
 def linear_form_possible(dense: nn.Module, kind: str, rank: Rank) -> bool:
@@ -48,35 +53,34 @@ def choose_form(choice: Choice, measure_form: Callable[[Rank, str], float], min_
     return choice
 
 
-def plan_forms(plan: Plan) -> dict[str, str]:
-    """Layer name -> execution form recorded by `optimize_ranks` (empty when none was chosen)."""
-    return dict((plan.meta.get("rank_optimization") or {}).get(FORMS_KEY) or {})
+def branch_counts(most: int) -> list[int]:
+    """2, 4, 8, ... up to `most`."""
+    return [2 ** i for i in range(1, most.bit_length()) if 2 ** i <= most]
 
 
-def apply_forms(model: nn.Module, plan: Plan) -> list[str]:
-    """Set the execution form the plan records on each decomposed layer of `model`.
-
-    Returns:
-        The names of the layers whose form was set.
-
-    Raises:
-        ValueError: a named layer is not an SVDConv2d of the model, or cannot take its form;
-            nothing is changed then.
-    """
-    forms = plan_forms(plan)
-    layers = {}
-    for name, form in forms.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, SVDConv2d):
-            raise ValueError(f"plan form {form!r} for layer {name!r}: the model has no SVDConv2d there "
-                             f"(decompose it with this plan first)")
-        why = layer.linear_form_allowed() if form == LINEAR else None
-        if why is not None or form not in SVDConv2d.FORMS:
-            raise ValueError(f"plan form {form!r} for layer {name!r}: {why or 'unknown form'}")
-        layers[name] = layer
-    for name, layer in layers.items():
-        layer.set_form(forms[name])
-    return sorted(layers)
+def choose_branches(choice: Choice, row: LayerPlan, beta: float, counts: list[int],
+                    measure_branched: Callable[[Rank, int], float], min_gain: float) -> Choice:
+    """`choice` (a Tucker-2 rank of `row`) as a branched core within its parameters where that is
+    faster by more than `min_gain`, else unchanged. `measure_branched(rank, branches)` gives ms."""
+    kept = row.with_rank(choice.rank, "").params_after
+    if kept >= row.params_before:
+        return choice
+    shape = row.shape
+    tried = []
+    for branches in counts:
+        rank = branched_ranks(shape["in"], shape["out"], math.prod(shape["kernel"]), row.params_before / kept,
+                              branches, beta)
+        if 0 in rank:
+            continue
+        tried.append((measure_branched(rank, branches), branches, rank))
+    best = min(tried, default=None)
+    if best is None or best[0] >= choice.time_ms * (1 - min_gain):
+        detail = ", ".join(f"{n} branches {r[0]}x{r[1]}: {ms:.3g} ms" for ms, n, r in tried)
+        choice.reason += f"; plain Tucker-2 core kept ({detail or 'no branched rank fits'})"
+        return choice
+    ms, branches, rank = best
+    choice.reason += (f"; core in {branches} branches at ({rank[0]}, {rank[1]}) within the same parameters "
+                      f"({ms:.3g} ms vs {choice.time_ms:.3g} ms, {choice.time_original_ms / ms:.2f}x faster than "
+                      f"the original)")
+    choice.rank, choice.branches, choice.time_ms = rank, branches, ms
+    return choice

@@ -26,7 +26,7 @@ from lrdaccel.measure.runtimes import check_runtime
 from lrdaccel.measure.steps import Placement, inference_phase, training_phase
 from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved
 from lrdaccel.planning import Plan
-from lrdaccel.rankopt.forms import apply_forms
+from lrdaccel.planning.forms import apply_forms
 from lrdaccel.surgery import build_modules, swap_modules
 
 ORIGINAL = "original"
