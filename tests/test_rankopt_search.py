@@ -323,3 +323,65 @@ def test_a_custom_timer_giving_no_usable_time_is_a_clear_error(bad):
     plan = lrd.plan(model, ranks={"0": 16})
     with pytest.raises(ValueError, match=r"the timer gave .* ms for Linear 64x64.*finite number of milliseconds > 0"):
         optimize(model, plan, FakeTimer(lambda rank: bad))
+
+
+@pytest.mark.parametrize("steep", [False, True])
+def test_an_allocated_plan_trades_time_against_the_layers_loss_not_its_parameters(steep):
+    model = linear_model()
+    plan = lrd.plan(model, ranks={"0": 300})
+    ranks = list(range(150, 601))
+    # an insensitive layer: its loss barely rises below R; a sensitive one: it rises fast
+    loss = [math.exp((300 - r) / 20) if steep else 1.0 + 1e-3 * (600 - r) / 300 for r in ranks]
+    plan.meta["sensitivity"] = {"0": {"weight": 1.0, "energy": 1.0, "positions": 8, "ranks": ranks, "loss": loss}}
+    smooth = FakeTimer(lambda r: 1.0 + 0.05 * r)
+    row = optimize(model, plan, smooth)["0"]
+    if steep:
+        assert row.rank == 300 and "ratio rank 300 kept" in row.reason
+    else:  # time saved is now worth it: parameters alone kept R (test_smooth_curve_keeps_the_ratio_rank)
+        assert row.rank < 300 and "loss" in row.reason, row.reason
+
+
+def test_layers_with_their_own_sensitivity_choose_alone_but_are_timed_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
+    plan = lrd.plan(model, ranks={"0": 128, "1": 128})
+    ranks = list(range(64, 257))
+    plan.meta["sensitivity"] = {
+        "0": {"ranks": ranks, "loss": [1.0 + 1e-3 * (256 - r) / 128 for r in ranks]},
+        "1": {"ranks": ranks, "loss": [math.exp((128 - r) / 10) for r in ranks]},
+    }
+    timer = FakeTimer(lambda r: 1.0 + 0.05 * r)
+    optimized = optimize(model, plan, timer, inputs=torch.randn(8, 512))
+    assert optimized["0"].rank < 128 and optimized["1"].rank == 128
+    assert len(timer.ranks) == len(set(timer.ranks))  # the second layer's times came from the cache
+
+
+def test_tucker_layers_take_a_branched_core_where_it_is_faster_within_the_same_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+    plan = lrd.plan(model, ratio=2.0)
+
+    class BranchTimer(FakeTimer):
+        def __call__(self, job):
+            self.calls.append((job.rank, job.branches))
+            if job.rank is None:
+                return 100.0
+            return 10.0 / job.branches if job.branches > 1 and fast else 10.0 + job.branches
+
+    for fast in (True, False):
+        timer = BranchTimer(None)
+        row = optimize(model, plan, timer, inputs=torch.randn(2, 64, 8, 8), try_branches=4)["0"]
+        branched = [(rank, n) for rank, n in timer.calls if n > 1]
+        assert sorted({n for _, n in branched}) == [2, 4]
+        if fast:
+            assert row.kind == "tucker2_branched" and row.branches == 4 and row.time_ms == 2.5
+            assert all(r % 4 == 0 for r in row.rank) and "4 branches" in row.reason
+            # flat Tucker-2 times keep the ratio rank; the branched core keeps its parameters, no more
+            assert 0.9 * plan["0"].params_after < row.params_after <= plan["0"].params_after
+            decomposed = copy.deepcopy(model)
+            lrd.decompose(decomposed, lrd.Plan([row]))
+            assert isinstance(decomposed[0], lrd.BranchedTuckerConv2d) and decomposed[0].branches == 4
+        else:
+            assert row.kind == "tucker2" and "plain Tucker-2 core kept" in row.reason
+    with pytest.raises(ValueError, match="try_branches"):
+        lrd.SearchSettings(try_branches=0)

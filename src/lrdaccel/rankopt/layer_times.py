@@ -42,16 +42,17 @@ class LayerTimes:
         ])
         self.timed = self.hits = 0
 
-    def __call__(self, rank: Rank, form: str | None = None) -> CachedTime:
+    def __call__(self, rank: Rank, form: str | None = None, branches: int = 1) -> CachedTime:
         """The time at `rank` (None: the original layer) in execution `form` (None: the layer's
-        default), with what measuring it cost."""
-        key = f"{self.key}|{rank_label(rank)}" + (f" as {form}" if form is not None else "")
+        default) or as a branched Tucker-2 core, with what measuring it cost."""
+        key = (f"{self.key}|{rank_label(rank)}" + (f" as {form}" if form is not None else "")
+               + (f" in {branches} branches" if branches > 1 else ""))
         entry = self.cache.get(key)
         if entry is not None:
             self.hits += 1
             return entry
         job = TimingJob(self.local, self.kind, rank, self.spec, self.objective, self.device, self.dtype,
-                        self.runtime, form)
+                        self.runtime, form, branches)
         began = time.perf_counter()
         value = self.timer(job)
         try:

@@ -33,7 +33,7 @@ from torch import nn
 
 from lrdaccel._settings import check_int, check_number
 from lrdaccel.factorize.ranks import Rank
-from lrdaccel.layers import entry_for
+from lrdaccel.layers import BranchedTuckerConv2d, entry_for
 from lrdaccel.layers.svd import dense_linear_weight
 from lrdaccel.measure.runtimes import runtime_forward
 from lrdaccel.measure.timer import median_seconds
@@ -56,6 +56,7 @@ class TimingJob:
         runtime: "eager", "compile" or "onnxruntime".
         form: the decomposed layer's execution form ("conv" or "linear", `SVDConv2d.FORMS`);
             None for the layer's default.
+        branches: > 1 times a Tucker-2 rank as a branched core (`BranchedTuckerConv2d`).
     """
 
     dense: nn.Module
@@ -67,6 +68,7 @@ class TimingJob:
     dtype: torch.dtype
     runtime: str = "eager"
     form: str | None = None
+    branches: int = 1
 
     @property
     def channels_last(self) -> bool:
@@ -76,7 +78,12 @@ class TimingJob:
 
     def build(self) -> nn.Module:
         """The module to time, in the mode and memory format of the objective and input."""
-        module = self.dense if self.rank is None else entry_for(self.dense).layer_class.like(self.dense, self.rank)
+        if self.rank is None:
+            module = self.dense
+        elif self.branches > 1:
+            module = BranchedTuckerConv2d.like(self.dense, self.rank, branches=self.branches)
+        else:
+            module = entry_for(self.dense).layer_class.like(self.dense, self.rank)
         if self.form is not None:
             module.set_form(self.form)
         module.train(self.objective == "train")
@@ -134,7 +141,7 @@ class BenchmarkTimer:
         from lrdaccel.deploy.onnx_session import export_program, reweighted, session_step
 
         key = (layer_signature(job.dense), input_signature(job.input), job.kind if job.rank is not None else None,
-               job.form)
+               job.form, job.branches)
         module.eval()
         with torch.no_grad():
             expected = module(x).numpy()

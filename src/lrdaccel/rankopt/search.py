@@ -8,7 +8,12 @@ Rules:
         score(c) = (t(R) - t(c)) / t(R)  -  tradeoff * (P(R) - P(c)) / P(R)
     (relative time saved minus relative parameters given up) and take the best, if it beats R
     by more than `min_gain` (measurement noise). On a staircase that snaps to the step; on a
-    smooth curve time saved never pays for the capacity lost, so R stays.
+    smooth curve time saved never pays for the capacity lost, so R stays. On a plan allocated
+    by sensitivity (`lrd.plan(..., allocate="sensitivity")`), what a rank gives up is the
+    relative rise of the layer's measured loss instead, (L(c) - L(R)) / L(R), wherever the plan
+    holds L at both ranks (every SVD rank and the Tucker-2 line within a factor 2 of R; ranks
+    off the line are scored by parameters): time is then traded against what the model loses,
+    not against parameter count.
     "paper" (arXiv 2407.20266, Algorithm 1): from R down to a lower bound, find the largest drop
     in time between neighbouring ranks and take the rank just below it. Never above R. Ranks are
     timed by 8 first (every rank in short ranges), then every rank inside the largest drop until
@@ -36,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from lrdaccel._settings import check_choice, check_number
+from lrdaccel._settings import check_choice, check_int, check_number
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.runtimes import check_runtime
 from lrdaccel.measure.timer import OBJECTIVES
@@ -62,7 +67,8 @@ class SearchSettings:
             "compile" (torch.compile, inductor, freezing for inference) or "onnxruntime"
             (inference only; pip install lrdaccel[onnx]).
         rule: "tradeoff" (score time saved against parameters given up) or "paper" (Algorithm 1).
-        tradeoff: weight of relative parameters given up against relative time saved; >= 0.
+        tradeoff: weight of relative parameters given up (on an allocated plan: relative rise
+            of the layer's measured loss) against relative time saved; >= 0.
         max_growth: try ranks with up to this fraction more parameters than the ratio rank
             (0: never more than the ratio allows); >= 0. Ignored by the paper's rule.
         lowest: search down to this fraction of the ratio rank; in (0, 1].
@@ -70,6 +76,10 @@ class SearchSettings:
         budget_s: seconds of measuring per distinct layer; the original and the ratio rank are
             always measured. None: no bound.
         min_run_time: seconds of repeated calls per layer measurement (the default timer's).
+        try_branches: Tucker-2 layers also try cores of 2, 4, ... up to this many branches
+            (lrd.BranchedTuckerConv2d) within the parameters of the rank chosen, and take the
+            fastest where it beats plain Tucker-2 by more than min_gain; 1: plain Tucker-2 only.
+            A branched core is another approximation, not a re-parametrisation.
     """
 
     objective: str = "infer"
@@ -81,6 +91,7 @@ class SearchSettings:
     min_gain: float = 0.02
     budget_s: float | None = 20.0
     min_run_time: float = 0.2
+    try_branches: int = 1
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
@@ -91,6 +102,7 @@ class SearchSettings:
         check_number("lowest", self.lowest, above=0, at_most=1)
         check_number("budget_s", self.budget_s, above=0, optional=True)
         check_number("min_run_time", self.min_run_time, above=0)
+        check_int("try_branches", self.try_branches, 1)
 
 
 @dataclass
@@ -105,13 +117,18 @@ class Choice:
     times: dict = field(default_factory=dict)  # every measured rank -> ms
     cut_by_budget: bool = False
     form: str | None = None  # the execution form where not the layer's default (rankopt.forms)
+    branches: int = 1  # > 1: a branched Tucker-2 core (rankopt.forms.choose_branches)
 
 
 class _Space:
     """The ranks allowed for one layer, their parameter counts, and the measurements so far."""
 
-    def __init__(self, row: LayerPlan, beta: float, settings: SearchSettings, measure: Measure):
+    def __init__(self, row: LayerPlan, beta: float, settings: SearchSettings, measure: Measure,
+                 sensitivity: dict | None = None):
         self.row, self.beta, self.settings, self._measure = row, beta, settings, measure
+        record = sensitivity or {}
+        self.losses = {tuple(r) if isinstance(r, list) else r: loss
+                       for r, loss in zip(record.get("ranks", []), record.get("loss", []))}
         self.ratio_rank = row.ratio_rank if row.ratio_rank is not None else row.rank
         self.tucker = row.kind == "tucker2"
         self.limits = (row.shape["in"], row.shape["out"]) if self.tucker else (min(row.shape["in"], row.shape["out"]),)
@@ -199,7 +216,8 @@ def _friendly_first(values: Iterable[int], centre: int) -> list[int]:
     return sorted(set(values), key=lambda v: (-alignment(v), abs(v - centre), -v))
 
 
-def search_rank(row: LayerPlan, measure: Measure, settings: SearchSettings, beta: float = 1.0) -> Choice:
+def search_rank(row: LayerPlan, measure: Measure, settings: SearchSettings, beta: float = 1.0,
+                sensitivity: dict | None = None) -> Choice:
     """Choose the rank of one decomposed layer from measured times.
 
     Args:
@@ -207,12 +225,14 @@ def search_rank(row: LayerPlan, measure: Measure, settings: SearchSettings, beta
         measure: see `Measure`.
         settings: the rule and its bounds.
         beta: Tucker-2 rank_out / rank_in of the plan (the line searched first).
+        sensitivity: the layer's record in an allocated plan's meta["sensitivity"] (ranks and
+            their losses): what a rank gives up is then scored by loss, not parameters.
 
     Returns:
         A Choice: rank (None to keep the original), its time, the times of the original and of
         R, a reason, and every time measured.
     """
-    space = _Space(row, beta, settings, measure)
+    space = _Space(row, beta, settings, measure, sensitivity)
     original = measure(None, required=True)
     at_ratio = measure(space.ratio_rank, required=True)
     space.times[space.ratio_rank] = at_ratio
@@ -249,8 +269,16 @@ def _aligned_instead(space: _Space, rank: Rank, why: str) -> tuple[Rank, str]:
 def _score(space: _Space, rank: Rank, tradeoff: float) -> float:
     t_ratio = space.times[space.ratio_rank]
     saved = (t_ratio - space.times[rank]) / t_ratio
-    given_up = (space.params_ratio - space.params(rank)) / space.params_ratio
-    return saved - tradeoff * given_up
+    return saved - tradeoff * _given_up(space, rank)
+
+
+def _given_up(space: _Space, rank: Rank) -> float:
+    """The relative rise of the layer's measured loss from the ratio rank where the plan has it
+    at both ranks, else the relative parameters given up."""
+    base = space.losses.get(space.ratio_rank)
+    if base and rank in space.losses:
+        return (space.losses[rank] - base) / base
+    return (space.params_ratio - space.params(rank)) / space.params_ratio
 
 
 def _best(space: _Space) -> Rank:
@@ -283,8 +311,10 @@ def _tradeoff_rule(space: _Space) -> tuple[Rank, str]:
                                   f"+{space.settings.min_gain:g}{detail}")
     t_ratio, t_best = space.times[space.ratio_rank], space.times[best]
     params_change = space.params(best) / space.params_ratio - 1
+    loss = (f", {_given_up(space, best):+.1%} loss" if space.losses.get(space.ratio_rank) and best in space.losses
+            else "")
     return best, (f"rank {_fmt(best)} (ratio rank {_fmt(space.ratio_rank)}): {1 - t_best / t_ratio:+.1%} time "
-                  f"saved for {params_change:+.1%} params, score {score:+.3f}")
+                  f"saved for {params_change:+.1%} params{loss}, score {score:+.3f}")
 
 
 def _grow_alone(space: _Space, best: Rank) -> list[Rank]:
