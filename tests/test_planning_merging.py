@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lrdaccel as lrd
+from lrdaccel.layers.merged import BottleneckChain, MergedConv2d
 from lrdaccel.planning import Plan
 from lrdaccel.planning.dataflow import trace_ops
 from lrdaccel.planning.merging import find_merge_candidates
@@ -221,10 +222,50 @@ def test_branched_rows_have_exact_counts_and_round_trip(tmp_path):
         Plan.load(path)
 
 
-def test_optimize_ranks_leaves_merged_and_branched_rows_as_planned():
-    # Rank search covers Plan.decomposed (svd / tucker2); the new forms wait for its wiring.
+class ChainTimer:
+    """Fake times: merged blocks by `merged_ms(rank)` (their original 100 ms), other layers 50 ms
+    decomposed; records each job."""
+
+    def __init__(self, merged_ms):
+        self.merged_ms, self.jobs = merged_ms, []
+
+    def __call__(self, job) -> float:
+        self.jobs.append(job)
+        if job.kind == "merged":
+            assert isinstance(job.dense, BottleneckChain)
+            return 100.0 if job.rank is None else self.merged_ms(job.rank)
+        return 100.0 if job.rank is None else 50.0
+
+
+def optimize_merged(timer, **settings):
     model = nn.Sequential(bottleneck(), nn.Conv2d(16, 16, 3, padding=1))
     plan = lrd.plan(model, ratio=2.0, merge=True, example_inputs=X, min_rank=1, branches=2)
     assert [row.kind for row in plan.changed] == ["merged", "tucker2_branched"] and not plan.decomposed
-    optimized = lrd.optimize_ranks(model, plan, X, cache=False, budget_s=0.01, min_run_time=0.001)
-    assert [(r.name, r.kind, r.rank) for r in optimized] == [(r.name, r.kind, r.rank) for r in plan]
+    return model, plan, lrd.optimize_ranks(model, plan, X, cache=False, budget_s=None, timer=timer, **settings)
+
+
+def test_optimize_ranks_times_a_merged_block_as_one_unit_and_snaps_its_widths():
+    model, plan, optimized = optimize_merged(ChainTimer(lambda rank: 10.0 if max(rank) <= 16 else 20.0))
+    row, planned = optimized["0.3"], plan["0.3"]
+    assert max(planned.rank) > 16 and row.kind == "merged" and max(row.rank) <= 16, (planned.rank, row.rank)
+    assert (row.time_original_ms, row.time_ms) == (100.0, 10.0) and row.merge == planned.merge
+    assert optimized["1"] == plan["1"]  # a branched row keeps the form the plan gave it
+    lrd.decompose(model, optimized, calibration=[torch.randn(4, 16, 8, 8)])
+    assert model[0][3].out_channels == row.rank[1] and isinstance(model[0][3], MergedConv2d)
+
+
+def test_a_merged_block_slower_than_the_original_keeps_its_three_convs():
+    model, plan, optimized = optimize_merged(ChainTimer(lambda rank: 200.0))
+    assert [(r.name, r.kind) for r in optimized if r.name.startswith("0.")] == [
+        ("0.0", "keep"), ("0.3", "keep"), ("0.6", "keep")]
+    assert all("kept with its block (0.3)" in optimized[n].reason for n in ("0.0", "0.6"))
+    assert "not faster than the original" in optimized["0.3"].reason
+    lrd.Plan.from_dict(optimized.to_dict())  # a valid plan
+    lrd.decompose(model, optimized)  # nothing to calibrate: the block stays as it was
+    assert type(model[0][3]) is nn.Conv2d and isinstance(model[1], lrd.BranchedTuckerConv2d)
+
+
+@pytest.mark.parametrize("objective", ["infer", "train"])
+def test_merged_blocks_are_really_timed_in_both_objectives(objective):
+    _, _, optimized = optimize_merged(None, objective=objective, min_run_time=0.001)
+    assert optimized["0.3"].time_original_ms > 0 and optimized["0.3"].kind in ("merged", "keep")

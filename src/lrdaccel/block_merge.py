@@ -44,7 +44,7 @@ from lrdaccel.factorize.merging import (
 )
 from lrdaccel.factorize.tucker2 import tucker2
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_tucker2
-from lrdaccel.layers.merged import BottleneckChain, MergedBlock, MergedConv2d, narrowed_batchnorm
+from lrdaccel.layers.merged import BottleneckChain, MergedBlock, MergedConv2d, narrowed_block
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning.rows import LayerPlan, MergeBlock
 
@@ -237,17 +237,13 @@ def merged_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
     """The merged block's new modules at the row's ranks, default-initialised (for loading weights
     into, or timing): {qualified name: module} for first, bn1, middle, bn2 and last."""
     block = row.merge
-    first, middle, last = (model.get_submodule(n) for n in (block.first, row.name, block.last))
-    bn1, bn2 = model.get_submodule(block.bn1), model.get_submodule(block.bn2)
-    r1, r2 = row.rank
-    new_first = MergedConv2d.narrowed(first, first.in_channels, r1, "first", row.name, first.bias is not None)
-    new_middle = MergedConv2d.narrowed(middle, r1, r2, "middle", row.name, middle.bias is not None)
+    names = (block.first, block.bn1, row.name, block.bn2, block.last)
+    last = model.get_submodule(block.last)
     # A constant the merge moves past bn2 lands in bn3's running mean, else in last's bias.
-    new_last = MergedConv2d.narrowed(last, r2, last.out_channels, "last", row.name,
-                                     last.bias is not None or block.bn3 is None)
-    new_middle.merge_block = block
-    return {block.first: new_first, block.bn1: narrowed_batchnorm(bn1, r1), row.name: new_middle,
-            block.bn2: narrowed_batchnorm(bn2, r2), block.last: new_last}
+    modules = narrowed_block(*(model.get_submodule(n) for n in names), row.rank, row.name,
+                             last_bias=last.bias is not None or block.bn3 is None)
+    modules[2].merge_block = block
+    return dict(zip(names, modules))
 
 
 @torch.no_grad()
@@ -491,18 +487,6 @@ def timing_chain(model: nn.Module, row: LayerPlan, rank: tuple[int, int] | None 
         modules = [built[n] for n in names]
     bn3 = copy.deepcopy(model.get_submodule(block.bn3)) if block.bn3 else None
     return BottleneckChain(*modules, bn3=bn3, act1=block.act1, act2=block.act2)
-
-
-def block_signature(model: nn.Module, row: LayerPlan) -> str:
-    """Everything about a merged row's block that its speed depends on, except the input and the
-    ranks (the timing cache key, as rankopt's layer_signature is for one layer)."""
-    block = row.merge
-    parts = []
-    for role, name in (("first", block.first), ("middle", row.name), ("last", block.last)):
-        conv = model.get_submodule(name)
-        parts.append(f"{role} {'x'.join(str(d) for d in conv.weight.shape)} stride={tuple(conv.stride)} "
-                     f"padding={conv.padding} dilation={tuple(conv.dilation)} bias={conv.bias is not None}")
-    return f"merged block [{'; '.join(parts)}] act1={block.act1} act2={block.act2} bn3={block.bn3 is not None}"
 
 
 def merged_shape_check(model: nn.Module, row: LayerPlan) -> str | None:

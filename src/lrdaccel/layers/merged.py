@@ -111,11 +111,40 @@ class BottleneckChain(nn.Module):
         self.first, self.bn1, self.middle, self.bn2, self.last = first, bn1, middle, bn2, last
         self.bn3 = bn3 if bn3 is not None else nn.Identity()
         self.act1, self.act2 = _activation(act1), _activation(act2)
+        self._names = (act1, act2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.first(x)))
         x = self.act2(self.bn2(self.middle(x)))
         return self.bn3(self.last(x))
+
+    def narrowed(self, rank: tuple[int, int], block_name: str = "") -> "BottleneckChain":
+        """This block merged at `rank` = (r1, r2): the shapes, default-initialised (for timing)."""
+        modules = narrowed_block(self.first, self.bn1, self.middle, self.bn2, self.last, rank, block_name,
+                                 last_bias=self.last.bias is not None or isinstance(self.bn3, nn.Identity))
+        bn3 = None if isinstance(self.bn3, nn.Identity) else self.bn3
+        return BottleneckChain(*modules, bn3=bn3, act1=self._names[0], act2=self._names[1])
+
+    def signature(self) -> str:
+        """Everything about the block that its speed depends on, except the input (a timing cache
+        key, as rankopt's layer_signature is for one layer)."""
+        parts = [f"{role} {'x'.join(str(d) for d in conv.weight.shape)} stride={tuple(conv.stride)} "
+                 f"padding={conv.padding} dilation={tuple(conv.dilation)} bias={conv.bias is not None}"
+                 for role, conv in (("first", self.first), ("middle", self.middle), ("last", self.last))]
+        return (f"merged block [{'; '.join(parts)}] act1={self._names[0]} act2={self._names[1]} "
+                f"bn3={not isinstance(self.bn3, nn.Identity)}")
+
+
+def narrowed_block(first: nn.Conv2d, bn1: nn.BatchNorm2d, middle: nn.Conv2d, bn2: nn.BatchNorm2d, last: nn.Conv2d,
+                   rank: tuple[int, int], block_name: str, last_bias: bool) -> tuple[nn.Module, ...]:
+    """(first, bn1, middle, bn2, last) of a bottleneck merged at inner widths `rank` = (r1, r2),
+    default-initialised: what the merge fills, or what rank optimization times."""
+    r1, r2 = rank
+    return (MergedConv2d.narrowed(first, first.in_channels, r1, "first", block_name, first.bias is not None),
+            narrowed_batchnorm(bn1, r1),
+            MergedConv2d.narrowed(middle, r1, r2, "middle", block_name, middle.bias is not None),
+            narrowed_batchnorm(bn2, r2),
+            MergedConv2d.narrowed(last, r2, last.out_channels, "last", block_name, last_bias))
 
 
 def _activation(name: str | None):

@@ -4,8 +4,12 @@ Flow: capture every planned layer's real input with one forward of the example i
 layers that are identical for timing (kind, geometry, input shape and memory format, ratio rank)
 so each group is searched once; search each group under the settings' runtime with its times
 going through the cache and the per-layer time budget (in eager PyTorch, a 1x1 SVD layer's
-execution form too: `rankopt.forms`); write the choice, the three times and the reason into a
-new plan.
+execution form too, and with `try_branches` a Tucker-2 core's branches: `rankopt.forms`); write
+the choice, the three times and the reason into a new plan.
+
+A merged row (`plan(merge=True)`) is searched as one unit: its bottleneck branch run alone
+(`BottleneckChain`, on the input of its first conv) against the merged block at each pair of
+inner widths; where no width beats the original block, its three convs are kept.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from tqdm.auto import tqdm
 
 from lrdaccel._modules import model_device, model_dtype, unwrap
 from lrdaccel._settings import parse_device, parse_dtype, resolve
+from lrdaccel.block_merge import timing_chain
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.machine import device_name
 from lrdaccel.measure.runtimes import check_runtime
+from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning import LayerPlan, Plan
 from lrdaccel.rankopt.cache import CacheArg, TimingCache
 from lrdaccel.rankopt.capture import InputSpec, capture_inputs
@@ -103,8 +109,10 @@ def optimize_ranks(
     timer = timer or BenchmarkTimer(settings.min_run_time)
     timings = _Timings(TimingCache.from_arg(cache), timer, device, dtype, settings)
 
-    rows = plan.decomposed
-    captured = capture_inputs(model, [row.name for row in rows], example_inputs)
+    rows = plan.decomposed + plan.merged
+    entry = {row.name: row.merge.first if row.kind == "merged" else row.name for row in rows}
+    inputs = capture_inputs(model, list(entry.values()), example_inputs)
+    captured = {row.name: inputs[entry[row.name]] for row in rows if entry[row.name] in inputs}
     sensitivity = plan.meta.get("sensitivity") or {}
     groups: dict[tuple, list[LayerPlan]] = {}
     for row in rows:
@@ -119,10 +127,10 @@ def optimize_ranks(
     for group in bar:
         first = group[0]
         bar.set_postfix_str(first.name, refresh=False)
-        choice = timings.search(model.get_submodule(first.name), first, captured[first.name], plan.beta,
+        choice = timings.search(_timed_module(model, first), first, captured[first.name], plan.beta,
                                 sensitivity.get(first.name))
         for row in group:
-            new_rows[row.name] = _apply(row, choice)
+            new_rows.update({new.name: new for new in _apply(model, row, choice)})
             if choice.form is not None:
                 forms[row.name] = choice.form
         timings.cache.save()
@@ -139,8 +147,9 @@ def optimize_ranks(
         "seconds": round(time.perf_counter() - start, 3),
         FORMS_KEY: forms,
     }
-    layers = [new_rows.get(row.name, row) for row in plan]
-    return Plan(layers, ratio=plan.ratio, beta=plan.beta, meta=meta)
+    layers = {row.name: row for row in plan} | new_rows
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return Plan(sorted(layers.values(), key=lambda row: order[row.name]), ratio=plan.ratio, beta=plan.beta, meta=meta)
 
 
 class _Timings:
@@ -181,15 +190,34 @@ class _Timings:
             self.hits += times.hits
 
 
-def _apply(row: LayerPlan, choice: Choice) -> LayerPlan:
+def _timed_module(model: nn.Module, row: LayerPlan) -> nn.Module:
+    """What a row's times are of: the layer, or a merged row's bottleneck branch run alone."""
+    return timing_chain(model, row) if row.kind == "merged" else model.get_submodule(row.name)
+
+
+def _apply(model: nn.Module, row: LayerPlan, choice: Choice) -> list[LayerPlan]:
+    """The row (or, for a merged block kept as it was, its three convs' rows) as chosen."""
+    if choice.rank is None and row.kind == "merged":
+        return [_kept(model, name, f"kept with its block ({row.name}): {choice.reason}")
+                for name in (row.merge.first, row.merge.last)] + [_timed(row.with_rank(None, choice.reason,
+                                                                                         kind="keep"), choice)]
     if choice.rank is None:
         new = row.with_rank(None, choice.reason, kind="keep")
     elif choice.branches > 1:
         new = row.with_rank(choice.rank, choice.reason, kind="tucker2_branched", branches=choice.branches)
     else:
         new = row.with_rank(choice.rank, choice.reason)
-    return dataclasses.replace(new, time_original_ms=choice.time_original_ms,
+    return [_timed(new, choice)]
+
+
+def _timed(row: LayerPlan, choice: Choice) -> LayerPlan:
+    return dataclasses.replace(row, time_original_ms=choice.time_original_ms,
                                time_ratio_rank_ms=choice.time_ratio_rank_ms, time_ms=choice.time_ms)
+
+
+def _kept(model: nn.Module, name: str, reason: str) -> LayerPlan:
+    conv = model.get_submodule(name)
+    return LayerPlan(name, "keep", None, reason, type(conv).__name__, dense_shape(conv), tuple(conv.stride))
 
 
 def _ratio_rank(row: LayerPlan) -> Rank:
@@ -197,8 +225,7 @@ def _ratio_rank(row: LayerPlan) -> Rank:
 
 
 def _group_key(model: nn.Module, row: LayerPlan, spec: InputSpec) -> tuple:
-    dense = model.get_submodule(row.name)
-    return row.kind, layer_signature(dense), input_signature(spec), _ratio_rank(row)
+    return row.kind, layer_signature(_timed_module(model, row)), input_signature(spec), _ratio_rank(row)
 
 
 def timing_table(plan: Plan) -> str:

@@ -34,6 +34,7 @@ from torch import nn
 from lrdaccel._settings import check_int, check_number
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.layers import BranchedTuckerConv2d, entry_for
+from lrdaccel.layers.merged import BottleneckChain
 from lrdaccel.layers.svd import dense_linear_weight
 from lrdaccel.measure.runtimes import runtime_forward
 from lrdaccel.measure.timer import median_seconds
@@ -47,8 +48,9 @@ class TimingJob:
     """One thing to time: `dense` itself when `rank` is None, else its decomposition at `rank`.
 
     Attributes:
-        dense: the original layer, already on `device` and in `dtype`.
-        kind: "svd" or "tucker2" (how `rank` is read).
+        dense: the original layer (for kind "merged": its bottleneck branch, a BottleneckChain),
+            already on `device` and in `dtype`.
+        kind: "svd", "tucker2" or "merged" (how `rank` is read).
         rank: None for the original layer; an int (SVD) or (rank_in, rank_out) (Tucker-2).
         input: the layer's input as captured in the model (shape and memory format are used).
         objective: "infer" or "train".
@@ -73,13 +75,15 @@ class TimingJob:
     @property
     def channels_last(self) -> bool:
         """Feed (and lay out) the layer channels_last: as captured, or as a compiled model runs convs."""
-        conv_input = len(self.input.shape) == 4 and isinstance(self.dense, nn.Conv2d)
+        conv_input = len(self.input.shape) == 4 and isinstance(self.dense, (nn.Conv2d, BottleneckChain))
         return self.input.memory_format == "channels_last" or (self.runtime == "compile" and conv_input)
 
     def build(self) -> nn.Module:
         """The module to time, in the mode and memory format of the objective and input."""
         if self.rank is None:
             module = self.dense
+        elif self.kind == "merged":
+            module = self.dense.narrowed(self.rank)
         elif self.branches > 1:
             module = BranchedTuckerConv2d.like(self.dense, self.rank, branches=self.branches)
         else:
@@ -183,7 +187,10 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Modul
 
 
 def layer_signature(dense: nn.Module) -> str:
-    """Everything about a dense layer that its speed depends on, except the input and rank."""
+    """Everything about a dense layer (or a bottleneck run alone) that its speed depends on,
+    except the input and rank."""
+    if isinstance(dense, BottleneckChain):
+        return dense.signature()
     if isinstance(dense, nn.Conv2d):
         weight = "x".join(str(d) for d in dense.weight.shape)
         return (f"Conv2d {weight} stride={tuple(dense.stride)} padding={dense.padding} "

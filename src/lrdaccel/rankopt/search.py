@@ -130,7 +130,7 @@ class _Space:
         self.losses = {tuple(r) if isinstance(r, list) else r: loss
                        for r, loss in zip(record.get("ranks", []), record.get("loss", []))}
         self.ratio_rank = row.ratio_rank if row.ratio_rank is not None else row.rank
-        self.tucker = row.kind == "tucker2"
+        self.tucker = row.kind in ("tucker2", "merged")  # a pair of ranks
         self.limits = (row.shape["in"], row.shape["out"]) if self.tucker else (min(row.shape["in"], row.shape["out"]),)
         ratio_ranks = self.ratio_rank if self.tucker else (self.ratio_rank,)
         self.lows = tuple(max(1, math.ceil(r * settings.lowest)) for r in ratio_ranks)
@@ -221,7 +221,7 @@ def search_rank(row: LayerPlan, measure: Measure, settings: SearchSettings, beta
     """Choose the rank of one decomposed layer from measured times.
 
     Args:
-        row: the layer's plan row (kind svd / tucker2; ratio_rank or rank is the starting rank R).
+        row: the layer's plan row (kind svd, tucker2 or merged; ratio_rank or rank is the starting rank R).
         measure: see `Measure`.
         settings: the rule and its bounds.
         beta: Tucker-2 rank_out / rank_in of the plan (the line searched first).
