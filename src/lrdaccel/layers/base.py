@@ -136,3 +136,37 @@ def whitened_or_plain(name: str, plain_method: str, whitened: Callable[[], objec
 
 def warn_plain(name: str, why: str, plain_method: str) -> None:
     warnings.warn(f"layer {name!r}: {why}; using plain {plain_method} instead of whitening", stacklevel=4)
+
+
+class ThreeConvModule(LowRankModule):
+    """1x1 C_in -> r_in, a k x k core r_in -> r_out (in `groups` branches) with the original's
+    stride, padding, dilation and padding mode, 1x1 r_out -> C_out with the bias: the structure
+    Tucker-2 and branched Tucker-2 share."""
+
+    def __init__(self, dense: nn.Conv2d, rank_in: int, rank_out: int, groups: int = 1):
+        super().__init__()
+        copy_conv_attributes(dense, self)
+        self.first = nn.Conv2d(dense.in_channels, rank_in, kernel_size=1, bias=False)
+        self.core = nn.Conv2d(
+            rank_in, rank_out, kernel_size=dense.kernel_size, stride=dense.stride, padding=dense.padding,
+            dilation=dense.dilation, groups=groups, padding_mode=dense.padding_mode, bias=False,
+        )
+        self.last = nn.Conv2d(rank_out, dense.out_channels, kernel_size=1, bias=dense.bias is not None)
+
+    @property
+    def factors(self) -> list[nn.Module]:
+        return [self.first, self.core, self.last]
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return self.core.in_channels, self.core.out_channels
+
+    def fill(self, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor, bias: torch.Tensor | None):
+        """Set the factors (first = u_in^T) and the original bias; returns self."""
+        assign(self.first.weight, u_in.T)
+        assign(self.core.weight, core)
+        assign(self.last.weight, u_out)
+        if bias is not None:
+            assign(self.last.bias, bias)
+        return self
+

@@ -15,24 +15,17 @@ from torch import nn
 from lrdaccel.factorize import check_finite
 from lrdaccel.factorize.branched import DEFAULT_ALS_ITERS, branched_dense, branched_tucker2, check_branched_rank
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING
-from lrdaccel.layers.base import LowRankModule, assign, copy_conv_attributes, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import ThreeConvModule, copy_module_state, whitened_or_plain
 
 
-class BranchedTuckerConv2d(LowRankModule):
+class BranchedTuckerConv2d(ThreeConvModule):
     """A k x k nn.Conv2d (groups=1) as 1x1 -> grouped k x k (N branches) -> 1x1."""
 
     kind = "tucker2_branched"
     plain_method = "branched Tucker-2 (ALS)"
 
     def __init__(self, dense: nn.Conv2d, rank_in: int, rank_out: int, branches: int):
-        super().__init__()
-        copy_conv_attributes(dense, self)
-        self.first = nn.Conv2d(dense.in_channels, rank_in, kernel_size=1, bias=False)
-        self.core = nn.Conv2d(
-            rank_in, rank_out, kernel_size=dense.kernel_size, stride=dense.stride, padding=dense.padding,
-            dilation=dense.dilation, groups=branches, padding_mode=dense.padding_mode, bias=False,
-        )
-        self.last = nn.Conv2d(rank_out, dense.out_channels, kernel_size=1, bias=dense.bias is not None)
+        super().__init__(dense, rank_in, rank_out, groups=branches)
 
     @classmethod
     def like(cls, dense: nn.Conv2d, rank, name: str = "", branches: int = 2) -> "BranchedTuckerConv2d":
@@ -57,20 +50,7 @@ class BranchedTuckerConv2d(LowRankModule):
             dense.weight, *layer.rank, branches, n_iter=n_iter, covariance=covariance, damping=damping)
         whitened = None if input_covariance is None else (lambda: fit(input_covariance))
         u_in, core, u_out = whitened_or_plain(name, cls.plain_method, whitened, lambda: fit(None))
-        assign(layer.first.weight, u_in.T)
-        assign(layer.core.weight, core)
-        assign(layer.last.weight, u_out)
-        if dense.bias is not None:
-            assign(layer.last.bias, dense.bias)
-        return layer
-
-    @property
-    def factors(self) -> list[nn.Module]:
-        return [self.first, self.core, self.last]
-
-    @property
-    def rank(self) -> tuple[int, int]:
-        return self.core.in_channels, self.core.out_channels
+        return layer.fill(u_in, core, u_out, dense.bias)
 
     @property
     def branches(self) -> int:

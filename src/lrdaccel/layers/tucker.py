@@ -15,26 +15,16 @@ from torch import nn
 from lrdaccel.factorize import check_finite, tucker2
 from lrdaccel.factorize.ranks import tucker_pair
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_tucker2
-from lrdaccel.layers.base import LowRankModule, assign, copy_conv_attributes, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import ThreeConvModule, copy_module_state, whitened_or_plain
 
 DEFAULT_HOOI_ITERS = 2
 
 
-class TuckerConv2d(LowRankModule):
+class TuckerConv2d(ThreeConvModule):
     """A k x k nn.Conv2d (groups=1) as a Tucker-2 chain of three convs."""
 
     kind = "tucker2"
     plain_method = "Tucker-2 (HOOI)"
-
-    def __init__(self, dense: nn.Conv2d, rank_in: int, rank_out: int):
-        super().__init__()
-        copy_conv_attributes(dense, self)
-        self.first = nn.Conv2d(dense.in_channels, rank_in, kernel_size=1, bias=False)
-        self.core = nn.Conv2d(
-            rank_in, rank_out, kernel_size=dense.kernel_size, stride=dense.stride, padding=dense.padding,
-            dilation=dense.dilation, padding_mode=dense.padding_mode, bias=False,
-        )
-        self.last = nn.Conv2d(rank_out, dense.out_channels, kernel_size=1, bias=dense.bias is not None)
 
     @classmethod
     def like(cls, dense: nn.Conv2d, rank, name: str = "") -> "TuckerConv2d":
@@ -59,20 +49,7 @@ class TuckerConv2d(LowRankModule):
                 dense.weight, input_covariance, *layer.rank, n_iter=n_iter, damping=damping)
         u_in, core, u_out = whitened_or_plain(name, cls.plain_method, whitened,
                                               lambda: tucker2(dense.weight, *layer.rank, n_iter=n_iter))
-        assign(layer.first.weight, u_in.T)
-        assign(layer.core.weight, core)
-        assign(layer.last.weight, u_out)
-        if dense.bias is not None:
-            assign(layer.last.bias, dense.bias)
-        return layer
-
-    @property
-    def factors(self) -> list[nn.Module]:
-        return [self.first, self.core, self.last]
-
-    @property
-    def rank(self) -> tuple[int, int]:
-        return self.core.in_channels, self.core.out_channels
+        return layer.fill(u_in, core, u_out, dense.bias)
 
     def dense_params(self) -> int:
         return self.in_channels * self.out_channels * math.prod(self.kernel_size)
