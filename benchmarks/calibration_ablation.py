@@ -360,16 +360,18 @@ def markdown(result: dict, meta: dict) -> str:
              f"Times: process CPU seconds with one thread (wall seconds in the JSON).", ""]
     if "cosine" in rows[0]:
         lines += ["| ratio | plan | step | candidate params | cosine mean | cosine min | CPU s |", "|---|---|---|---|---|---|---|"]
+        share = 0.0
         for r in rows:
-            lines.append(f"| {r['ratio']:g} | {r['plan']} | {r['step']} | {r.get('candidate_share', 0):.3f}x | "
-                         f"{r['cosine']:.4f} | {r['cosine_min']:.4f} | {r['cpu_s']} |")
+            share = r.get("candidate_share", share)  # a distillation row trains the model of the row above
+            lines.append(f"| {r['ratio']:g} | {r['plan']} | {r['step']} | {share:.3f}x | "
+                         f"{r['cosine']:.4f} | {r['cosine_min']:.4f} | {r['cpu_s']:.1f} |")
     elif "top1_agreement" in rows[0]:
         lines += ["| ratio | calibration | plan | step | candidate params | top-1 agreement | KL | top-1 accuracy | CPU s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['ratio']:g} | {r['calibration']} | {r['plan']} | {r['step']} | "
                          f"{r['candidate_share']:.3f}x | {100 * r['top1_agreement']:.0f}% | {r['kl']:.3f} | "
-                         f"{100 * r['top1_accuracy']:.0f}% | {r['cpu_s']} |")
+                         f"{100 * r['top1_accuracy']:.0f}% | {r['cpu_s']:.1f} |")
     else:
         lines += [f"Original test accuracy {100 * result['original_accuracy']:.2f}%, {result['params']:,} parameters, "
                   f"{result['macs']:,} MACs per image.", "",
@@ -380,7 +382,7 @@ def markdown(result: dict, meta: dict) -> str:
             third = f"{100 * r['accuracy_third_epoch']:.2f}%" if "accuracy_third_epoch" in r else "-"
             lines.append(f"| {r['ratio']:g} | {r['plan']} | {r['step']} | {r['candidate_share']:.3f}x | "
                          f"{r['params'] / result['params']:.3f}x | {r['macs'] / result['macs']:.3f}x | "
-                         f"{100 * r['accuracy']:.2f}% | {bn} | {third} | {r['cpu_s']} |")
+                         f"{100 * r['accuracy']:.2f}% | {bn} | {third} | {r['cpu_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +405,13 @@ def main(argv=None) -> int:
                                                                                  "Fashion-MNIST models")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "calibration"), help="output prefix")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite the Markdown of these results")
     args = parser.parse_args(argv)
+    if args.render:
+        for path in map(Path, args.render):
+            result = json.loads(path.read_text())
+            path.with_suffix(".md").write_text(markdown(result, result["meta"]))
+        return 0
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     args.ratios = [float(r) for r in args.ratios.split(",")]
