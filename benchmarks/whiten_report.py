@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -380,8 +381,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    results = {"command": "python benchmarks/whiten_report.py" + (" --quick" if args.quick else ""),
+    results = {"command": " ".join(["python benchmarks/whiten_report.py", *sys.argv[1:]]),
                "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"}
+    previous_path = RESULTS / "whiten_report.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() and not args.quick else {}
+    for section, skipped in (("minilm", args.skip_minilm), ("cnn", args.skip_cnn)):
+        if skipped and section in previous:  # a skipped section keeps its last results
+            results[section] = previous[section]
     if not args.skip_minilm:
         results["minilm"] = minilm_section((2.0,) if args.quick else (1.5, 2.0, 3.0))
     if not args.skip_cnn:
