@@ -3,6 +3,7 @@ filling the factors from a dense weight, plainly or whitened by the layer's inpu
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -160,6 +161,25 @@ class ThreeConvModule(LowRankModule):
     @property
     def rank(self) -> tuple[int, int]:
         return self.core.in_channels, self.core.out_channels
+
+    def dense_params(self) -> int:
+        return self.in_channels * self.out_channels * math.prod(self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        c = self.core
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=c.stride, padding=c.padding,
+            dilation=c.dilation, padding_mode=c.padding_mode, bias=self.bias is not None,
+            device=c.weight.device, dtype=c.weight.dtype,
+        )
+        dense.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.train(self.training)
 
     def fill(self, u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor, bias: torch.Tensor | None):
         """Set the factors (first = u_in^T) and the original bias; returns self."""

@@ -7,7 +7,6 @@ ranks; freezing and save/load treat it as a three-factor layer like Tucker-2.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -56,28 +55,9 @@ class BranchedTuckerConv2d(ThreeConvModule):
     def branches(self) -> int:
         return self.core.groups
 
-    def dense_params(self) -> int:
-        return self.in_channels * self.out_channels * math.prod(self.kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
-
     def dense_weight(self) -> torch.Tensor:
         return branched_dense(self.first.weight[:, :, 0, 0].T, self.core.weight, self.last.weight[:, :, 0, 0],
                               self.branches)
-
-    @torch.no_grad()
-    def to_dense(self) -> nn.Conv2d:
-        c = self.core
-        dense = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=c.stride, padding=c.padding,
-            dilation=c.dilation, padding_mode=c.padding_mode, bias=self.bias is not None,
-            device=c.weight.device, dtype=c.weight.dtype,
-        )
-        dense.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense.train(self.training)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branches={self.branches}"

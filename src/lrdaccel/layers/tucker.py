@@ -7,7 +7,6 @@ padding mode (each is a spatial copy or zero), so the chain equals the original 
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -51,25 +50,7 @@ class TuckerConv2d(ThreeConvModule):
                                               lambda: tucker2(dense.weight, *layer.rank, n_iter=n_iter))
         return layer.fill(u_in, core, u_out, dense.bias)
 
-    def dense_params(self) -> int:
-        return self.in_channels * self.out_channels * math.prod(self.kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
-
     def dense_weight(self) -> torch.Tensor:
         return torch.einsum("srhw,os,ri->oihw", self.core.weight, self.last.weight[:, :, 0, 0],
                             self.first.weight[:, :, 0, 0])
 
-    @torch.no_grad()
-    def to_dense(self) -> nn.Conv2d:
-        c = self.core
-        dense = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=c.stride, padding=c.padding,
-            dilation=c.dilation, padding_mode=c.padding_mode, bias=self.bias is not None,
-            device=c.weight.device, dtype=c.weight.dtype,
-        )
-        dense.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense.train(self.training)
