@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 from lrdaccel import corpora, data, zoo
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
-from lrdaccel.io import load, save
-from lrdaccel.planning import PlanConfig
-from lrdaccel.surgery import decompose
+from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
 from lrdaccel.training.config import DISTILL_LOSSES, LR_SCHEDULES, OPTIMIZERS, DistillConfig
 from lrdaccel.training.distill import distill
 from lrdaccel.training.distributed import is_main_process, process_group
 from lrdaccel.training.freezer import SCHEDULES
 
-HISTORY_NAME = "history.json"
 TEXT = "text"
 
 ORDER = 60  # place in `lrdaccel --help`: the pipeline's order
@@ -38,11 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.set_defaults(model="fmnist-cnn")
-    source = parser.add_argument_group("decomposition")
-    source.add_argument("--from", dest="source", metavar="DIR",
-                        help="a decomposed model saved by `lrdaccel compress -o DIR`, rebuilt on --model")
-    source.add_argument("--ratio", type=float, help="decompose --model here at this ratio (instead of --from)")
-    add_config_args(source, PlanConfig, ("min_rank",))
+    add_source_args(parser)
 
     inputs = parser.add_argument_group("unlabeled data")
     inputs.add_argument("--data", default="fashion-mnist", choices=(*data.NAMES, TEXT),
@@ -106,10 +98,7 @@ def run(args: argparse.Namespace) -> int:
     teacher, _ = load_model(args)
     teacher.eval()
     student = copy.deepcopy(teacher)
-    if args.source:
-        load(args.source, student)
-    else:
-        decompose(student, **given(args, PlanConfig))  # --ratio and --min-rank
+    decompose_from_args(student, args)
     batches, held_out = _text_batches(args, config.seed) if args.data == TEXT else _image_batches(args)
     # One process group for the run and the save after it, so that only rank 0 writes.
     with process_group():
@@ -117,9 +106,6 @@ def run(args: argparse.Namespace) -> int:
         if is_main_process():
             print(history)
         if args.output:
-            save(student, args.output)
-            if is_main_process():
-                (Path(args.output) / HISTORY_NAME).write_text(json.dumps(history.to_dict(), indent=2) + "\n")
-                print(f"saved to {args.output}")
+            save_run(student, history, args.output)
     return 0
 

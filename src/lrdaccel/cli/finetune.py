@@ -10,22 +10,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 from lrdaccel import data
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
-from lrdaccel.io import load, save
-from lrdaccel.planning import PlanConfig
-from lrdaccel.surgery import decompose
+from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
 from lrdaccel.training.config import LR_SCHEDULES, OPTIMIZERS, FinetuneConfig
 from lrdaccel.training.distributed import is_main_process, process_group
 from lrdaccel.training.freezer import SCHEDULES
 from lrdaccel.training.loop import finetune
-
-HISTORY_NAME = "history.json"
-
 
 ORDER = 50  # place in `lrdaccel --help`: the pipeline's order
 
@@ -35,12 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.set_defaults(model="fmnist-cnn")  # the datasets here are 1x28x28 images
-    source = parser.add_argument_group("decomposition")
-    source.add_argument("--from", dest="source", metavar="DIR",
-                        help="a decomposed model saved by `lrdaccel compress -o DIR`, rebuilt on --model")
-    source.add_argument("--ratio", type=float,
-                        help="decompose --model here at this per-layer compression ratio (instead of --from)")
-    add_config_args(source, PlanConfig, ("min_rank",))
+    add_source_args(parser)
 
     run = parser.add_argument_group("data and training")
     run.add_argument("--dataset", default="fashion-mnist", choices=data.NAMES, help="dataset (default fashion-mnist)")
@@ -82,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_shape = (1, 28, 28)
     model, _ = load_model(args)
     teacher = copy.deepcopy(model).eval() if args.distill else None
-    if args.source:
-        load(args.source, model)
-    elif args.ratio:
-        decompose(model, **given(args, PlanConfig))  # --ratio and --min-rank
+    decompose_from_args(model, args)
     if args.no_standardize:
         train, test = (data.load(args.dataset, split, limit) for split, limit in
                        (("train", args.train_limit), ("test", args.test_limit)))
@@ -97,8 +82,5 @@ def run(args: argparse.Namespace) -> int:
         if is_main_process():
             print(history)
         if args.output:
-            save(model, args.output)
-            if is_main_process():
-                (Path(args.output) / HISTORY_NAME).write_text(json.dumps(history.to_dict(), indent=2) + "\n")
-                print(f"saved to {args.output}")
+            save_run(model, history, args.output)
     return 0

@@ -1,0 +1,46 @@
+"""What the training subcommands (finetune, distill) share: the decomposed model they start from,
+and how a run is saved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torch import nn
+
+from lrdaccel.cli._config_args import add_config_args, given
+from lrdaccel.io import load, save
+from lrdaccel.planning import PlanConfig
+from lrdaccel.surgery import decompose
+from lrdaccel.training.distributed import is_main_process
+from lrdaccel.training.history import History
+
+HISTORY_NAME = "history.json"
+
+
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """--from DIR / --ratio R / --min-rank: where the decomposed model comes from."""
+    source = parser.add_argument_group("decomposition")
+    source.add_argument("--from", dest="source", metavar="DIR",
+                        help="a decomposed model saved by `lrdaccel compress -o DIR`, rebuilt on --model")
+    source.add_argument("--ratio", type=float,
+                        help="decompose --model here at this per-layer compression ratio (instead of --from)")
+    add_config_args(source, PlanConfig, ("min_rank",))
+
+
+def decompose_from_args(model: nn.Module, args: argparse.Namespace) -> None:
+    """Rebuild --from DIR on `model`, or decompose it at --ratio (and --min-rank); with neither,
+    leave it as it is."""
+    if args.source:
+        load(args.source, model)
+    elif args.ratio:
+        decompose(model, **given(args, PlanConfig))
+
+
+def save_run(model: nn.Module, history: History, directory: str) -> None:
+    """`lrd.save` the model with the run's history beside it (only rank 0 writes)."""
+    save(model, directory)
+    if is_main_process():
+        (Path(directory) / HISTORY_NAME).write_text(json.dumps(history.to_dict(), indent=2) + "\n")
+        print(f"saved to {directory}")
