@@ -476,17 +476,14 @@ def merged_rows(model: nn.Module) -> list[LayerPlan]:
 
 def timing_chain(model: nn.Module, row: LayerPlan, rank: tuple[int, int] | None = None) -> BottleneckChain:
     """The row's bottleneck branch alone, as it is (rank None) or merged at `rank` with
-    default-initialised weights (`merged_like`): what rank optimization times for this block.
-    The modules are copies; `model` is not changed."""
+    default-initialised weights (`BottleneckChain.narrowed`): what rank optimization times for
+    this block. The modules are copies; `model` is not changed."""
     block = row.merge
     names = [block.first, block.bn1, row.name, block.bn2, block.last]
-    if rank is None:
-        modules = [copy.deepcopy(model.get_submodule(n)) for n in names]
-    else:
-        built = merged_like(model, row.with_rank(rank, row.reason))
-        modules = [built[n] for n in names]
     bn3 = copy.deepcopy(model.get_submodule(block.bn3)) if block.bn3 else None
-    return BottleneckChain(*modules, bn3=bn3, act1=block.act1, act2=block.act2)
+    chain = BottleneckChain(*(copy.deepcopy(model.get_submodule(n)) for n in names), bn3=bn3, act1=block.act1,
+                            act2=block.act2)
+    return chain if rank is None else chain.narrowed(rank, row.name)
 
 
 def merged_shape_check(model: nn.Module, row: LayerPlan) -> str | None:
