@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrdaccel._modules import call_model, model_device, move_inputs
+from lrdaccel._modules import model_device, move_inputs
+from lrdaccel.calibrate import call_batch, check_calibration, kept_modes
 from lrdaccel.factorize.merging import (
     batchnorm_affine,
     fold_input_factor,
@@ -132,7 +133,7 @@ def collect_block_stats(model: nn.Module, rows: Iterable[LayerPlan], calibration
     Raises:
         ValueError: no batches, a batch the model fails on (naming its index), NaN/Inf statistics.
     """
-    _check_batches(calibration)
+    check_calibration(calibration)
     rows = list(rows)
     passes: list[list[LayerPlan]] = []
     size = 0
@@ -194,37 +195,23 @@ def _collect(model: nn.Module, rows: list[LayerPlan], calibration: Iterable[Any]
     return result
 
 
-def _check_batches(calibration: Any) -> None:
-    if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
-        raise ValueError(f"calibration must be an iterable of batches (a DataLoader or a list); got a single "
-                         f"{type(calibration).__name__}: wrap one batch in a list, e.g. [batch]")
-
-
 def run_batches(model: nn.Module, calibration: Iterable[Any], hooks: list) -> int:
-    """Call `model` on every batch in eval mode without gradients, then remove `hooks` and restore
-    every module's training flag (also on error). Returns the number of batches.
+    """Call `model` on every batch without gradients, then remove `hooks` and restore every
+    module's training flag (also on error). Returns the number of batches.
 
     Raises:
         ValueError: no batches, or a batch the model fails on (naming its index).
     """
     device = model_device(model)
-    modes = {module: module.training for module in model.modules()}
     count = 0
     try:
-        with torch.no_grad():
+        with kept_modes(model), torch.no_grad():
             for index, batch in enumerate(calibration):
-                try:
-                    call_model(model, move_inputs(batch, device))
-                except Exception as error:  # whatever the model raises: name the batch
-                    raise ValueError(f"calibration batch {index}: the model failed on it ({type(error).__name__}: "
-                                     f"{error}); batches are called as model(tensor), model(*tuple) or "
-                                     f"model(**dict): drop labels first") from error
+                call_batch(model, move_inputs(batch, device), index)
                 count += 1
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
     if not count:
         raise ValueError("calibration gave no batches")
     return count
