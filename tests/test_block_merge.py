@@ -353,3 +353,17 @@ def test_timing_chains_run_the_block_alone_in_each_form():
     assert sum(c.weight.numel() for c in convs) == row.with_rank((12, 20), "").params_after == 16 * 12 + 9 * 240 + 320
     assert all(type(m) is nn.Conv2d or isinstance(m, MergedConv2d) for m in convs)
     assert type(model[0]) is nn.Conv2d  # the model itself is untouched
+
+
+def test_block_statistics_of_a_training_mode_model_leave_its_batchnorms_alone():
+    # The statistics pass runs in eval mode: a model in training mode keeps its running
+    # statistics (BatchNorm would otherwise update them, and normalize by batch statistics).
+    model = randomise_batchnorms(bottleneck()).train()
+    (row,) = merge_plan(model).merged
+    buffers = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
+    batches = [torch.randn(4, 16, 8, 8) for _ in range(2)]
+    in_training = collect_block_stats(model, [row], batches)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    assert all(m.training for m in model.modules())
+    in_eval = collect_block_stats(model.eval(), [row], batches)
+    assert torch.equal(in_training[row.name].h_second, in_eval[row.name].h_second)

@@ -196,8 +196,8 @@ def _collect(model: nn.Module, rows: list[LayerPlan], calibration: Iterable[Any]
 
 
 def run_batches(model: nn.Module, calibration: Iterable[Any], hooks: list) -> int:
-    """Call `model` on every batch without gradients, then remove `hooks` and restore every
-    module's training flag (also on error). Returns the number of batches.
+    """Call `model` on every batch in eval mode without gradients, then remove `hooks` and
+    restore every module's training flag (also on error). Returns the number of batches.
 
     Raises:
         ValueError: no batches, or a batch the model fails on (naming its index).
@@ -206,6 +206,7 @@ def run_batches(model: nn.Module, calibration: Iterable[Any], hooks: list) -> in
     count = 0
     try:
         with kept_modes(model), torch.no_grad():
+            model.eval()
             for index, batch in enumerate(calibration):
                 call_batch(model, move_inputs(batch, device), index)
                 count += 1
