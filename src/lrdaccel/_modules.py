@@ -6,7 +6,8 @@ tensor of its output counts (`output_tensor`), how inputs move to a device (`mov
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -144,3 +145,14 @@ def model_dtype(model: nn.Module) -> torch.dtype:
         if parameter.is_floating_point():
             return parameter.dtype
     return torch.float32
+
+
+@contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Every module's training flag as it was on entry, restored on exit (also on error)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrdaccel._modules import model_device, move_inputs
-from lrdaccel.calibrate import call_batch, check_calibration, kept_modes
+from lrdaccel._modules import kept_modes, model_device, move_inputs
+from lrdaccel.calibrate import call_batch, check_calibration
 from lrdaccel.factorize.merging import (
     batchnorm_affine,
     fold_input_factor,
@@ -365,12 +365,8 @@ def merge_error(model: nn.Module, row: LayerPlan, built: dict[str, nn.Module],
     names = [block.first, block.bn1, row.name, block.bn2, block.last] + ([block.bn3] if block.bn3 else [])
     original = BottleneckChain(*(model.get_submodule(n) for n in names), act1=block.act1, act2=block.act2)
     new = BottleneckChain(*(built.get(n, model.get_submodule(n)) for n in names), act1=block.act1, act2=block.act2)
-    modes = {m: m.training for m in [*original.modules(), *new.modules()]}
-    try:
+    with kept_modes(original), kept_modes(new):
         reference, approx = original.eval()(sample).double(), new.eval()(sample).double()
-    finally:
-        for module, training in modes.items():
-            module.training = training
     norm = reference.norm()
     return float((approx - reference).norm() / norm) if norm > 0 else float(approx.norm())
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import call_model, model_device, move_inputs
+from lrdaccel._modules import call_model, kept_modes, model_device, move_inputs
 from lrdaccel.layers import entry_for
 
 # Input vectors folded into the accumulator at once: bounds the float64 copy of an activation
@@ -285,17 +285,6 @@ def collect_input_stats(
 
 class _Stop(Exception):
     """Raised by a hook to cut a forward short once every layer of interest has been called."""
-
-
-@contextmanager
-def kept_modes(model: nn.Module) -> Iterator[None]:
-    """Every module's training flag as it was on entry, restored on exit (also on error)."""
-    modes = {module: module.training for module in model.modules()}
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 @contextmanager

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import model_device, move_inputs, unwrap
-from lrdaccel.calibrate import call_batch, check_calibration, hooked, kept_modes
+from lrdaccel._modules import kept_modes, model_device, move_inputs, unwrap
+from lrdaccel.calibrate import call_batch, check_calibration, hooked
 
 
 @dataclass

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import model_device, move_inputs
+from lrdaccel._modules import kept_modes, model_device, move_inputs
 from lrdaccel._settings import check_choice, check_int
 from lrdaccel.calibrate import (
     CallOrder,
@@ -57,7 +57,6 @@ from lrdaccel.calibrate import (
     check_calibration,
     forward_until,
     input_rows,
-    kept_modes,
     layers_by_name,
     probe_calls,
     token_mask,

@@ -14,7 +14,7 @@ from torch import nn
 
 from lrdaccel import zoo
 from lrdaccel._files import check_output_path
-from lrdaccel._modules import call_model
+from lrdaccel._modules import call_model, kept_modes
 from lrdaccel.measure.machine import parse_threads
 
 
@@ -176,14 +176,11 @@ def _load_weights(model: nn.Module, path: str) -> None:
 
 @torch.no_grad()
 def _check_input(model: nn.Module, example, args: argparse.Namespace) -> None:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     try:
-        call_model(model, example)
+        with kept_modes(model):
+            model.eval()
+            call_model(model, example)
     except Exception as error:  # the user's model rejects the shape: say which option to change
         shape = ",".join(map(str, args.input_shape)) if args.input_shape else "(the zoo default)"
         raise ValueError(f"--input-shape {shape} (batch {args.batch_size}): the model fails on this input "
                          f"({type(error).__name__}: {error})") from None
-    finally:
-        for module, training in modes.items():
-            module.training = training

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lrdaccel._modules import call_model, output_tensor
+from lrdaccel._modules import call_model, kept_modes, output_tensor
 from lrdaccel.measure.machine import BUSY_LOAD, load_average
 
 INSTALL_HINT = "pip install lrdaccel[onnx]"
@@ -90,15 +90,14 @@ def export_program(model: nn.Module, inputs: Any, dynamic_batch: bool = False, o
     """
     onnxruntime()
     tensors, keywords, names = flat_inputs(inputs)
-    modes = {module: module.training for module in model.modules()}
-    wrapped = MainOutput(model, keywords).eval()
     kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
         kwargs["dynamic_shapes"] = (tuple({0: batch} for _ in tensors),)  # MainOutput.forward(*args)
     # The exporter prints progress and warns about its own internals; neither is the user's business.
     try:
-        with _quiet(), torch.no_grad():
+        with kept_modes(model), _quiet(), torch.no_grad():
+            wrapped = MainOutput(model, keywords).eval()
             return torch.onnx.export(wrapped, tensors, dynamo=True, optimize=optimize, verbose=False, **kwargs)
     except Exception as error:  # torch.export / onnxscript errors have no common base class
         cause = error
@@ -107,9 +106,6 @@ def export_program(model: nn.Module, inputs: Any, dynamic_batch: bool = False, o
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
         raise ValueError(f"ONNX export of {type(model).__name__} failed: {type(cause).__name__}: "
                          f"{text.splitlines()[0][:400] if text else ''}") from error
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 @contextlib.contextmanager

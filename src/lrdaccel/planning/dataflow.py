@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lrdaccel._modules import call_model, model_device, move_inputs
+from lrdaccel._modules import call_model, kept_modes, model_device, move_inputs
 
 # Elementwise activations: a channel selection commutes with each of them.
 ACTIVATIONS = frozenset({
@@ -157,14 +157,10 @@ def trace_ops(model: nn.Module, example_inputs: Any) -> list[Op]:
         ValueError: the model fails on the inputs (naming the error).
     """
     recorder = _Recorder(_tensor_owners(model))
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with recorder:
+        with kept_modes(model), recorder:
+            model.eval()
             call_model(model, move_inputs(example_inputs, model_device(model)))
     except Exception as error:  # whatever the model raises: say that tracing failed and why
         raise ValueError(f"tracing the model on example_inputs failed ({type(error).__name__}: {error})") from error
-    finally:
-        for module, training in modes.items():
-            module.training = training
     return recorder.ops

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from lrdaccel._modules import call_model
+from lrdaccel._modules import call_model, kept_modes
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,6 @@ def capture_inputs(model: nn.Module, names: Iterable[str], example_inputs: Any) 
     """
     captured: dict[str, InputSpec] = {}
     handles = []
-    modes = {module: module.training for module in model.modules()}
     try:
         for name in names:
             try:
@@ -70,13 +69,12 @@ def capture_inputs(model: nn.Module, names: Iterable[str], example_inputs: Any) 
             except AttributeError:
                 raise ValueError(f"layer {name!r}: the model has no such module") from None
             handles.append(module.register_forward_pre_hook(_recorder(name, captured)))
-        model.eval()
-        call_model(model, example_inputs)
+        with kept_modes(model):
+            model.eval()
+            call_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     return captured
 
 
