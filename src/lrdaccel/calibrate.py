@@ -187,6 +187,21 @@ def check_calibration(calibration: Any) -> None:
                          f"{type(calibration).__name__}: wrap one batch in a list, e.g. [batch]")
 
 
+def batches_in_memory(model: nn.Module, calibration: Any) -> list:
+    """The calibration batches as a list on the model's device, for methods that read them
+    several times.
+
+    Raises:
+        ValueError: not an iterable of batches (see check_calibration), or no batches.
+    """
+    check_calibration(calibration)
+    device = model_device(model)
+    batches = [move_inputs(batch, device) for batch in calibration]
+    if not batches:
+        raise ValueError("calibration gave no batches")
+    return batches
+
+
 def layers_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     """{name: module} for layers whose inputs can be collected.
 

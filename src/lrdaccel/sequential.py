@@ -49,12 +49,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import kept_modes, model_device, move_inputs
+from lrdaccel._modules import kept_modes
 from lrdaccel._settings import check_choice, check_int
 from lrdaccel.calibrate import (
     CallOrder,
     PairedStats,
-    check_calibration,
+    batches_in_memory,
     forward_until,
     input_rows,
     layers_by_name,
@@ -118,12 +118,8 @@ def build_sequential(
     check_damping(damping)
     check_damping(refit_damping)
     check_int("n_iter", n_iter, 0, optional=True)
-    check_calibration(calibration)
     validate_plan(model, plan)
-    device = model_device(model)
-    batches = [move_inputs(batch, device) for batch in calibration]
-    if not batches:
-        raise ValueError("calibration gave no batches")
+    batches = batches_in_memory(model, calibration)
     rows = {row.name: row for row in plan.decomposed}
     if not rows:
         return {}

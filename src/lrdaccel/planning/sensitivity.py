@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import model_device, move_inputs, output_tensor
+from lrdaccel._modules import output_tensor
 from lrdaccel._settings import check_choice, check_int
 from lrdaccel.calibrate import (
     call_batch,
-    check_calibration,
+    batches_in_memory,
     collect_input_stats,
     hooked,
     kept_modes,
@@ -112,11 +112,7 @@ def measure_sensitivity(
     """
     check_choice("sensitivity", sensitivity, SENSITIVITIES)
     check_int("probes", probes, 1)
-    check_calibration(calibration)
-    device = model_device(model)
-    batches = [move_inputs(batch, device) for batch in calibration]
-    if not batches:
-        raise ValueError("calibration gave no batches")
+    batches = batches_in_memory(model, calibration)
     modules = layers_by_name(model, names)
     with kept_modes(model):
         model.eval()
