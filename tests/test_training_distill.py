@@ -8,22 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel import data
 from lrdaccel.training.checkpoint import CHECKPOINT_NAME
 from lrdaccel.training.distill import agreement, distill, distill_loss, pooled
 from lrdaccel.training.loop import distillation_loss, finetune
-
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Dropout(0.2), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
-    )
+from test_training_loop import small_cnn
 
 
 @pytest.fixture(scope="module")
