@@ -15,7 +15,7 @@ Steps (each row adds one thing to the row above it, same ranks unless allocation
 Models and data (every calibration, distillation and training input is disjoint from the
 evaluation inputs):
 - all-MiniLM-L6-v2: cosine of mean-pooled sentence embeddings to the original's on 256 held-out
-  sentences of lrdaccel.corpora's evaluation split; calibration 1024 and distillation 8192
+  sentences of lrdaccel.calibration.corpora's evaluation split; calibration 1024 and distillation 8192
   sentences of its calibration split.
 - EfficientNet-Lite0 (its 1x1 convs): top-1 agreement and mean KL(original || decomposed) on the
   20 ImageNet images foolbox ships. There is no ImageNet data offline besides those 20, so two
@@ -61,11 +61,12 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import lrdaccel as lrd
-from lrdaccel import corpora, data, zoo
+from lrdaccel import data, zoo
+from lrdaccel.calibration import corpora
 from lrdaccel.bench.demo_pipeline import keep_input_layer
 from lrdaccel.measure.counting import count_macs
 from lrdaccel.planning.allocation import allocate_ranks
-from lrdaccel.recalibrate import recalibrate_batchnorm
+from lrdaccel.calibration import recalibrate_batchnorm
 from lrdaccel.training.distill import distill
 from lrdaccel.training.evaluate import accuracy
 from lrdaccel.training.loop import finetune

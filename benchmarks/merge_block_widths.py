@@ -1,5 +1,5 @@
 """How a merged bottleneck's speed depends on its inner width: one HF ResNet-50 block alone
-(`lrdaccel.block_merge.timing_chain`), original vs merged at the ratio-2 width and at nearby
+(`lrdaccel.rankopt.forms.timing_chain`), original vs merged at the ratio-2 width and at nearby
 widths, inference and training, interleaved. Input for rank optimization over merged blocks
 (issue 11 item 3): the widths it would time.
 
@@ -20,7 +20,7 @@ import torch
 
 import lrdaccel as lrd
 from lrdaccel import zoo
-from lrdaccel.block_merge import timing_chain
+from lrdaccel.rankopt.forms import timing_chain
 from lrdaccel.measure import Workload, measure_interleaved, ratio_to_baseline
 from lrdaccel.measure.machine import load_average
 from lrdaccel.measure.steps import inference_phase, training_phase

@@ -45,13 +45,13 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.bench.demo_pipeline import keep_input_layer
-from lrdaccel.block_merge import merged_like
+from lrdaccel.decomposition.merge_build import merged_like
 from lrdaccel.data import standardized_splits
 from lrdaccel.measure.counting import count_macs, count_params
 from lrdaccel.measure.machine import load_average
 from lrdaccel.planning import Plan
-from lrdaccel.recalibrate import recalibrate_batchnorm
-from lrdaccel.surgery import swap_modules
+from lrdaccel.calibration import recalibrate_batchnorm
+from lrdaccel.decomposition.build import swap_modules
 from lrdaccel.training.evaluate import accuracy
 from lrdaccel.training.loop import finetune
 from lrdaccel.zoo import BottleneckNet

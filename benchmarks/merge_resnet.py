@@ -39,7 +39,7 @@ from lrdaccel.bench.workloads import training_phases
 from lrdaccel.measure import Workload, count_macs, count_params, measure_interleaved, ratio_to_baseline
 from lrdaccel.measure.machine import load_average
 from lrdaccel.measure.steps import Placement, inference_phase
-from lrdaccel.surgery import build_modules, swap_modules
+from lrdaccel.decomposition.build import build_modules, swap_modules
 
 # (key, label, plan: None | "lrd" | "merged", freezing schedule or None)
 VARIANTS = (

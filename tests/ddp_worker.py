@@ -2,7 +2,7 @@
 
 Part 1 drives SequentialFreezer.wrap_ddp by hand and checks, at every step, that the factors
 frozen in the phase did not move and that every parameter is identical on both ranks. Part 2 runs
-`lrdaccel.train.finetune` under the same process group. Each rank writes its findings and final
+`lrdaccel.finetune` under the same process group. Each rank writes its findings and final
 weights to OUT_DIR; the test compares them.
 """
 

@@ -8,7 +8,8 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.measure.counting import count_macs, count_params
-from lrdaccel.bench.paper_table import BenchConfig, structural_copy
+from lrdaccel.bench.config import BenchConfig
+from lrdaccel.bench.paper_table import structural_copy
 from lrdaccel._modules import output_tensor
 from lrdaccel.bench.workloads import make_freezer, training_phases
 from lrdaccel.measure.steps import Placement as Runtime, inference_phase

@@ -8,7 +8,7 @@ import torch
 import lrdaccel as lrd
 from lrdaccel import zoo
 from lrdaccel.bench.schema import load_results
-from lrdaccel.bench.paper_table import VARIANTS
+from lrdaccel.bench.config import VARIANTS
 from lrdaccel.cli import build_parser, main
 
 TINY = ["--quick", "--models", "fmnist-cnn", "--repeats", "2", "--batch-size", "2", "--min-run-time", "0",
@@ -78,7 +78,8 @@ def test_bad_options_fail_cleanly(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_staircase_step_writes_plot_and_data(tmp_path):
-    from lrdaccel.bench.paper_table import BenchConfig, paper_staircase
+    from lrdaccel.bench.config import BenchConfig
+    from lrdaccel.bench.paper_table import paper_staircase
 
     torch.manual_seed(0)
     config = BenchConfig(models=["fmnist-cnn"], batch_size=1, timing_cache="none")

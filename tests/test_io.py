@@ -15,7 +15,7 @@ from torch import nn
 import lrdaccel as lrd
 from lrdaccel.io import CONFIG_NAME, WEIGHTS_NAME
 from test_planning import Net
-from test_surgery import snapshot, unchanged
+from test_decomposition_apply import snapshot, unchanged
 
 ROOT = Path(__file__).resolve().parent
 

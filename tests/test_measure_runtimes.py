@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.bench.paper_table import BenchConfig
+from lrdaccel.bench.config import BenchConfig
 from lrdaccel.measure.runtimes import RUNTIMES, check_runtime, inference_step
 from lrdaccel.measure.steps import Placement, make_train_step
 from lrdaccel.rankopt import compare_end_to_end, measure_staircase

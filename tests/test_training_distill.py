@@ -13,7 +13,8 @@ import lrdaccel as lrd
 from lrdaccel import data
 from lrdaccel.training.checkpoint import CHECKPOINT_NAME
 from lrdaccel.training.distill import agreement, distill, distill_loss, pooled
-from lrdaccel.training.loop import distillation_loss, finetune
+from lrdaccel.training.loop import finetune
+from lrdaccel.training.task import distillation_loss
 from test_training_loop import small_cnn
 
 

@@ -12,7 +12,8 @@ from torch import nn
 import lrdaccel as lrd
 from lrdaccel import data
 from lrdaccel.training.checkpoint import CHECKPOINT_NAME
-from lrdaccel.training.loop import FinetuneConfig, distillation_loss as _distillation_loss, finetune
+from lrdaccel.training.loop import FinetuneConfig, finetune
+from lrdaccel.training.task import distillation_loss as _distillation_loss
 
 
 def small_cnn() -> nn.Module:

@@ -15,8 +15,8 @@ from lrdaccel.io import load, save
 from lrdaccel.layers import BranchedTuckerConv2d, LowRankModule, MergedConv2d, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.planning import LayerPlan, Plan, PlanConfig, allocate_ranks, find_merge_candidates, plan
 from lrdaccel.rankopt import SearchSettings, optimize_ranks
-from lrdaccel.recalibrate import BatchNormReport, recalibrate_batchnorm
-from lrdaccel.surgery import DecomposeConfig, DecomposeReport, LayerReport, decompose
+from lrdaccel.calibration import BatchNormReport, recalibrate_batchnorm
+from lrdaccel.decomposition import DecomposeConfig, DecomposeReport, LayerReport, decompose
 from lrdaccel.training import DistillConfig, FinetuneConfig, History, SequentialFreezer, distill, finetune
 
 __all__ = [

@@ -20,12 +20,12 @@ from torch import nn
 from lrdaccel._files import check_header, check_output_dir, replace_together
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
-from lrdaccel.block_merge import merged_rows
+from lrdaccel.decomposition.merged_blocks import merged_rows
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning import LayerPlan, Plan
 from lrdaccel.planning.forms import apply_forms, forms_meta
-from lrdaccel.surgery import build_modules, swap_modules
+from lrdaccel.decomposition.build import build_modules, swap_modules
 
 CONFIG_NAME = "lrdaccel_config.json"
 WEIGHTS_NAME = "model.safetensors"

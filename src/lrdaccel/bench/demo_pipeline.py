@@ -31,7 +31,7 @@ from torch import nn
 
 from lrdaccel import data, zoo
 from lrdaccel._settings import check_choice, check_int, check_number
-from lrdaccel.bench.paper_table import timing_cache_arg
+from lrdaccel.bench.config import timing_cache_arg
 from lrdaccel.bench.report import write_report
 from lrdaccel.bench.schema import DEMO_FORMAT, record_end_load, results_header
 from lrdaccel.bench.workloads import training_phases
@@ -46,7 +46,7 @@ from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved, ra
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.rankopt import optimize_ranks
-from lrdaccel.surgery import decompose
+from lrdaccel.decomposition import decompose
 from lrdaccel.training.evaluate import accuracy
 from lrdaccel.training.freezer import SCHEDULES
 from lrdaccel.training.loop import finetune as run_finetune

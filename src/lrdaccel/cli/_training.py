@@ -12,7 +12,7 @@ from torch import nn
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.io import load, save
 from lrdaccel.planning import PlanConfig
-from lrdaccel.surgery import decompose
+from lrdaccel.decomposition import decompose
 from lrdaccel.training.distributed import is_main_process
 from lrdaccel.training.history import History
 

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from lrdaccel import zoo
-from lrdaccel.bench.paper_table import QUICK_SETTINGS, BenchConfig, paper_staircase, run_bench
+from lrdaccel.bench.config import QUICK_SETTINGS, BenchConfig
+from lrdaccel.bench.paper_table import paper_staircase, run_bench
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
 from lrdaccel.cli._common import check_outputs, threads_type

@@ -9,7 +9,7 @@ that export; in Python, `lrd.fuse_batchnorm(lrd.load(dir, base).eval())` gives i
 Calibration batches (--calibration N) serve --method whiten (with --sequential: layer by layer on
 the partly decomposed model), --merge (what to keep, BatchNorm statistics) and --allocate
 sensitivity (ranks under the ratio's budget by measured sensitivity): images of a dataset's
-training split, or English sentences of lrdaccel.corpora's calibration split (--calibration-data
+training split, or English sentences of lrdaccel.calibration.corpora's calibration split (--calibration-data
 text, tokenized for --model minilm).
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lrdaccel import corpora, data, zoo
+from lrdaccel import data, zoo
+from lrdaccel.calibration import corpora
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
@@ -31,7 +32,7 @@ from lrdaccel.planning import Plan, PlanConfig
 from lrdaccel.planning.allocation import ALLOCATIONS, BUDGETS
 from lrdaccel.planning.sensitivity import SENSITIVITIES
 from lrdaccel.factorize.whiten import REFITS
-from lrdaccel.surgery import METHODS, DecomposeConfig, decompose
+from lrdaccel.decomposition import METHODS, DecomposeConfig, decompose
 
 
 ORDER = 30  # place in `lrdaccel --help`: the pipeline's order
@@ -56,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "--merge (about 1000 images) and --allocate")
     parser.add_argument("--calibration-data", default="fashion-mnist", choices=(*data.NAMES, TEXT),
                         help="training split the calibration images come from, normalised with "
-                             "lrdaccel.data.normalize, or 'text': sentences of lrdaccel.corpora's calibration "
+                             "lrdaccel.data.normalize, or 'text': sentences of lrdaccel.calibration.corpora's calibration "
                              "split, for --model minilm (default fashion-mnist)")
     parser.add_argument("--fuse", action="store_true",
                         help=f"also fold BatchNorm into the convs before them and write the result to "
@@ -76,7 +77,7 @@ def calibration_batches(name: str, n_batches: int, batch_size: int, seed: int = 
 
 
 def text_batches(n_batches: int, batch_size: int) -> list[dict]:
-    """`n_batches` tokenized batches of calibration sentences (lrdaccel.corpora) for MiniLM."""
+    """`n_batches` tokenized batches of calibration sentences (lrdaccel.calibration.corpora) for MiniLM."""
     texts = corpora.sentences("calibration", limit=n_batches * batch_size)
     return corpora.tokenized_batches(zoo.minilm_tokenizer(), texts, batch_size)
 

@@ -3,7 +3,7 @@
 The teacher is --model (with --weights) as it is; the student is the same model rebuilt from a
 directory written by `lrdaccel compress` (--from) or decomposed here (--ratio). The data carry no
 labels: images of a dataset's training split (labels dropped), or real English sentences
-(--data text: WordNet examples and glosses and fortunes from lrdaccel.corpora, tokenized by
+(--data text: WordNet examples and glosses and fortunes from lrdaccel.calibration.corpora, tokenized by
 --model minilm's tokenizer or --tokenizer). Scores after each epoch come from held-out data
 (the test split; the corpus's evaluation split, which shares no sentence with the training one).
 """
@@ -14,7 +14,8 @@ import argparse
 import copy
 from pathlib import Path
 
-from lrdaccel import corpora, data, zoo
+from lrdaccel import data, zoo
+from lrdaccel.calibration import corpora
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
@@ -39,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     inputs = parser.add_argument_group("unlabeled data")
     inputs.add_argument("--data", default="fashion-mnist", choices=(*data.NAMES, TEXT),
                         help="images of a dataset's training split, or 'text': English sentences from "
-                             "lrdaccel.corpora (default fashion-mnist)")
+                             "lrdaccel.calibration.corpora (default fashion-mnist)")
     inputs.add_argument("--limit", type=positive_int, help="use only the first N training images or sentences "
                                                             "(default: all images, 8192 sentences)")
     inputs.add_argument("--eval-limit", type=positive_int, default=512,

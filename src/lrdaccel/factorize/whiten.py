@@ -16,7 +16,7 @@ then drops what the inputs rarely excite.
   the HOOI core is then already the core re-fitted to minimise the (approximated) output error,
   so no separate refit is needed.
 
-Sequential calibration (lrdaccel.sequential) needs two closed-form re-solves for a layer whose
+Sequential calibration (lrdaccel.decomposition.sequential) needs two closed-form re-solves for a layer whose
 inputs x_hat differ from the original's x: `least_squares_last_factor` (the last factor and bias
 given the others) and `reduced_rank_fit` (both SVD factors at once, reduced-rank regression).
 
@@ -40,7 +40,7 @@ from lrdaccel.factorize.tucker2 import _leading_left_singular_vectors, _unfold, 
 DEFAULT_DAMPING = 1e-2
 
 
-# What sequential calibration (lrdaccel.sequential) re-solves in closed form: both SVD factors
+# What sequential calibration (lrdaccel.decomposition.sequential) re-solves in closed form: both SVD factors
 # ("joint", reduced-rank regression; Tucker-2: the last 1x1), the last factor and bias ("last",
 # least squares), or nothing ("none").
 REFITS = ("joint", "last", "none")
@@ -173,7 +173,7 @@ def whitened_tucker2(
     return u_in.to(**cast), core.to(**cast), u_out.to(**cast)
 
 
-# ---- closed-form re-solves for sequential calibration (lrdaccel.sequential) ---------------------
+# ---- closed-form re-solves for sequential calibration (lrdaccel.decomposition.sequential) ---------------------
 #
 # A layer of a partly decomposed model sees inputs x_hat where the original saw x. Given streamed
 # moments of the pairs, these fit the new layer so that its output on x_hat matches the original

@@ -1,6 +1,6 @@
 """The modules of a merged bottleneck: its three convs, narrowed, stay plain convs in place.
 
-A merge (lrdaccel.block_merge) leaves `first (C_in -> r1) -> BN(r1) -> act -> middle (r1 -> r2) ->
+A merge (lrdaccel.decomposition.merge_build) leaves `first (C_in -> r1) -> BN(r1) -> act -> middle (r1 -> r2) ->
 BN(r2) -> act -> last (r2 -> C_out)` where the model had its bottleneck, in the model's own
 modules: nothing is wrapped, so the model's forward and state-dict layout are unchanged except for
 the widths. The three convs become `MergedConv2d`, an nn.Conv2d that computes exactly what

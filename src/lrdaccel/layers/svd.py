@@ -103,7 +103,7 @@ class SVDLinear(_TwoFactors):
     def from_dense(cls, dense: nn.Module, rank: int, name: str = "", input_covariance: torch.Tensor | None = None,
                    damping: float = DEFAULT_DAMPING) -> "SVDLinear":
         """The factorized layer; with `input_covariance` (E[x x^T] of the layer's inputs, from
-        `lrdaccel.calibrate`) the factors minimise output error rather than weight error."""
+        `lrdaccel.calibration`) the factors minimise output error rather than weight error."""
         layer = cls.like(dense, rank, name)
         return layer._fill(dense_linear_weight(dense), dense.bias, name, input_covariance, damping)
 

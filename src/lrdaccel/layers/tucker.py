@@ -37,7 +37,7 @@ class TuckerConv2d(ThreeConvModule):
     def from_dense(cls, dense: nn.Conv2d, rank, name: str = "", n_iter: int | None = None,
                    input_covariance: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING) -> "TuckerConv2d":
         """The factorized layer: HOOI with `n_iter` sweeps (default 2); with `input_covariance`
-        (the input channels' E[x x^T] over positions, from `lrdaccel.calibrate`) the kernel is
+        (the input channels' E[x x^T] over positions, from `lrdaccel.calibration`) the kernel is
         weighted on its input-channel mode so the factors minimise output error."""
         n_iter = DEFAULT_HOOI_ITERS if n_iter is None else n_iter
         layer = cls.like(dense, rank, name)

@@ -37,6 +37,7 @@ from lrdaccel.factorize.ranks import Rank, check_ratio, layer_cost
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING
 from lrdaccel.planning.rows import LayerPlan, Plan
 from lrdaccel.planning.sensitivity import LayerSensitivity, measure_sensitivity
+from lrdaccel.planning.validation import validate_plan
 
 BUDGETS = ("params", "macs")
 ALLOCATIONS = ("sensitivity",)
@@ -158,7 +159,6 @@ def allocate_ranks(
         ValueError: a bad setting, a plan for another model, a budget below the lowest ranks,
             or bad calibration (see measure_sensitivity).
     """
-    from lrdaccel.surgery import validate_plan  # surgery imports planning: import on use
 
     check_choice("budget", budget, BUDGETS)
     check_int("min_rank", min_rank, 1)

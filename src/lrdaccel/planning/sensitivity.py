@@ -31,18 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import output_tensor
+from lrdaccel._modules import kept_modes, output_tensor
 from lrdaccel._settings import check_choice, check_int
-from lrdaccel.calibrate import (
-    call_batch,
-    batches_in_memory,
-    collect_input_stats,
-    hooked,
-    kept_modes,
-    layers_by_name,
-    probe_calls,
-    token_mask,
-)
+from lrdaccel.calibration.batches import batches_in_memory, call_batch, layers_by_name, token_mask
+from lrdaccel.calibration.passes import hooked, probe_calls
+from lrdaccel.calibration.statistics import collect_input_stats
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.factorize.whiten import (
     DEFAULT_DAMPING,

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from lrdaccel._modules import model_device, model_dtype, unwrap
 from lrdaccel._settings import parse_device, parse_dtype, resolve
-from lrdaccel.block_merge import timing_chain
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.machine import device_name
 from lrdaccel.measure.runtimes import check_runtime
@@ -35,9 +34,9 @@ from lrdaccel.rankopt.capture import InputSpec, capture_inputs
 from lrdaccel.rankopt.layer_times import LayerTimes, dtype_name
 from lrdaccel.rankopt.layer_timing import BenchmarkTimer, Timer, input_signature, layer_signature
 from lrdaccel.planning.forms import FORMS_KEY
-from lrdaccel.rankopt.forms import branch_counts, choose_branches, choose_form, linear_form_possible
+from lrdaccel.rankopt.forms import branch_counts, choose_branches, choose_form, linear_form_possible, timing_chain
 from lrdaccel.rankopt.search import Choice, SearchSettings, search_rank
-from lrdaccel.surgery import validate_plan
+from lrdaccel.planning.validation import validate_plan
 
 NOT_REACHED = "not reached by the example inputs; ratio rank kept"
 

@@ -15,10 +15,13 @@ core weights at the same ranks, so within the same parameters it takes larger ra
 grouped conv may run faster or slower than a dense one of the same size. With
 `SearchSettings.try_branches` > 1 the search times the branched core at the ranks that fit the
 parameters of the Tucker-2 rank it chose, and keeps it where faster.
+
+A merged row is timed as its whole bottleneck branch (`timing_chain`) at pairs of inner widths.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -27,6 +30,7 @@ from torch import nn
 from lrdaccel.factorize.branched import branched_ranks
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.layers import SVDConv2d
+from lrdaccel.layers.merged import BottleneckChain
 from lrdaccel.planning import LayerPlan
 from lrdaccel.planning.forms import LINEAR
 from lrdaccel.rankopt.search import Choice
@@ -84,3 +88,15 @@ def choose_branches(choice: Choice, row: LayerPlan, beta: float, counts: list[in
                       f"the original)")
     choice.rank, choice.branches, choice.time_ms = rank, branches, ms
     return choice
+
+
+def timing_chain(model: nn.Module, row: LayerPlan, rank: tuple[int, int] | None = None) -> BottleneckChain:
+    """The row's bottleneck branch alone, as it is (rank None) or merged at `rank` with
+    default-initialised weights (`BottleneckChain.narrowed`): what rank optimization times for
+    this block. The modules are copies; `model` is not changed."""
+    block = row.merge
+    names = [block.first, block.bn1, row.name, block.bn2, block.last]
+    bn3 = copy.deepcopy(model.get_submodule(block.bn3)) if block.bn3 else None
+    chain = BottleneckChain(*(copy.deepcopy(model.get_submodule(n)) for n in names), bn3=bn3, act1=block.act1,
+                            act2=block.act2)
+    return chain if rank is None else chain.narrowed(rank, row.name)

@@ -27,7 +27,7 @@ from lrdaccel.measure.steps import Placement, inference_phase, training_phase
 from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved
 from lrdaccel.planning import Plan
 from lrdaccel.planning.forms import apply_forms
-from lrdaccel.surgery import build_modules, swap_modules
+from lrdaccel.decomposition.build import build_modules, swap_modules
 
 ORIGINAL = "original"
 

@@ -35,11 +35,12 @@ from torch import nn
 
 from lrdaccel._modules import call_model, move_inputs, output_tensor, unwrap
 from lrdaccel._settings import resolve
-from lrdaccel.calibrate import token_mask
+from lrdaccel.calibration.batches import token_mask
 from lrdaccel.training.config import DistillConfig
 from lrdaccel.training.distributed import process_group
 from lrdaccel.training.history import History
-from lrdaccel.training.loop import Task, _Run, distillation_loss
+from lrdaccel.training.loop import Run
+from lrdaccel.training.task import Task, distillation_loss
 
 
 def distill(model: nn.Module, teacher: nn.Module, batches: Iterable[Any], config: DistillConfig | None = None, *,
@@ -86,7 +87,7 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Iterable[Any], config
         try:
             for weight in frozen:
                 weight.requires_grad_(False)
-            return _Run(model, task, config, device, progress).run()
+            return Run(model, task, config, device, progress).run()
         finally:
             task.close()
             for weight in frozen:

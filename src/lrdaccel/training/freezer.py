@@ -13,7 +13,7 @@ only the SVD second factor and the Tucker-2 core ever train, is one of the sched
             ...; optimizer.step()
             freezer.step()                                    # counts steps; switches with every_steps=N
 
-A merged bottleneck (lrdaccel.block_merge) counts as one layer whose factors are its three convs
+A merged bottleneck (lrdaccel.decomposition.merge_build) counts as one layer whose factors are its three convs
 (first 1x1, inner k x k, last 1x1): `rotate` trains one of them per phase, `static` the inner one;
 the BatchNorms between them are ordinary layers (see `freeze_undecomposed`).
 
@@ -53,7 +53,7 @@ from torch import nn
 
 from lrdaccel._modules import clean_name, unwrap
 from lrdaccel._settings import check_int
-from lrdaccel.block_merge import merged_blocks
+from lrdaccel.decomposition.merged_blocks import merged_blocks
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.merged import MergedBlock
 from lrdaccel.training.distributed import PhaseDDP

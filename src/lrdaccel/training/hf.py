@@ -1,6 +1,6 @@
 """Sequential freezing inside a Hugging Face `Trainer`.
 
-    from lrdaccel.integrations.hf import SequentialFreezingCallback
+    from lrdaccel.training.hf import SequentialFreezingCallback
     trainer = Trainer(model=decomposed, args=args, train_dataset=train,
                       callbacks=[SequentialFreezingCallback(schedule="rotate", every_steps=500)])
 

@@ -1,9 +1,9 @@
-"""corpora.py: real English text from Debian's WordNet and fortunes, split for good between
+"""calibration/corpora.py: real English text from Debian's WordNet and fortunes, split for good between
 calibration and evaluation."""
 
 import pytest
 
-from lrdaccel import corpora
+from lrdaccel.calibration import corpora
 
 pytestmark = pytest.mark.skipif(not (corpora.WORDNET_DIR / "data.noun").is_file()
                                 or not (corpora.FORTUNES_DIR / "fortunes").is_file(),

@@ -51,16 +51,9 @@ from tqdm.auto import tqdm
 
 from lrdaccel._modules import kept_modes
 from lrdaccel._settings import check_choice, check_int
-from lrdaccel.calibrate import (
-    CallOrder,
-    PairedStats,
-    batches_in_memory,
-    forward_until,
-    input_rows,
-    layers_by_name,
-    probe_calls,
-    token_mask,
-)
+from lrdaccel.calibration.batches import batches_in_memory, layers_by_name, token_mask
+from lrdaccel.calibration.passes import CallOrder, forward_until, probe_calls
+from lrdaccel.calibration.statistics import PairedStats, input_rows
 from lrdaccel.factorize import check_finite
 from lrdaccel.factorize.whiten import (
     DEFAULT_DAMPING,
@@ -78,7 +71,8 @@ from lrdaccel.layers.base import assign
 from lrdaccel.layers.svd import dense_linear_weight
 from lrdaccel.layers.tucker import DEFAULT_HOOI_ITERS
 from lrdaccel.planning import LayerPlan, Plan
-from lrdaccel.surgery import swap_modules, validate_plan
+from lrdaccel.decomposition.build import swap_modules
+from lrdaccel.planning.validation import validate_plan
 
 # The original model's input rows of upcoming layer groups are kept up to this many bytes, so that
 # one pass of the original serves several groups (MiniLM on 1024 sentences: about a third of the
@@ -99,7 +93,7 @@ def build_sequential(
     progress: bool = False,
 ) -> dict[str, LowRankModule]:
     """The decomposed layer for every decomposed row of `plan`, calibrated sequentially (see the
-    module docstring); `model` itself is not changed (swap them in with `surgery.swap_modules`).
+    module docstring); `model` itself is not changed (`lrd.decompose` swaps them in).
 
     Args:
         calibration: batches (a list, DataLoader or other iterable; read once into memory, as
@@ -151,7 +145,7 @@ def build_sequential(
 
 
 def _row_rule(module: nn.Module) -> tuple:
-    """Layers reading the same tensor with the same rule see the same rows (see calibrate.input_rows)."""
+    """Layers reading the same tensor with the same rule see the same rows (see calibration.statistics.input_rows)."""
     if not isinstance(module, nn.Conv2d):
         return ("vectors",)
     if module.kernel_size == (1, 1):

@@ -13,7 +13,8 @@ its normalised text: about 1 in 10 is "evaluation", the rest "calibration". The 
 depend on which kinds, how many or in which order texts are asked for, so calibration and
 distillation data never share a sentence with evaluation data.
 
-    from lrdaccel import corpora, zoo
+    from lrdaccel import zoo
+    from lrdaccel.calibration import corpora
     calibration = corpora.sentences("calibration", limit=1024)
     held_out = corpora.sentences("evaluation", limit=256)
     batches = corpora.tokenized_batches(zoo.minilm_tokenizer(), calibration, batch_size=64)

@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrdaccel._modules import kept_modes, model_device, move_inputs, unwrap
-from lrdaccel.calibrate import call_batch, check_calibration, hooked
+from lrdaccel.calibration.batches import call_batch, check_calibration
+from lrdaccel.calibration.passes import hooked
 
 
 @dataclass

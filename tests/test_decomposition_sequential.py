@@ -1,4 +1,4 @@
-"""sequential.py: layers decomposed in execution order, each fitted to the inputs the partly
+"""decomposition/sequential.py: layers decomposed in execution order, each fitted to the inputs the partly
 decomposed model feeds it, the last factor re-solved in closed form; exact at full rank; every
 error leaves the model as it was."""
 
@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.calibrate import collect_input_stats, probe_calls
+from lrdaccel.calibration.passes import probe_calls
+from lrdaccel.calibration.statistics import collect_input_stats
 from lrdaccel.factorize.whiten import whitened_svd_split
-from lrdaccel.sequential import build_sequential
+from lrdaccel.decomposition.sequential import build_sequential
 from test_whiten import anisotropic_inputs
 
 
@@ -225,7 +226,7 @@ def padded_batch(lengths, seed=0, pad_noise=True):
 def test_query_key_value_are_one_group_in_execution_order():
     model = tiny_bert()
     names = [row.name for row in lrd.plan(model, ratio=1.5, min_rank=1).decomposed]
-    from lrdaccel.calibrate import layers_by_name
+    from lrdaccel.calibration.batches import layers_by_name
 
     order = probe_calls(model, layers_by_name(model, names), padded_batch([5, 3]))
     attention = "encoder.layer.0.attention"
@@ -341,7 +342,7 @@ def test_a_plan_for_another_model_is_refused_before_any_pass():
 def test_keeping_the_original_inputs_or_not_gives_the_same_layers(budget, monkeypatch):
     """The original's input rows are kept for several groups up to a byte budget, else read batch
     by batch: the statistics, hence the factors, are the same to the bit."""
-    import lrdaccel.sequential as sequential
+    import lrdaccel.decomposition.sequential as sequential
 
     model = TwoConv().double().eval()
     head = nn.Sequential(model, nn.Flatten(), nn.Linear(14 * 81, 7).double()).eval()

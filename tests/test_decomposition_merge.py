@@ -8,20 +8,17 @@ import torch
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.block_merge import (
-    collect_block_stats,
-    build_merged,
-    merged_blocks,
-    merged_like,
-    timing_chain,
-)
-from lrdaccel.recalibrate import recalibrate_batchnorm
+from lrdaccel.calibration import recalibrate_batchnorm
+from lrdaccel.decomposition.build import swap_modules
+from lrdaccel.decomposition.merge_build import build_merged, merged_like
+from lrdaccel.decomposition.merge_statistics import collect_block_stats
+from lrdaccel.decomposition.merged_blocks import merged_blocks
 from lrdaccel.data import load, normalize
 from lrdaccel.factorize.merging import batchnorm_affine, fold_input_factor, fold_output_factor
 from lrdaccel.io import plan_of
 from lrdaccel.layers.merged import BottleneckChain, MergedConv2d
 from lrdaccel.layers.tucker import TuckerConv2d
-from lrdaccel.surgery import swap_modules
+from lrdaccel.rankopt.forms import timing_chain
 from test_planning_merging import bottleneck
 
 

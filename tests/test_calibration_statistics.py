@@ -1,4 +1,4 @@
-"""calibrate.py and decompose(method="whiten"): streamed statistics of the inputs each layer's
+"""calibration/statistics.py and decompose(method="whiten"): streamed statistics of the inputs each layer's
 weight really multiplies, bounded memory, hooks and modes restored, atomic errors, save/load."""
 
 import copy
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.calibrate import InputStats, collect_input_stats
+from lrdaccel.calibration.statistics import InputStats, collect_input_stats
 from test_whiten import anisotropic_inputs
 
 
@@ -142,9 +142,9 @@ def test_memory_stays_bounded_and_no_batch_is_kept():
 
 
 def test_accumulation_chunks_large_batches_exactly(monkeypatch):
-    import lrdaccel.calibrate as calibrate
+    import lrdaccel.calibration.statistics as statistics
 
-    monkeypatch.setattr(calibrate, "_CHUNK_ELEMENTS", 30)  # 5 rows of 6 at a time
+    monkeypatch.setattr(statistics, "_CHUNK_ELEMENTS", 30)  # 5 rows of 6 at a time
     stats = InputStats()
     rows = torch.randn(23, 6)
     stats.add(rows)

@@ -6,7 +6,7 @@ accumulators per layer: memory is channels^2 per layer whatever the number of ba
 activation is kept. The layers' `from_dense(..., input_covariance=stats.covariance())` turn the
 statistics into factors (`decompose(..., method="whiten")` does this), so ranks, structure,
 freezing and save/load are exactly those of plain decomposition. Sequential calibration
-(lrdaccel.sequential) streams `PairedStats` instead: the inputs of one layer in the original and
+(lrdaccel.decomposition.sequential) streams `PairedStats` instead: the inputs of one layer in the original and
 in the partly decomposed model, side by side.
 
 What counts as "the input" of each layer type (the vectors its weight multiplies):
@@ -20,14 +20,13 @@ What counts as "the input" of each layer type (the vectors its weight multiplies
 - k x k Conv2d (Tucker-2): every pixel of the unpadded input, as channel vectors: the channel
   covariance of the C (x) I approximation of the patch covariance (see factorize/whiten.py).
 
-The helpers at the end run a model only as far as the layers of interest (`forward_until`) and
-find their execution order (`probe_calls`): sequential calibration and rank allocation use them.
+Checking and calling batches is in lrdaccel.calibration.batches; running a model only as far as
+the layers of interest in lrdaccel.calibration.passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import call_model, kept_modes, model_device, move_inputs
-from lrdaccel.layers import entry_for
+from lrdaccel._modules import kept_modes, model_device, move_inputs
+from lrdaccel.calibration.batches import call_batch, check_calibration, layers_by_name, token_mask
+from lrdaccel.calibration.passes import hooked
 
 # Input vectors folded into the accumulator at once: bounds the float64 copy of an activation
 # (~32 MiB at this many elements) however large the calibration batch.
@@ -97,7 +97,7 @@ class PairedStats:
     For one layer's inputs (x and x_hat of the same width) they give the closed-form re-solve of
     the layer so its output on x_hat matches the original layer's on x; with x the original
     layer's output and x_hat what the new layer's earlier factors output, they give its last
-    factor (lrdaccel.sequential).
+    factor (lrdaccel.decomposition.sequential).
 
     Attributes:
         decomposed: the moments of x_hat (E[x_hat x_hat^T], E[x_hat]).
@@ -141,16 +141,6 @@ class PairedStats:
             torch.isfinite(self.sum_cross).all() and torch.isfinite(self.sum_original).all()))
 
 
-def token_mask(batch: Any) -> torch.Tensor | None:
-    """The [batch, tokens] boolean mask of real tokens, when the batch is a mapping holding a 2-D
-    `attention_mask` (a tokenizer's output); else None."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            return mask.bool()
-    return None
-
-
 def input_rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The vectors `module`'s weight multiplies, as rows [n, d] (see the module docstring);
     with a token `mask` [batch, tokens], only the real tokens of a [batch, tokens, d] input."""
@@ -172,69 +162,6 @@ def _pad_like(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     ph, pw = conv.padding
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     return F.pad(x, (pw, pw, ph, ph), mode=mode)
-
-
-def check_calibration(calibration: Any) -> None:
-    """Calibration must be an iterable of batches, not one batch.
-
-    Raises:
-        ValueError: None, a single tensor or mapping, or something that is not iterable.
-    """
-    if calibration is None:
-        raise ValueError("calibration batches are required: give a DataLoader or a list of batches")
-    if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
-        raise ValueError(f"calibration must be an iterable of batches (a DataLoader or a list); got a single "
-                         f"{type(calibration).__name__}: wrap one batch in a list, e.g. [batch]")
-
-
-def batches_in_memory(model: nn.Module, calibration: Any) -> list:
-    """The calibration batches as a list on the model's device, for methods that read them
-    several times.
-
-    Raises:
-        ValueError: not an iterable of batches (see check_calibration), or no batches.
-    """
-    check_calibration(calibration)
-    device = model_device(model)
-    batches = [move_inputs(batch, device) for batch in calibration]
-    if not batches:
-        raise ValueError("calibration gave no batches")
-    return batches
-
-
-def layers_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """{name: module} for layers whose inputs can be collected.
-
-    Raises:
-        ValueError: a name the model does not have, or a module no decomposition applies to.
-    """
-    modules = {}
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"layer {name!r}: the model has no such module") from None
-        if entry_for(module) is None:
-            raise ValueError(f"layer {name!r}: cannot collect input statistics of a {type(module).__name__}")
-        modules[name] = module
-    return modules
-
-
-def call_batch(model: nn.Module, batch: Any, index: int) -> Any:
-    """Call the model on one calibration batch.
-
-    Raises:
-        ValueError: whatever the model raised, naming the batch and how batches are called.
-    """
-    try:
-        return call_model(model, batch)
-    except _Stop:
-        raise
-    except Exception as error:  # whatever the model raises, say which batch and how it was called
-        raise ValueError(
-            f"calibration batch {index}: the model failed on it ({type(error).__name__}: {error}); "
-            f"batches are called as model(tensor), model(*tuple) or model(**dict): drop labels first"
-        ) from error
 
 
 @torch.no_grad()
@@ -293,105 +220,3 @@ def collect_input_stats(
         if not item.finite():
             raise ValueError(f"layer {name!r}: its calibration inputs contain NaN/Inf")
     return stats
-
-
-# ---- running a model part of the way -------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised by a hook to cut a forward short once every layer of interest has been called."""
-
-
-@contextmanager
-def hooked(modules: dict[str, nn.Module], make: Callable, after: bool = False) -> Iterator[None]:
-    """A forward pre-hook (with `after`, a forward hook) `make(name, module)` on each module, with
-    kwargs, all removed on exit (also on error)."""
-    handles = []
-    try:
-        for name, module in modules.items():
-            register = module.register_forward_hook if after else module.register_forward_pre_hook
-            handles.append(register(make(name, module), with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else next(iter(kwargs.values()))
-
-
-@dataclass
-class CallOrder:
-    """How one forward reaches a set of layers (from `probe_calls`).
-
-    Attributes:
-        groups: the layers in the order of their first call, grouped where consecutive layers
-            read the very same input tensor (a transformer's query, key and value).
-        calls: how many times one forward calls each layer.
-        positions: output vectors (tokens or pixels) each layer produced in that forward.
-        unreached: layers the forward never called.
-    """
-
-    groups: list[list[str]]
-    calls: dict[str, int]
-    positions: dict[str, int]
-    unreached: list[str]
-
-
-@torch.no_grad()
-def probe_calls(model: nn.Module, modules: dict[str, nn.Module], batch: Any) -> CallOrder:
-    """Run one batch (already on the model's device) with hooks on `modules` and report when and
-    on what each is called. The model's modes are the caller's business."""
-    order: list[str] = []
-    calls: dict[str, int] = {}
-    positions: dict[str, int] = {}
-    inputs: dict[str, tuple] = {}
-
-    def make(name: str, module: nn.Module) -> Callable:
-        def hook(_m, args, kwargs, output) -> None:
-            x = _first_tensor(args, kwargs)
-            if name not in calls:
-                order.append(name)
-                inputs[name] = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            calls[name] = calls.get(name, 0) + 1
-            out = output if isinstance(output, torch.Tensor) else _first_tensor(tuple(output), {})
-            channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
-            positions[name] = positions.get(name, 0) + out.numel() // max(1, channels)
-
-        return hook
-
-    with hooked(modules, make, after=True):
-        call_batch(model, batch, 0)
-    groups: list[list[str]] = []
-    for name in order:
-        if groups and inputs[groups[-1][0]] == inputs[name]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return CallOrder(groups, calls, positions, [name for name in modules if name not in calls])
-
-
-def forward_until(model: nn.Module, batch: Any, index: int, modules: dict[str, nn.Module], calls: dict[str, int],
-                  on_call: Callable[[str, nn.Module, torch.Tensor], None], *, outputs: bool = False) -> None:
-    """Call the model on `batch` and `on_call(name, module, tensor)` at each call of a module in
-    `modules` with its input (or, with `outputs`, its output); the forward stops as soon as every
-    module has been called `calls[name]` times, so later layers cost nothing."""
-    remaining = {name: calls[name] for name in modules}
-
-    def make(name: str, module: nn.Module) -> Callable:
-        def seen(tensor: torch.Tensor) -> None:
-            on_call(name, module, tensor.detach())
-            remaining[name] -= 1
-            if not any(remaining.values()):
-                raise _Stop
-
-        if outputs:
-            return lambda _m, args, kwargs, output: seen(output)
-        return lambda _m, args, kwargs: seen(_first_tensor(args, kwargs))
-
-    with hooked(modules, make, after=outputs):
-        try:
-            call_batch(model, batch, index)
-        except _Stop:
-            pass

@@ -1,4 +1,4 @@
-"""recalibrate.py: BatchNorm running statistics re-estimated exactly on unlabeled batches, modes
+"""calibration/batchnorm.py: BatchNorm running statistics re-estimated exactly on unlabeled batches, modes
 restored, nothing changed on error."""
 
 import copy
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrdaccel as lrd
-from lrdaccel.recalibrate import recalibrate_batchnorm
+from lrdaccel.calibration import recalibrate_batchnorm
 
 
 class Net(nn.Module):

@@ -1,1 +1,0 @@
-"""Deprecated: the Hugging Face callback moved to `lrdaccel.training.hf`."""
