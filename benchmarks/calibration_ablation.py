@@ -221,7 +221,7 @@ def efficientnet(args) -> dict:
     from PIL import Image
 
     pa = _pretrained_agreement()
-    original = pa.plain_convs(pa.efficientnet_lite0()).eval()
+    original = zoo.efficientnet_lite0()
     images, labels, names = pa.imagenet_images()
     mean, std = torch.tensor(pa.IMAGENET_MEAN)[:, None, None], torch.tensor(pa.IMAGENET_STD)[:, None, None]
     with torch.no_grad():

