@@ -121,7 +121,7 @@ def test_paths_removed_in_0_3_are_gone(path):
 
 
 def test_the_public_verbs_stay_functions_after_importing_their_modules():
-    """`lrd.plan`, `lrd.decompose` and `lrd.finetune` are functions even after every module of
+    """`lrd.plan`, `lrd.decompose`, `lrd.finetune` and `lrd.race` are functions even after every module of
     their packages is imported by path."""
     for name in sorted(_module_name(p) for p in PACKAGE.rglob("*.py")):
         if not name.startswith("lrdaccel.cli"):
@@ -129,3 +129,4 @@ def test_the_public_verbs_stay_functions_after_importing_their_modules():
     assert callable(lrd.plan) and lrd.plan.__module__ == "lrdaccel.planning.planner"
     assert callable(lrd.decompose) and lrd.decompose.__module__ == "lrdaccel.decomposition.apply"
     assert callable(lrd.finetune) and lrd.finetune.__module__ == "lrdaccel.training.loop"
+    assert callable(lrd.race) and lrd.race.__module__ == "lrdaccel.racing.api"

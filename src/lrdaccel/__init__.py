@@ -14,6 +14,7 @@ from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx,
 from lrdaccel.io import load, save
 from lrdaccel.layers import BranchedTuckerConv2d, LowRankModule, MergedConv2d, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.planning import LayerPlan, Plan, PlanConfig, allocate_ranks, find_merge_candidates, plan
+from lrdaccel.racing import RaceConfig, race
 from lrdaccel.rankopt import SearchSettings, optimize_ranks
 from lrdaccel.calibration import BatchNormReport, recalibrate_batchnorm
 from lrdaccel.decomposition import DecomposeConfig, DecomposeReport, LayerReport, decompose
@@ -36,6 +37,7 @@ __all__ = [
     "MergedConv2d",
     "Plan",
     "PlanConfig",
+    "RaceConfig",
     "SVDConv2d",
     "SVDLinear",
     "SearchSettings",
@@ -51,6 +53,7 @@ __all__ = [
     "load",
     "optimize_ranks",
     "plan",
+    "race",
     "recalibrate_batchnorm",
     "save",
     "__version__",

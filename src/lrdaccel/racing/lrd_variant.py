@@ -1,0 +1,79 @@
+"""The `lrd` contestant: lrdaccel's pipeline applied to the starting classifier.
+
+Its defaults (`LRD_DEFAULTS`) are the best pipeline the race benchmarks found
+(benchmarks/BENCHMARKS.md, "Time to accuracy"); each option selects a part: ratio, method
+(svd / whiten), sequential, allocate (sensitivity), calibration (batches), optimize (rank search
+for "infer" / "train" on this machine), merge (CNN bottlenecks), freeze (rotate / static /
+freeze_one / none) with every_steps (default: six phases over the race), lr (a multiplier of the
+race's learning rate), kd (weight of distillation from the starting classifier's logits),
+exclude (a full regex of module names kept whole).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from lrdaccel._settings import check_choice, check_int
+from lrdaccel.decomposition import decompose
+from lrdaccel.factorize.ranks import check_ratio
+from lrdaccel.planning import plan as make_plan
+from lrdaccel.racing.contestants import BuildContext, Built
+from lrdaccel.rankopt import optimize_ranks
+from lrdaccel.training.freezer import SCHEDULES, SequentialFreezer
+
+FREEZES = ("none", *SCHEDULES)
+LRD_DEFAULTS: dict[str, Any] = {
+    "ratio": 2.0, "method": "whiten", "sequential": False, "allocate": "none", "calibration": 16,
+    "optimize": "none", "merge": False, "freeze": "none", "every_steps": 0, "lr": 1.0, "kd": 0.0,
+    "exclude": "",
+}
+LRD_CHOICES = {"method": ("svd", "whiten"), "allocate": ("none", "sensitivity"),
+               "optimize": ("none", "infer", "train"), "freeze": FREEZES}
+
+
+def check_lrd_options(options: dict) -> None:
+    """Raises ValueError naming the option and its bad value."""
+    check_ratio(options["ratio"])
+    for key, choices in LRD_CHOICES.items():
+        check_choice(key, options[key], choices)
+    check_int("calibration", options["calibration"], 1)
+    check_int("every_steps", options["every_steps"], 0)
+    for key in ("sequential", "merge"):
+        if not isinstance(options[key], bool):
+            raise ValueError(f"{key} must be true or false, got {options[key]!r}")
+    if options["sequential"] and options["method"] != "whiten":
+        raise ValueError("sequential=true calibrates the whitened factorization: also give method=whiten")
+    if not isinstance(options["exclude"], str):
+        raise ValueError(f"exclude must be a regex of module names, got {options['exclude']!r}")
+    try:
+        re.compile(options["exclude"])
+    except re.error as error:
+        raise ValueError(f"exclude {options['exclude']!r} is not a regex ({error})") from None
+
+
+def build_lrd(options: dict, model: nn.Module, context: BuildContext) -> Built:
+    keep, pattern = set(context.keep), options["exclude"]
+
+    def excluded(_module: nn.Module, name: str) -> bool:
+        return name in keep or bool(pattern and re.fullmatch(pattern, name))
+
+    calibration = context.calibration[:options["calibration"]]
+    labels = context.calibration_labels[:options["calibration"]]
+    allocating = options["allocate"] == "sensitivity"
+    plan = make_plan(model, ratio=options["ratio"], exclude=excluded, merge=options["merge"],
+                     example_inputs=context.example_inputs,
+                     **({"allocate": "sensitivity", "calibration": calibration, "labels": labels} if allocating else {}))
+    if options["optimize"] != "none":
+        plan = optimize_ranks(model, plan, context.example_inputs, objective=options["optimize"])
+    needs_batches = options["method"] == "whiten" or options["merge"]
+    decompose(model, plan, method=options["method"], sequential=options["sequential"],
+              calibration=calibration if needs_batches else None)
+    freezer = None
+    if options["freeze"] != "none":
+        every = options["every_steps"] or max(1, context.steps // 6)
+        freezer = SequentialFreezer(model, schedule=options["freeze"], every_steps=every)
+    ranks = {row.name: row.rank for row in plan.changed}
+    return Built(model, freezer, options["lr"], options["kd"], notes={"decomposed_layers": len(ranks), "ranks": ranks})

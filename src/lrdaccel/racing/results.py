@@ -1,0 +1,94 @@
+"""A race's results across seeds: each seed's race as it ran, and per variant the median over
+seeds with its spread, in one JSON object (`results.json`).
+
+Per variant, the headline fields are medians over the seeds: `final_accuracy`, `train_seconds`,
+`time_to_target_s` and `speedup_to_target` (a seed where the variant never reached the target
+counts as never: infinitely late, no speed-up; a median that lands there is null), and
+`infer_speedup`; `curve` is the point-by-point median of the seeds' curves (they evaluate at the
+same steps). `spread` holds {min, median, max, values} of each over the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+from lrdaccel._files import atomic_write, check_header
+from lrdaccel.bench.schema import results_header
+
+RACE_FORMAT = "lrdaccel.race"
+RACE_VERSION = 1
+MEDIAN_KEYS = ("final_accuracy", "train_seconds", "setup_seconds", "infer_speedup", "params")
+
+
+def combine(seeds: Sequence[dict], header: dict) -> dict:
+    """The results object: `header` (results_header), the seeds, and the medians over them."""
+    variants = []
+    for i, first in enumerate(seeds[0]["variants"]):
+        rows = [seed["variants"][i] for seed in seeds]
+        row = {key: first[key] for key in ("name", "kind", "options", "param_count", "trainable_params", "notes")}
+        row.update({key: statistics.median(r[key] for r in rows) for key in MEDIAN_KEYS})
+        row["time_to_target_s"] = _median_or_none([r["time_to_target_s"] for r in rows], never=math.inf)
+        row["speedup_to_target"] = _median_or_none([r["speedup_to_target"] for r in rows], never=0.0)
+        row["reached_target"] = sum(r["time_to_target_s"] is not None for r in rows)
+        row["curve"] = _median_curve([r["curve"] for r in rows])
+        row["spread"] = {key: _spread([r[key] for r in rows]) for key in
+                         ("final_accuracy", "train_seconds", "time_to_target_s", "speedup_to_target", "infer_speedup")}
+        variants.append(row)
+    return {**header, "format": RACE_FORMAT, "version": RACE_VERSION,
+            "target_accuracy": statistics.median(seed["target_accuracy"] for seed in seeds),
+            "seeds": list(seeds), "variants": variants}
+
+
+def _median_or_none(values: list[float | None], never: float) -> float | None:
+    median = statistics.median(never if v is None else v for v in values)
+    return None if median == never or (isinstance(median, float) and math.isinf(median)) else median
+
+
+def _spread(values: list[float | None]) -> dict:
+    """{min, median, max, values} of the seeds' values that exist (None where none do)."""
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    if not present:
+        return {"min": None, "median": None, "max": None, "values": values}
+    return {"min": min(present), "median": statistics.median(present), "max": max(present), "values": values}
+
+
+def _median_curve(curves: list[list[list]]) -> list[list]:
+    """Point-by-point median of curves evaluated at the same steps (cut to the shortest)."""
+    length = min(len(curve) for curve in curves)
+    return [[statistics.median(curve[i][0] for curve in curves), curves[0][i][1],
+             statistics.median(curve[i][2] for curve in curves)] for i in range(length)]
+
+
+def new_header(config: dict, device: str) -> dict:
+    return results_header(RACE_FORMAT, config, device)
+
+
+def write_results(results: dict, path: Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n"))
+
+
+def load_race(path: str | Path) -> dict:
+    """Read a race's results.json, checking its header and the fields the report reads.
+
+    Raises:
+        ValueError: not JSON, not race results, or a field missing (naming the file and the field).
+    """
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    check_header(results, RACE_FORMAT, RACE_VERSION, str(path), "race results file")
+    for key in ("target_accuracy", "variants", "seeds", "config"):
+        if key not in results:
+            raise ValueError(f"{path}: missing {key!r}")
+    for i, row in enumerate(results["variants"]):
+        for key in ("name", "params", "final_accuracy", "train_seconds", "curve", "time_to_target_s",
+                    "speedup_to_target", "infer_speedup"):
+            if key not in row:
+                raise ValueError(f"{path}: variants[{i}] has no {key!r}")
+    return results

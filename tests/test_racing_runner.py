@@ -1,0 +1,178 @@
+"""race/runner.py and lrd.race: variants in lockstep on the same batches, evaluation outside the
+training time, the results' fields, several seeds, and the errors raised before any work."""
+
+import hashlib
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lrdaccel as lrd
+from lrdaccel.racing import RaceConfig, race
+from lrdaccel.racing import runner
+from lrdaccel.tasks.data import TensorData
+from lrdaccel.racing.variants import parse_variants
+
+FIELDS = ("name", "params", "final_accuracy", "train_seconds", "curve", "time_to_target_s", "speedup_to_target",
+          "infer_speedup")
+
+
+def blobs(n: int, seed: int) -> TensorDataset:
+    """Four Gaussian blobs in 32 dimensions: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    centres = torch.randn(4, 32, generator=torch.Generator().manual_seed(99)) * 3
+    return TensorDataset(centres[labels] + torch.randn(n, 32, generator=generator), labels)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def data() -> TensorData:
+    return TensorData(blobs(96, 0), blobs(40, 1), ["a", "b", "c", "d"])
+
+
+QUICK = dict(batch_size=16, eval_batch_size=64, lr=1e-2, evaluations=3, calibration_batches=2, infer_repeats=1,
+             infer_batch_size=8, freeze_embeddings=False)
+
+
+class FakeClock:
+    """Advances one second per reading; evaluation (patched) advances a thousand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_every_variant_sees_the_same_batches_in_the_same_order():
+    specs = parse_variants("original,lrd(method=svd),lrd(method=svd,ratio=3,freeze=rotate,every_steps=2)")
+    config = RaceConfig(budget_epochs=2, **QUICK)
+    result = runner.run_seed(mlp(), data(), specs, config, seed=3, keep=[], progress=False)
+    digests = {row["name"]: row["data_order_digest"] for row in result["variants"]}
+    expected = hashlib.sha256()
+    for indices in runner._batches(96, 16, result["steps"], 3):
+        expected.update(torch.as_tensor(indices, dtype=torch.int64).numpy().tobytes())
+    assert set(digests.values()) == {expected.hexdigest()}
+    assert result["steps"] == 12
+    batches = runner._batches(96, 16, 12, 3)
+    assert sorted(i for b in batches[:6] for i in b) == list(range(96))  # each epoch a permutation
+    assert batches[:6] != batches[6:] and runner._batches(96, 16, 12, 4) != batches  # fresh per epoch, per seed
+
+
+def test_evaluation_is_not_training_time(monkeypatch):
+    """With a clock that advances one second per reading, each training step costs exactly 1 s,
+    the setup 1 s, and the 1000 s every evaluation burns never show up in training time."""
+    clock = FakeClock()
+    real = runner.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock.now += 1000.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", slow_evaluate)
+    config = RaceConfig(max_steps=5, **QUICK)
+    result = runner.run_seed(mlp(), data(), parse_variants("original,lrd(method=svd)"), config, seed=0, keep=[],
+                             progress=False, clock=clock)
+    for row in result["variants"]:
+        assert row["setup_seconds"] == 1.0
+        assert row["train_seconds"] == 1.0 + 5
+        assert [point[0] for point in row["curve"]] == [1.0, 3.0, 4.0, 6.0]  # steps 0, 2, 3, 5
+        assert [point[1] for point in row["curve"]] == [0, 2, 3, 5]
+
+
+def test_results_hold_every_field_and_the_lrd_variant_is_smaller(tmp_path):
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "lrd(method=svd,ratio=2),original", out=tmp_path / "r",
+                   progress=False, **QUICK, max_steps=6)
+    assert [row["name"] for row in results["variants"]] == ["original", "lrd(method=svd,ratio=2)"]  # original first
+    original, decomposed = results["variants"]
+    for row in results["variants"]:
+        assert all(key in row for key in FIELDS)
+        assert all(len(point) == 3 for point in row["curve"]) and row["curve"][0][1] == 0
+        assert 0 <= row["final_accuracy"] <= 100
+    assert original["params"] == 1.0 and original["speedup_to_target"] == 1.0
+    assert decomposed["params"] < 1.0
+    assert decomposed["param_count"] == sum(p.numel() for p in _decomposed_like(ratio=2).parameters())
+    assert results["target_accuracy"] == pytest.approx(original["final_accuracy"] - 0.5)
+    assert original["time_to_target_s"] <= original["train_seconds"]
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"results.json", "report.md", "race.png"}
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| lrd(method=svd,ratio=2) |" in report and f"{results['target_accuracy']:.2f}%" in report
+
+
+def _decomposed_like(ratio: float) -> nn.Module:
+    model = mlp()
+    lrd.decompose(model, ratio=ratio)
+    return model
+
+
+def test_the_starting_model_is_not_changed():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    race(model, blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,freeze=static)", progress=False, **QUICK,
+         max_steps=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential) for m in model.modules())
+
+
+def test_several_seeds_give_medians_and_per_seed_runs():
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd)", progress=False, **QUICK,
+                   max_steps=4, seeds=3, seed=5)
+    assert [seed["seed"] for seed in results["seeds"]] == [5, 6, 7]
+    row = results["variants"][1]
+    finals = [seed["variants"][1]["final_accuracy"] for seed in results["seeds"]]
+    assert row["final_accuracy"] == sorted(finals)[1]
+    assert row["spread"]["final_accuracy"]["values"] == finals
+    assert len(row["curve"]) == len(results["seeds"][0]["variants"][1]["curve"])
+
+
+def test_a_diverging_variant_stops_and_is_reported():
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,original(lr=1e30)", progress=False,
+                   **{**QUICK, "lr": 1.0}, max_steps=6, lr_schedule="constant", warmup=0)
+    diverged = results["seeds"][0]["variants"][1]
+    assert diverged["diverged_at_step"] is not None
+    assert results["seeds"][0]["variants"][0]["diverged_at_step"] is None
+
+
+def test_kd_distils_from_the_starting_model():
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,kd=0.5)", progress=False, **QUICK,
+                   max_steps=3)
+    assert results["variants"][1]["final_accuracy"] >= 0
+
+
+@pytest.mark.parametrize("variants, settings, message", [
+    ("lrd", {}, "include `original`"),
+    ("original,original", {}, "given twice"),
+    ("original,lrd(ratio=1)", {}, "ratio"),
+    ("original,pruning", {}, "unknown variant 'pruning'"),
+    ("original", {"budget_epochs": 0}, "budget_epochs must be a finite number > 0, got 0"),
+    ("original", {"seeds": 0}, "seeds"),
+])
+def test_bad_races_fail_before_any_work(variants, settings, message):
+    model = mlp()
+    with pytest.raises(ValueError, match=message):
+        race(model, blobs(96, 0), blobs(40, 1), variants, progress=False, **settings)
+
+
+def test_empty_data_and_a_single_class_are_refused():
+    one_class = TensorDataset(torch.randn(8, 32), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least two classes"):
+        race(mlp(), one_class, one_class, "original", progress=False)
+    empty = TensorDataset(torch.randn(0, 32), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="train data is empty"):
+        race(mlp(), empty, blobs(8, 1), "original", progress=False)
+
+
+def test_learning_rate_schedules():
+    linear = runner.lr_factor("linear", 100, 0.1)
+    assert linear(0) == pytest.approx(0.1) and linear(9) == pytest.approx(1.0) and linear(10) == pytest.approx(1.0)
+    assert linear(55) == pytest.approx(0.5) and linear(100) == 0.0
+    cosine = runner.lr_factor("cosine", 100, 0.0)
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and math.isclose(cosine(100), 0.0, abs_tol=1e-12)
+    assert runner.lr_factor("constant", 100, 0.0)(99) == 1.0
