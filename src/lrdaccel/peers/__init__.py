@@ -11,6 +11,7 @@ front. torch-pruning and PEFT are imported only when a peer runs.
 """
 
 from lrdaccel.peers._extra import require_peers
+from lrdaccel.peers.budget import lrd_params
 from lrdaccel.peers.importance import labelled_loss
 from lrdaccel.peers.lora import LoraReport, LoraSettings, lora, lora_targets, merge_lora
 from lrdaccel.peers.prune import prune
@@ -18,4 +19,4 @@ from lrdaccel.peers.prune_config import PruneConfig, PruneReport
 from lrdaccel.peers.pruned_io import load_pruned, save_pruned
 
 __all__ = ["LoraReport", "LoraSettings", "PruneConfig", "PruneReport", "labelled_loss", "load_pruned", "lora",
-           "lora_targets", "merge_lora", "prune", "require_peers", "save_pruned"]
+           "lora_targets", "lrd_params", "merge_lora", "prune", "require_peers", "save_pruned"]
