@@ -13,8 +13,8 @@ front. torch-pruning and PEFT are imported only when a peer runs.
 from lrdaccel.peers._extra import require_peers
 from lrdaccel.peers.budget import lrd_params
 from lrdaccel.peers.importance import labelled_loss
-from lrdaccel.peers.lora import LoraReport, LoraSettings, lora, lora_targets, merge_lora
-from lrdaccel.peers.prune import prune
+from lrdaccel.peers.adapters import LoraReport, LoraSettings, lora, lora_targets, merge_lora
+from lrdaccel.peers.pruning import prune
 from lrdaccel.peers.prune_config import PruneConfig, PruneReport
 from lrdaccel.peers.pruned_io import load_pruned, save_pruned
 

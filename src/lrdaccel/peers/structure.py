@@ -106,7 +106,9 @@ def check_supported(model: nn.Module, excluded: set[str]) -> None:
         own = dict(module.named_parameters(recurse=False))
         if "weight" in own and not isinstance(module, PRUNABLE):
             raise ValueError(f"cannot prune {model_name}: layer {name!r} is a {type(module).__name__}, which "
-                             f"torch-pruning has no pruner for; exclude it (exclude=[{name!r}]) to keep it")
+                             f"torch-pruning has no pruner for; replace it by a layer it knows, or exclude it "
+                             f"together with the layers that feed it (exclude=[{name!r}, ...]) so that its "
+                             f"input width stays")
     attention_modules(model, skip=excluded)  # raises on a form whose heads we cannot prune
 
 
@@ -114,7 +116,15 @@ def trace_options() -> dict:
     """How torch-pruning calls the model and reads its output: inputs as lrdaccel passes them
     everywhere (tensor, positional tuple, keyword mapping such as a tokenizer's BatchEncoding), and
     only the output's tensors that autograd can trace (an HF output also holds caches, None, ints)."""
-    return {"forward_fn": call_model, "output_transform": _traced_tensors}
+    return {"forward_fn": call_model, "output_transform": _output_for_tracing}
+
+
+def _output_for_tracing(output: Any) -> list[torch.Tensor]:
+    tensors = _traced_tensors(output)
+    if not tensors:
+        raise ValueError("no tensor of the model's output has an autograd graph (detached, or computed "
+                         "without the parameters)")
+    return tensors
 
 
 def _traced_tensors(output: Any) -> list[torch.Tensor]:
@@ -122,6 +132,12 @@ def _traced_tensors(output: Any) -> list[torch.Tensor]:
         return [output] if output.grad_fn is not None else []
     values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
     return [t for value in values for t in _traced_tensors(value)]
+
+
+def excluded_parameters(model: nn.Module, excluded: set[str]) -> list[nn.Parameter]:
+    """The own parameters of excluded modules: torch-pruning would otherwise trace the weight of an
+    excluded layer of a type it does not know as a free parameter and prune it."""
+    return [p for name in sorted(excluded) for p in model.get_submodule(name).parameters(recurse=False)]
 
 
 @contextmanager
@@ -149,7 +165,9 @@ def analyse(model: nn.Module, example_inputs: Any, excluded: set[str], keep_stem
              for module in scratch.modules() if isinstance(module, ROOTS)]
     try:
         with traceable(scratch):
-            graph = tp.DependencyGraph().build_dependency(scratch, example_inputs=example_inputs, **trace_options())
+            graph = tp.DependencyGraph().build_dependency(scratch, example_inputs=example_inputs,
+                                                          ignored_params=excluded_parameters(scratch, excluded),
+                                                          **trace_options())
             groups = list(graph.get_all_groups(root_module_types=list(ROOTS)))
     except Exception as error:  # torch-pruning's own errors are of many kinds
         raise ValueError(f"torch-pruning cannot trace {type(model).__name__}: {type(error).__name__}: {error}") from None

@@ -28,7 +28,8 @@ from lrdaccel.peers._extra import require_peers
 from lrdaccel.peers.importance import LossFn, check_loss_fn, describe, make_importance, taylor_gradients
 from lrdaccel.peers.prune_config import PruneConfig, PruneReport
 from lrdaccel.peers.search import Trial, search_ratio
-from lrdaccel.peers.structure import Structure, analyse, check_supported, excluded_names, trace_options, traceable
+from lrdaccel.peers.structure import (Structure, analyse, check_supported, excluded_names, excluded_parameters,
+                                      trace_options, traceable)
 from lrdaccel.peers.timing import seconds_per_call, time_fraction
 from lrdaccel.peers.transformer_heads import update_heads
 
@@ -64,10 +65,10 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     tp = require_peers("prune")
     model = unwrap(model)
     check_loss_fn(config, loss_fn)
-    before = count_params(model)
-    target = _params_target(config, before, type(model).__name__)
     excluded = excluded_names(model, exclude)
     check_supported(model, excluded)
+    before = count_params(model)
+    target = _params_target(config, before, type(model).__name__)
     structure = analyse(model, example_inputs, excluded, config.keep_stem, tp)
     grads = taylor_gradients(model, loss_fn) if loss_fn is not None else None
 
@@ -123,8 +124,7 @@ def pruned_copy(model: nn.Module, example_inputs: Any, ratio: float, structure: 
     flags = {name: parameter.requires_grad for name, parameter in pruned.named_parameters()}
     modules = dict(pruned.named_modules())
     ignored: list = [modules[name] for name in sorted(structure.ignored | structure.excluded)]
-    # parameters of excluded modules torch-pruning does not know stay out of its graph too
-    ignored += [p for name in sorted(structure.excluded) for p in modules[name].parameters(recurse=False)]
+    ignored += excluded_parameters(pruned, structure.excluded)
     num_heads = {modules[p]: entry.heads for entry in structure.attention for p in entry.projections}
     if grads is not None:
         for name, parameter in pruned.named_parameters():
