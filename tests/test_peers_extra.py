@@ -52,4 +52,5 @@ def test_importing_lrdaccel_peers_needs_neither_package():
     fresh interpreter, so that no test sees a second copy of the package's modules)."""
     code = ("import sys; sys.modules['torch_pruning'] = None; sys.modules['peft'] = None\n"
             "import lrdaccel.peers as p; assert p.prune and p.lora")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=environment)

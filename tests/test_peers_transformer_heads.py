@@ -188,3 +188,16 @@ def test_excluding_such_attention_keeps_its_heads():
     model = nn.Sequential(nn.Linear(16, 16), _Attention(kv_heads=2), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
     pruned, report = peers.prune(model, torch.randn(2, 3, 16), pruning_ratio=0.5, exclude=["0", "1"])
     assert pruned[1].q.out_features == 16 and pruned[2].out_features == 16 and not report.heads
+
+
+def test_torch_transformer_with_its_attention_excluded_prunes_the_mlp_only():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2).eval()
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="nn.MultiheadAttention"):
+        peers.prune(model, x, pruning_ratio=0.5)
+    pruned, report = peers.prune(model, x, pruning_ratio=0.5, exclude=nn.MultiheadAttention)
+    assert [layer.linear1.out_features for layer in pruned.layers] == [32, 32]
+    assert all(layer.linear2.out_features == 32 and layer.norm1.normalized_shape == (32,) for layer in pruned.layers)
+    pruned.train()
+    pruned(x).square().mean().backward()

@@ -35,7 +35,8 @@ def labelled_loss(batches: Iterable[tuple[Any, torch.Tensor]],
         raise ValueError("labelled_loss needs at least one (inputs, labels) batch")
     for index, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(f"labelled_loss: batch {index} must be an (inputs, labels) pair, got {type(batch).__name__}")
+            raise ValueError(f"labelled_loss: batch {index} must be an (inputs, labels) pair, "
+                             f"got {type(batch).__name__}")
 
     def loss_fn(model: nn.Module) -> torch.Tensor:
         losses = [criterion(output_tensor(call_model(model, inputs)), labels) for inputs, labels in batches]
@@ -85,8 +86,9 @@ def taylor_gradients(model: nn.Module, loss_fn: LossFn) -> dict[str, torch.Tenso
     with torch.enable_grad():
         loss = loss_fn(scratch)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
         raise ValueError(f"loss_fn must return a scalar tensor that depends on the model's parameters, got "
-                         f"{type(loss).__name__}" + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+                         f"{type(loss).__name__}{shape}")
     if not torch.isfinite(loss.detach()).all():
         raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()})")
     loss.backward()

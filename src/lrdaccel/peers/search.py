@@ -75,9 +75,9 @@ def search_ratio(evaluate: Callable[[float], tuple[float, Any]], target: float, 
             hi, f_hi = ratio, value
         del result
     closest = min(trials, key=lambda t: abs(t.value - target))
-    raise ValueError(f"no pruning ratio gives {what} within {tolerance:.1%} of the target {_number(target)}: the closest "
-                     f"was {_number(closest.value)} at ratio {closest.ratio:.5f} after {len(trials)} trials (the count "
-                     f"moves in steps: whole heads, rounded channels); raise tolerance or max_trials")
+    raise ValueError(f"no pruning ratio gives {what} within {tolerance:.1%} of the target {_number(target)}: "
+                     f"the closest was {_number(closest.value)} at ratio {closest.ratio:.5f} after {len(trials)} "
+                     f"trials (the count moves in steps: whole heads, rounded channels); raise tolerance or max_trials")
 
 
 def _number(value: float) -> str:

@@ -72,7 +72,8 @@ def excluded_names(model: nn.Module, exclude: Any) -> set[str]:
     """
     if exclude is None:
         return set()
-    if isinstance(exclude, type) or (isinstance(exclude, tuple) and exclude and all(isinstance(t, type) for t in exclude)):
+    if isinstance(exclude, type) or (isinstance(exclude, tuple) and exclude
+                                     and all(isinstance(t, type) for t in exclude)):
         types = exclude
         exclude = lambda module, name: isinstance(module, types)  # noqa: E731
     names = [name for name, _ in model.named_modules() if name]
@@ -170,13 +171,16 @@ def analyse(model: nn.Module, example_inputs: Any, excluded: set[str], keep_stem
                                                           **trace_options())
             groups = list(graph.get_all_groups(root_module_types=list(ROOTS)))
     except Exception as error:  # torch-pruning's own errors are of many kinds
-        raise ValueError(f"torch-pruning cannot trace {type(model).__name__}: {type(error).__name__}: {error}") from None
+        raise ValueError(f"torch-pruning cannot trace {type(model).__name__}: "
+                         f"{type(error).__name__}: {error}") from None
     finally:
         for hook in hooks:
             hook.remove()
 
     attention = attention_modules(scratch, skip=excluded)
-    stem = called[0] if keep_stem and called and isinstance(scratch.get_submodule(called[0]), nn.modules.conv._ConvNd) else None
+    transformer = bool(attention) or any(isinstance(m, nn.MultiheadAttention) for m in scratch.modules())
+    first = scratch.get_submodule(called[0]) if called else None
+    stem = called[0] if keep_stem and isinstance(first, nn.modules.conv._ConvNd) else None
     shared = {name for owners in weight_owners(scratch).values() if len(set(owners)) > 1 for name in owners}
     structure = Structure(excluded=set(excluded))
     coupled: dict[str, set[str]] = {}
@@ -195,7 +199,7 @@ def analyse(model: nn.Module, example_inputs: Any, excluded: set[str], keep_stem
             continue
         for name in outs:
             coupled[name] = set(outs)
-        kept = _kept_reason(outs, excluded, stem, reads, stream and bool(attention), shared)
+        kept = _kept_reason(outs, excluded, stem, reads, stream and transformer, shared)
         if kept:
             name, reason = kept
             structure.ignored.update(outs)

@@ -111,6 +111,9 @@ def update_heads(model: nn.Module, attention: list[AttentionHeads]) -> dict[str,
             raise RuntimeError(f"pruning left {entry.name!r} with projection widths {sorted(widths)}, not one whole "
                                f"number of {entry.head_size}-wide heads")
         heads = next(iter(widths)) // entry.head_size
+        if heads == 0:
+            raise RuntimeError(f"pruning removed every head of {entry.name!r} (global pruning ranks heads across "
+                               f"modules); lower the budget's ratio or use global_pruning=False")
         set_heads(module, heads)
         changed[entry.name] = (entry.heads, heads)
     return changed
