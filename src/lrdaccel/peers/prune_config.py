@@ -93,13 +93,9 @@ class PruneConfig:
         check_number("min_run_time", self.min_run_time, above=0)
 
     @property
-    def budget(self) -> str:
-        """The one budget field that is set."""
-        return next(name for name in BUDGETS if getattr(self, name) is not None)
-
-    @property
     def timed(self) -> bool:
-        return self.budget in ("target_latency", "latency_fraction")
+        """A time budget (the search times every trial)."""
+        return self.target_latency is not None or self.latency_fraction is not None
 
 
 def _check_bool(what: str, value) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -75,39 +75,44 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     def build(ratio: float) -> tuple[nn.Module, dict]:
         return pruned_copy(model, example_inputs, ratio, structure, config, grads, tp)
 
-    latency = None
-    if config.pruning_ratio is not None:
-        ratio = config.pruning_ratio
-        pruned, heads = build(ratio)
-        trials = [Trial(ratio, count_params(pruned))]
-    elif target is not None:
-        def by_params(ratio: float):
-            built = build(ratio)
-            return count_params(built[0]), built
-
-        ratio, _, (pruned, heads), trials = search_ratio(by_params, target, config.tolerance, before,
-                                                         config.max_ratio, config.max_trials, "parameters")
-    else:
-        goal = config.latency_fraction
-        if goal is None:
-            goal = config.target_latency / seconds_per_call(model, example_inputs, config)
-            if goal >= 1:
-                raise ValueError(f"target_latency {config.target_latency!r} s is not below the original's measured "
-                                 f"{config.target_latency / goal:.4g} s per call")
-
-        def by_time(ratio: float):
-            built = build(ratio)
-            return time_fraction(model, built[0], example_inputs, config), built
-
-        ratio, latency, (pruned, heads), trials = search_ratio(by_time, goal, config.latency_tolerance, 1.0,
-                                                               config.max_ratio, config.max_trials, "time fraction")
+    ratio, value, (pruned, heads), trials = _meet_budget(build, model, example_inputs, config, before, target)
     _check_forward(pruned, example_inputs, type(model).__name__)
     quantity = "latency_fraction" if config.timed else "params"
     return pruned, PruneReport(
         model=type(model).__name__, importance=describe(config), pruning_ratio=ratio, params_before=before,
-        params_after=count_params(pruned), target_params=target, latency_fraction=latency,
+        params_after=count_params(pruned), target_params=target, latency_fraction=value if config.timed else None,
         seconds=time.perf_counter() - started, kept=dict(structure.kept), heads=heads,
         trials=[{"ratio": t.ratio, quantity: t.value} for t in trials])
+
+
+def _meet_budget(build: Callable[[float], tuple], model: nn.Module, example_inputs: Any, config: PruneConfig,
+                 before: int, target: int | None) -> tuple[float, float, tuple, list[Trial]]:
+    """(ratio, its parameters or time fraction, build(ratio), trials): the config's ratio as it is,
+    or the one the search finds for a parameter or time budget."""
+    if config.pruning_ratio is not None:
+        built = build(config.pruning_ratio)
+        params = count_params(built[0])
+        return config.pruning_ratio, params, built, [Trial(config.pruning_ratio, params)]
+    if target is not None:
+        return search_ratio(lambda ratio: _measured(build(ratio), count_params), target, config.tolerance, before,
+                            config.max_ratio, config.max_trials, "parameters")
+    goal = config.latency_fraction
+    if goal is None:
+        original = seconds_per_call(model, example_inputs, config)
+        goal = config.target_latency / original
+        if goal >= 1:
+            raise ValueError(f"target_latency {config.target_latency!r} s is not below the original's measured "
+                             f"{original:.4g} s per call")
+
+    def fraction(pruned: nn.Module) -> float:
+        return time_fraction(model, pruned, example_inputs, config)
+
+    return search_ratio(lambda ratio: _measured(build(ratio), fraction), goal, config.latency_tolerance, 1.0,
+                        config.max_ratio, config.max_trials, "time fraction")
+
+
+def _measured(built: tuple, measure: Callable[[nn.Module], float]) -> tuple[float, tuple]:
+    return measure(built[0]), built
 
 
 def pruned_copy(model: nn.Module, example_inputs: Any, ratio: float, structure: Structure, config: PruneConfig,

@@ -101,18 +101,18 @@ def update_heads(model: nn.Module, attention: list[AttentionHeads]) -> dict[str,
         name -> (heads before, heads after).
 
     Raises:
-        RuntimeError: the projections disagree or are not a whole number of heads.
+        ValueError: the projections disagree, are not a whole number of heads, or have none left.
     """
     changed = {}
     for entry in attention:
         module = model.get_submodule(entry.name)
         widths = {model.get_submodule(p).out_features for p in entry.projections}
         if len(widths) != 1 or next(iter(widths)) % entry.head_size:
-            raise RuntimeError(f"pruning left {entry.name!r} with projection widths {sorted(widths)}, not one whole "
+            raise ValueError(f"pruning left {entry.name!r} with projection widths {sorted(widths)}, not one whole "
                                f"number of {entry.head_size}-wide heads")
         heads = next(iter(widths)) // entry.head_size
         if heads == 0:
-            raise RuntimeError(f"pruning removed every head of {entry.name!r} (global pruning ranks heads across "
+            raise ValueError(f"pruning removed every head of {entry.name!r} (global pruning ranks heads across "
                                f"modules); lower the budget's ratio or use global_pruning=False")
         set_heads(module, heads)
         changed[entry.name] = (entry.heads, heads)
