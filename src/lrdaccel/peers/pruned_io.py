@@ -13,19 +13,19 @@ to the recorded widths, checks every tensor's name and shape against the file, t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lrdaccel._files import check_header, check_output_dir, replace_together
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
+# one reader of safetensors files and one digest for every lrdaccel checkpoint
+from lrdaccel.io import _read_weights, _sha256
 from lrdaccel.peers.transformer_heads import set_heads
 
 CONFIG_NAME = "pruned_config.json"
@@ -206,21 +206,3 @@ def _check_widths(model: nn.Module, layers: dict, source: str) -> None:
         if isinstance(weight, torch.Tensor) and expected and tuple(weight.shape[:2]) != expected:
             raise ValueError(f"{source}: layer {name!r} records widths {expected} but its weight is "
                              f"{tuple(weight.shape)}")
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file missing")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
