@@ -176,3 +176,13 @@ def test_learning_rate_schedules():
     cosine = runner.lr_factor("cosine", 100, 0.0)
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and math.isclose(cosine(100), 0.0, abs_tol=1e-12)
     assert runner.lr_factor("constant", 100, 0.0)(99) == 1.0
+
+
+def test_peers_race_beside_lrd_at_its_parameters():
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd),prune,lora(rank=2)",
+                   progress=False, **QUICK, max_steps=3)
+    original, decomposed, pruned, adapted = results["variants"]
+    assert abs(pruned["param_count"] - decomposed["param_count"]) <= 0.02 * decomposed["param_count"]
+    assert adapted["params"] == 1.0  # served merged: the original's architecture
+    assert adapted["trainable_params"] < original["trainable_params"] / 4
+    assert all(key in row for row in results["variants"] for key in FIELDS)

@@ -44,3 +44,30 @@ def test_values_are_typed():
 def test_bad_variants_name_the_variant_and_the_value(text, message):
     with pytest.raises(ValueError, match=message):
         parse_variants(text)
+
+
+def test_peers_are_variants_with_their_own_options():
+    specs = parse_variants("original,lrd,prune,prune(params=0.5,importance=taylor),lora(rank=4)")
+    assert [s.kind for s in specs] == ["original", "lrd", "prune", "prune", "lora"]
+    assert specs[2].options["params"] == "lrd" and specs[3].options["params"] == 0.5
+    assert specs[4].options == {"rank": 4, "alpha": 16.0, "ratio": 2.0, "lr": 10.0, "kd": 0.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("original,prune", "matches the parameters of an lrd variant: put one before it"),
+    ("original,prune,lrd", "matches the parameters of an lrd variant"),
+    ("original,prune(params=1.5)", "params must be a finite number > 0 and <= 1"),
+    ("original,prune(params=0.5,importance=random)", "importance must be one of"),
+    ("original,lora(rank=0)", "rank must be an int >= 1"),
+])
+def test_bad_peer_variants(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_variants(text)
+
+
+def test_a_missing_peers_extra_is_one_line_naming_the_variant(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(ValueError, match=r"variant 'prune\(params=0.5\)': .*pip install lrdaccel\[peers\]"):
+        parse_variants("original,prune(params=0.5)")

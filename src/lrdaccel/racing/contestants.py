@@ -33,6 +33,7 @@ class BuildContext:
         keep: module names no variant compresses (the new head).
         steps: the race's training steps.
         built: models of the variants built so far, by name (a peer matches one of them).
+        kinds: the kind of each variant built so far, by name.
     """
 
     calibration: list[Any]
@@ -41,6 +42,7 @@ class BuildContext:
     keep: list[str]
     steps: int
     built: dict[str, nn.Module] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

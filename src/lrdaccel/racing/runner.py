@@ -80,6 +80,7 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
         _sync(device)
         contestants.append(_contestant(spec, built, config, steps, clock() - began))
         context.built[spec.name] = built.model
+        context.kinds[spec.name] = spec.kind
     for contestant in contestants:
         _evaluate(contestant, data, config, placement, step=0)
     at = _evaluation_steps(steps, config.evaluations)

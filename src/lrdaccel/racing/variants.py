@@ -7,6 +7,7 @@ Kinds:
 
 - `original`: the starting classifier as it is, every parameter trained.
 - `lrd`: lrdaccel's pipeline (lrdaccel.racing.lrd_variant: its options and defaults).
+- `prune`, `lora`: the peers (lrdaccel.racing.peer_variants), with the `peers` extra.
 
 `lr` (a multiplier of the race's learning rate) and `kd` (weight of distillation from the
 starting classifier's logits) apply to every kind.
@@ -22,11 +23,16 @@ from torch import nn
 from lrdaccel._settings import check_number
 from lrdaccel.racing.contestants import BuildContext, Built, VariantSpec
 from lrdaccel.racing.lrd_variant import LRD_DEFAULTS, build_lrd, check_lrd_options
+from lrdaccel.racing.peer_variants import (LORA_DEFAULTS, PRUNE_DEFAULTS, build_lora, build_prune, check_lora_options,
+                                           check_prune_options)
 
 SHARED_DEFAULTS: dict[str, Any] = {"lr": 1.0, "kd": 0.0}
-DEFAULTS: dict[str, dict[str, Any]] = {"original": SHARED_DEFAULTS, "lrd": LRD_DEFAULTS}
-CHECKS: dict[str, Callable[[dict], None]] = {"lrd": check_lrd_options}
-BUILDERS: dict[str, Callable[[dict, nn.Module, BuildContext], Built]] = {"lrd": build_lrd}
+DEFAULTS: dict[str, dict[str, Any]] = {"original": SHARED_DEFAULTS, "lrd": LRD_DEFAULTS, "prune": PRUNE_DEFAULTS,
+                                       "lora": LORA_DEFAULTS}
+CHECKS: dict[str, Callable[[dict], None]] = {"lrd": check_lrd_options, "prune": check_prune_options,
+                                             "lora": check_lora_options}
+BUILDERS: dict[str, Callable[[dict, nn.Module, BuildContext], Built]] = {"lrd": build_lrd, "prune": build_prune,
+                                                                         "lora": build_lora}
 KINDS = tuple(DEFAULTS)
 
 
@@ -58,7 +64,13 @@ def parse_variants(text: str) -> list[VariantSpec]:
     repeated = [name for name in names if names.count(name) > 1]
     if repeated:
         raise ValueError(f"variants: {repeated[0]!r} is given twice")
-    return reference_first(specs)
+    specs = reference_first(specs)
+    for position, spec in enumerate(specs):
+        earlier = {other.kind for other in specs[:position]}
+        if spec.kind == "prune" and spec.options["params"] == "lrd" and "lrd" not in earlier:
+            raise ValueError(f"variant {spec.name!r} matches the parameters of an lrd variant: put one before it, "
+                             f"or give params=<fraction of the original's parameters>")
+    return specs
 
 
 def reference_first(specs: list[VariantSpec]) -> list[VariantSpec]:
@@ -128,7 +140,7 @@ def checked_options(kind: str, options: dict, name: str) -> dict:
         check_number("kd", merged["kd"], at_least=0, at_most=1)
         if kind in CHECKS:
             CHECKS[kind](merged)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # a missing extra is the user's to fix: one line, before work
         raise ValueError(f"variant {name!r}: {error}") from None
     return merged
 
