@@ -161,6 +161,9 @@ def test_a_conv_subclass_is_not_folded():
     model = nn.Sequential(StandardizedConv(3, 8, 3), nn.BatchNorm2d(8))
     report, error, fused = folded(model, torch.randn(2, 3, 8, 8))
     assert error < 1e-5 and not report.fused and report.left == ["1"]
+    (norm, reason), = report.unpaired
+    assert norm == "1" and "StandardizedConv is a subclass of nn.Conv2d that redefines forward" in reason
+    assert f"remains 1: {reason}" in str(report)
 
 
 def test_training_mode_is_refused_and_the_model_is_unchanged():

@@ -4,7 +4,8 @@ The saved directory (`lrd.save`: the plan and the weights) reloads with `lrd.loa
 With --fuse the deployable form is written beside it: every BatchNorm that directly follows a
 conv folded into it, exported to `model.onnx` and checked with ONNX Runtime. A folded model has
 no BatchNorm to fine-tune and another structure than its plan describes, so it is kept only as
-that export; in Python, `lrd.fuse_batchnorm(lrd.load(dir, base).eval())` gives it back.
+that export; in Python, `lrd.fuse_batchnorm(lrd.load(dir, base).eval(), example_inputs)` gives
+it back.
 
 Calibration batches (--calibration N) serve --method whiten (with --sequential: layer by layer on
 the partly decomposed model), --merge (what to keep, BatchNorm statistics) and --allocate

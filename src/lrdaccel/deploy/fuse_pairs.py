@@ -239,7 +239,7 @@ class _Graph:
         for key, source in fed_by.items():
             if key not in paired:
                 self.finder.found.unpaired.setdefault(self.name(self.modules[key]),
-                                                      f"fed by {self._describe(source)}, not by a conv")
+                                                      f"fed by {self._describe(source)}, not by a conv's own call")
 
     def _pair(self, conv: nn.Module, norm: nn.Module) -> Pair:
         target, why_conv = fold_target(conv)
@@ -319,16 +319,20 @@ class _Graph:
         if node.op == "get_attr":
             return f"{node.target}"
         what = getattr(node.target, "__name__", str(node.target))
-        convs = sorted({self._owner(n) for n in _ancestors(node, 6) if n.op == "get_attr"} - {None})
-        return f"{what} (functional code{' reading ' + ', '.join(convs) if convs else ''})"
+        convs = {self._owner(n) for n in _ancestors(node, 6) if n.op == "get_attr"} - {None}
+        if not convs:
+            return f"{what} (functional code)"
+        why = "; ".join(f"{self.name(conv)}: {plain_conv(conv)}" for conv in convs if plain_conv(conv))
+        names = ", ".join(sorted(self.name(conv) for conv in convs))
+        return f"{what} (functional code reading {names}{' - ' + why if why else ''})"
 
-    def _owner(self, node: torch.fx.Node) -> str | None:
+    def _owner(self, node: torch.fx.Node) -> nn.Module | None:
         owner, _, _ = str(node.target).rpartition(".")
         try:
             module = self.root.get_submodule(owner)
         except AttributeError:
             return None
-        return self.name(module) if isinstance(module, nn.Conv2d) else None
+        return module if isinstance(module, nn.Conv2d) else None
 
 
 def _input(node: torch.fx.Node):
