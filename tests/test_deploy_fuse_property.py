@@ -3,7 +3,8 @@ every BatchNorm is accounted for once, and the outputs never change beyond 1e-5 
 
 The nets mix what makes folding wrong if it is not proven: convs with and without bias,
 depthwise convs, BatchNorms affine or not and without running statistics, blocks called twice,
-a conv's output read twice, weights and statistics read in forward, BatchNorms fed by no conv,
+a conv's output read twice, weights and statistics read in forward (as nodes or, through
+.parameters(), for their values while traced), BatchNorms fed by no conv,
 and a parent that torch.fx cannot trace calling a child's conv outside the child."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 from lrdaccel.deploy import fuse_batchnorm
 
 C = 4
-KINDS = ("pair", "shared_output", "weight_read", "stats_read", "conv_twice", "norm_alone", "reuse", "outside_call")
+KINDS = ("pair", "shared_output", "weight_read", "stats_read", "conv_twice", "norm_alone", "eager_read", "reuse",
+         "outside_call")
 
 
 class Step(nn.Module):
@@ -39,6 +41,8 @@ class Step(nn.Module):
             return self.bn(self.conv(x)) * self.bn.running_var.mean()
         if self.kind == "conv_twice":
             return self.bn(self.conv(x)) + 0.1 * self.conv(x)
+        if self.kind == "eager_read":  # runs on real tensors even under torch.fx: a constant in its graph
+            return self.bn(self.conv(x)) + 0.1 * sum(p.sum() for p in self.conv.parameters())
         if self.kind == "norm_alone":
             return self.bn(torch.relu(self.conv(x)))
         return torch.relu(self.bn(self.conv(x)))

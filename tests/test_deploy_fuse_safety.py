@@ -88,6 +88,52 @@ def test_a_conv_whose_weight_is_also_read_in_forward_is_left_with_the_reason(wit
                                              "the conv's bias is also read directly (conv.bias)")]
 
 
+class ParametersSummed(nn.Module):
+    """Reads the conv's parameters through .parameters(): torch.fx runs this on the real tensors
+    and bakes the sum into the graph as a constant, so no node reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + sum(p.sum() for p in self.conv.parameters())
+
+
+def test_parameters_read_for_their_value_while_traced_keep_the_pair():
+    report, change = changed(ParametersSummed(), X)
+    assert change == 0 and not report.fused
+    assert "the conv's weight is read for its value while the forward is traced" in report.skipped[0][2]
+
+
+class ReadsMetadata(nn.Module):
+    """Reads the conv weight's dtype and shape only: folding changes neither, so the pair folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x.to(self.conv.weight.dtype)))
+        return y[:, :self.conv.weight.shape[0]] * self.conv.weight.size(1)
+
+
+class PairInUntraceableModule(ReadsMetadata):
+    def forward(self, x):
+        if float(x.sum()) > -1e9:  # torch.fx cannot trace the module that holds both
+            return self.bn(self.conv(x))
+        return x
+
+
+def test_metadata_reads_fold_and_a_pair_inside_an_untraceable_module_says_why_it_stays():
+    report, change = changed(ReadsMetadata(), X)
+    assert change < 1e-5 and report.fused == [("conv", "bn")]
+    report, change = changed(PairInUntraceableModule(), X, example_inputs=X)
+    assert change == 0 and not report.fused and report.untraced == ["<model>"]
+    assert report.unpaired == [("bn", "the model calls it, and torch.fx cannot trace the model: what feeds it is "
+                                      "unknown")]
+
+
 def test_a_batchnorm_whose_statistics_are_read_in_forward_is_left():
     report, change = changed(BufferReadInForward(), X, example_inputs=X)
     assert change == 0 and not report.fused

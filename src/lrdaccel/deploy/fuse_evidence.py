@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lrdaccel._modules import call_model, model_device, move_inputs
+from lrdaccel.deploy.fuse_pairs import reads_values
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _Reads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if not any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0]):
+        if not reads_values(func, result):
             return result  # metadata (.shape, .dtype, .dim()): nothing is computed from the values
         for tensor in tree_flatten((args, kwargs))[0]:
             owner = self.owners.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None

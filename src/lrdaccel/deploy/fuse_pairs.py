@@ -8,7 +8,9 @@ traced step `norm(conv(x))`. A pair is cleared here only when, in the graph that
   the conv (a block called twice folds: both calls are such steps);
 - no node reads the conv's (or the absorbing factor's) weight or bias, or any tensor of the
   BatchNorm, other than through these calls (`F.conv2d(x, self.conv.weight)` is a `get_attr`
-  node; buffers are traced as nodes too) and no other module in the graph contains them;
+  node; buffers are traced as nodes too), no code reads their values while being traced (a sum
+  over `self.parameters()` runs eagerly and enters the graph as a constant: a
+  `TorchFunctionMode` around the trace sees it), and no other module in the graph contains them;
 - the conv computes what nn.Conv2d computes (nn.Conv2d, a subclass that changes nothing it
   computes with, such as MergedConv2d, or a decomposed conv whose last factor is one), the norm
   what nn.BatchNorm2d computes with running statistics; no hook sees either, no tensor of theirs
@@ -29,6 +31,8 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from lrdaccel.layers import LowRankModule, SVDConv2d
 from lrdaccel.layers.base import ThreeConvModule
@@ -85,6 +89,37 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (isinstance(module, LowRankModule) or (isinstance(module, nn.Conv2d) and plain_conv(module) is None)
                 or super().is_leaf_module(module, qualified_name))
+
+
+# Calls that return a Python value computed from a tensor's contents (other non-tensor results,
+# such as .dtype, .shape or .dim(), depend on metadata only, which folding keeps).
+VALUE_CALLS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+                         "__array__", "__reduce_ex__", "__deepcopy__", "equal", "allclose"})
+METADATA = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "requires_grad", "layout", "size", "dim",
+                      "numel", "is_floating_point", "is_contiguous", "stride"})
+
+
+def reads_values(func, result) -> bool:
+    """Whether a torch call that returned `result` depended on its tensors' values."""
+    if any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0]):
+        return True
+    return getattr(func, "__name__", "") in VALUE_CALLS
+
+
+class _EagerReads(TorchFunctionMode):
+    """Around a trace: the ids of real tensors torch functions are called on. Traced code works on
+    proxies; a parameter here was read for its value (and baked into the graph as a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if reads_values(func, result):
+            self.read.update(id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+        return result
 
 
 def _overridden(module: nn.Module, base: type, names: frozenset) -> list[str]:
@@ -178,27 +213,39 @@ class _Finder:
         paired = {pair.norm for pair in self.found.pairs}
         for name, module in self.model.named_modules():
             if isinstance(module, nn.BatchNorm2d) and name not in paired and name not in self.found.unpaired:
-                self.found.unpaired[name] = "never called in a traced graph (it runs inside a module left whole)"
+                self.found.unpaired[name] = self._unseen(name)
         return self.found
+
+    def _unseen(self, name: str) -> str:
+        """Why a BatchNorm is in no traced graph: its parent does not trace, or a leaf holds it."""
+        parent = name.rpartition(".")[0]
+        if (parent or "<model>") in self.found.untraced:
+            return (f"{parent or 'the model'} calls it, and torch.fx cannot trace {parent or 'the model'}: what feeds "
+                    f"it is unknown")
+        return "never called in a traced graph (it runs inside a module left whole)"
 
     def _visit(self, prefix: str, module: nn.Module) -> None:
         if not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
             return
+        if module is not self.model and not any(True for _ in module.children()):
+            return  # a module without children holds no pair (and a BatchNorm alone does not trace)
+        eager = _EagerReads()
         try:
-            graph = _Tracer().trace(module)
+            with eager:
+                graph = _Tracer().trace(module)
         except Exception:  # TraceError, or the model's own checks failing on proxies: trace the children
             self.found.untraced.append(prefix or "<model>")
             for name, child in module.named_children():
                 self._visit(f"{prefix}.{name}" if prefix else name, child)
             return
-        _Graph(self, module, prefix, graph).collect()
+        _Graph(self, module, prefix, graph, eager.read).collect()
 
 
 class _Graph:
     """One traced graph: its module calls, its direct tensor reads, the pairs in it."""
 
-    def __init__(self, finder: _Finder, root: nn.Module, prefix: str, graph: torch.fx.Graph):
-        self.finder, self.root, self.prefix, self.graph = finder, root, prefix, graph
+    def __init__(self, finder: _Finder, root: nn.Module, prefix: str, graph: torch.fx.Graph, eager: set[int]):
+        self.finder, self.root, self.prefix, self.graph, self.eager = finder, root, prefix, graph, eager
         self.calls: dict[int, list[torch.fx.Node]] = {}
         self.modules: dict[int, nn.Module] = {}
         self.read: dict[int, list[str]] = {}  # id(tensor) -> get_attr targets reading it
@@ -210,7 +257,7 @@ class _Graph:
                 self.modules[id(module)] = module
             elif node.op == "get_attr":
                 value = _resolve(root, node.target)
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and not _metadata_only(node):
                     self.read.setdefault(id(value), []).append(str(node.target))
                     pointer = _storage(value)
                     if pointer is not None:
@@ -293,6 +340,9 @@ class _Graph:
             readers = self.read.get(id(tensor), []) or self.read_storage.get(_storage(tensor), [])
             if readers:
                 reasons.append(f"{what} is also read directly ({', '.join(sorted(set(readers)))})")
+            if id(tensor) in self.eager:
+                reasons.append(f"{what} is read for its value while the forward is traced (e.g. through "
+                               f".parameters()); the graph holds the result as a constant")
             if self.finder.holders.get(id(tensor), 0) > 1:
                 reasons.append(f"{what} is shared with another module")
         modules = {conv, target, norm}
@@ -333,6 +383,14 @@ class _Graph:
         except AttributeError:
             return None
         return module if isinstance(module, nn.Conv2d) else None
+
+
+def _metadata_only(node: torch.fx.Node) -> bool:
+    """A get_attr node whose every user reads only metadata (`weight.dtype`, `weight.shape[0]`)."""
+    return bool(node.users) and all(
+        (user.op == "call_function" and getattr(user.target, "__name__", "") == "getattr"
+         and len(user.args) > 1 and user.args[1] in METADATA)
+        or (user.op == "call_method" and user.target in METADATA) for user in node.users)
 
 
 def _input(node: torch.fx.Node):
