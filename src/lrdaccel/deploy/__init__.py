@@ -8,8 +8,8 @@ against PyTorch with ONNX Runtime.
 
 Modules: fuse (the verb: folding exactly, undoing it if outputs move), fuse_pairs (conv ->
 BatchNorm pairs found by torch.fx, each use of the conv accounted for), fuse_evidence (what one
-forward shows where torch.fx could not trace a parent; the before/after comparison),
-onnx_session (export to an in-memory graph, an ONNX Runtime session configured like torch; also
+forward shows where torch.fx could not trace a parent; the before/after comparison), fuse_rules
+(what counts as a conv, a BatchNorm and a read of a tensor), onnx_session (export to an in-memory graph, an ONNX Runtime session configured like torch; also
 used to time the "onnxruntime" runtime), onnx_export (the file and its check).
 """
 

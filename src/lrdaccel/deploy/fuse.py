@@ -30,7 +30,8 @@ from torch import nn
 
 from lrdaccel._modules import parent_and_attr, unwrap
 from lrdaccel.deploy.fuse_evidence import compare, observe, rerun
-from lrdaccel.deploy.fuse_pairs import Pair, find_pairs, fold_target, tensors_of
+from lrdaccel.deploy.fuse_pairs import Pair, find_pairs
+from lrdaccel.deploy.fuse_rules import fold_target, tensors_of
 
 
 @dataclass
@@ -211,8 +212,8 @@ def _probe(model: nn.Module, example_inputs: Any, evidence, undo: list) -> str |
         step()
     worst, allowed = difference
     if compare(evidence.outputs, rerun(model, example_inputs)) is not None:
-        return (f"the model's outputs on example_inputs differ from run to run, so folding could not be checked; "
-                f"every fold was undone")
+        return ("the model's outputs on example_inputs differ from run to run, so folding could not be checked; "
+                "every fold was undone")
     warnings.warn(f"fuse_batchnorm: folding changed the outputs by {worst:.3g} (allowed {allowed:.3g}) although "
                   f"every pair was proven foldable; every fold was undone. Please report this model.",
                   RuntimeWarning, stacklevel=3)

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lrdaccel._modules import call_model, model_device, move_inputs
-from lrdaccel.deploy.fuse_pairs import reads_values
+from lrdaccel.deploy.fuse_rules import reads_values
 
 
 @dataclass

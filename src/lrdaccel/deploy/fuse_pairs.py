@@ -30,20 +30,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lrdaccel.layers import LowRankModule, SVDConv2d
-from lrdaccel.layers.base import ThreeConvModule
-
-# What a class between a module's type and its torch base may not define for the module to
-# compute what the base computes with the tensors folding rewrites.
-CONV_OVERRIDES = frozenset({"forward", "_conv_forward", "weight", "bias", "__call__", "_call_impl"})
-NORM_OVERRIDES = frozenset({"forward", "weight", "bias", "running_mean", "running_var", "__call__", "_call_impl"})
-# Decomposed convs whose output is their last factor's output: (base class, what it may not redefine).
-DECOMPOSED_BASES = (SVDConv2d, ThreeConvModule)
-DECOMPOSED_OVERRIDES = frozenset({"forward", "factors", "__call__", "_call_impl"})
+from lrdaccel.deploy.fuse_rules import METADATA, fold_target, plain_conv, plain_norm, reads_values, tensors_of
+from lrdaccel.layers import LowRankModule
 
 
 @dataclass
@@ -91,21 +82,6 @@ class _Tracer(torch.fx.Tracer):
                 or super().is_leaf_module(module, qualified_name))
 
 
-# Calls that return a Python value computed from a tensor's contents (other non-tensor results,
-# such as .dtype, .shape or .dim(), depend on metadata only, which folding keeps).
-VALUE_CALLS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__",
-                         "__array__", "__reduce_ex__", "__deepcopy__", "equal", "allclose"})
-METADATA = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "requires_grad", "layout", "size", "dim",
-                      "numel", "is_floating_point", "is_contiguous", "stride"})
-
-
-def reads_values(func, result) -> bool:
-    """Whether a torch call that returned `result` depended on its tensors' values."""
-    if any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0]):
-        return True
-    return getattr(func, "__name__", "") in VALUE_CALLS
-
-
 class _EagerReads(TorchFunctionMode):
     """Around a trace: the ids of real tensors torch functions are called on. Traced code works on
     proxies; a parameter here was read for its value (and baked into the graph as a constant)."""
@@ -120,62 +96,6 @@ class _EagerReads(TorchFunctionMode):
         if reads_values(func, result):
             self.read.update(id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         return result
-
-
-def _overridden(module: nn.Module, base: type, names: frozenset) -> list[str]:
-    """Attributes in `names` that a class between type(module) and `base` defines itself."""
-    found = []
-    for cls in type(module).__mro__:
-        if cls is base:
-            break
-        found += [name for name in vars(cls) if name in names and name not in found]
-    return found
-
-
-def plain_conv(module: nn.Module) -> str | None:
-    """None if `module` computes what nn.Conv2d computes from its own weight and bias, else why not."""
-    if not isinstance(module, nn.Conv2d):
-        return f"{type(module).__name__} is not a conv"
-    if parametrize.is_parametrized(module):
-        return f"its weight is parametrized ({type(module).__name__}): folding cannot rewrite it"
-    changed = _overridden(module, nn.Conv2d, CONV_OVERRIDES)
-    if changed:
-        return (f"{type(module).__name__} is a subclass of nn.Conv2d that redefines {', '.join(changed)} "
-                f"(it may compute something else from its weight)")
-    return None
-
-
-def plain_norm(module: nn.Module) -> str | None:
-    """None if `module` is an nn.BatchNorm2d computing what it computes, with running statistics."""
-    if parametrize.is_parametrized(module):
-        return "the BatchNorm's parameters are parametrized"
-    changed = _overridden(module, nn.BatchNorm2d, NORM_OVERRIDES)
-    if changed:
-        return f"{type(module).__name__} is a subclass of nn.BatchNorm2d that redefines {', '.join(changed)}"
-    if module.running_mean is None or module.running_var is None:
-        return "the BatchNorm keeps no running statistics (it uses batch statistics even in eval mode)"
-    return None
-
-
-def fold_target(module: nn.Module) -> tuple[nn.Module | None, str | None]:
-    """(the conv that absorbs a following norm, why not): the conv itself, or a decomposed conv's last factor."""
-    if isinstance(module, LowRankModule):
-        base = next((b for b in DECOMPOSED_BASES if isinstance(module, b)), None)
-        if base is None:
-            return None, f"{type(module).__name__} is not a conv"
-        changed = _overridden(module, base, DECOMPOSED_OVERRIDES)
-        if changed:
-            return None, f"{type(module).__name__} redefines {', '.join(changed)} of {base.__name__}"
-        last = module.factors[-1]
-        why = plain_conv(last)
-        return (None, f"its last factor: {why}") if why else (last, None)
-    why = plain_conv(module)
-    return (None, why) if why else (module, None)
-
-
-def tensors_of(module: nn.Module) -> list[torch.Tensor]:
-    """The module's own parameters and buffers (not its children's)."""
-    return [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t is not None]
 
 
 def _hooks(module: nn.Module) -> bool:
