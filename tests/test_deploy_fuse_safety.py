@@ -101,9 +101,12 @@ class ParametersSummed(nn.Module):
 
 
 def test_parameters_read_for_their_value_while_traced_keep_the_pair():
-    report, change = changed(ParametersSummed(), X)
+    model = ParametersSummed()
+    attributes = set(vars(model))
+    report, change = changed(model, X)
     assert change == 0 and not report.fused
     assert "the conv's weight is read for its value while the forward is traced" in report.skipped[0][2]
+    assert set(vars(model)) == attributes  # torch.fx's constants (_tensor_constant0) are not left on the model
 
 
 class ReadsMetadata(nn.Module):

@@ -150,15 +150,22 @@ class _Finder:
         if module is not self.model and not any(True for _ in module.children()):
             return  # a module without children holds no pair (and a BatchNorm alone does not trace)
         eager = _EagerReads()
+        attributes = set(vars(module))  # torch.fx stores constants as new attributes of the module it traces
         try:
-            with eager:
-                graph = _Tracer().trace(module)
-        except Exception:  # TraceError, or the model's own checks failing on proxies: trace the children
-            self.found.untraced.append(prefix or "<model>")
+            try:
+                with eager:
+                    graph = _Tracer().trace(module)
+            except Exception:  # TraceError, or the model's own checks failing on proxies: trace the children
+                self.found.untraced.append(prefix or "<model>")
+                graph = None
+            if graph is not None:
+                _Graph(self, module, prefix, graph, eager.read).collect()
+        finally:
+            for name in set(vars(module)) - attributes:  # the user's module as it was
+                delattr(module, name)
+        if graph is None:
             for name, child in module.named_children():
                 self._visit(f"{prefix}.{name}" if prefix else name, child)
-            return
-        _Graph(self, module, prefix, graph, eager.read).collect()
 
 
 class _Graph:
