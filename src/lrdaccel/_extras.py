@@ -31,12 +31,26 @@ class MissingDependency(ImportError, ValueError):
     (exit 2) like every other thing the user can fix."""
 
 
-def _imports(module: str) -> bool:
+def _import_problem(module: str) -> str | None:
+    """None if `module` imports; else "is not installed", or how importing it fails."""
     try:
         importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
+    except ImportError as error:
+        if error.name in (None, module) or str(error.name).startswith(module + "."):
+            return "is not installed"
+        return f"cannot be imported ({type(error).__name__}: {error})"
+    except Exception as error:  # a broken install raises whatever it raises: as missing as an absent one
+        return f"cannot be imported ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return None
+
+
+def _imports(module: str) -> bool:
+    return _import_problem(module) is None
+
+
+def _message(module: str, what: str) -> str:
+    problem = _import_problem(module) or "is not installed"
+    return f"{what} needs {PACKAGE_NAMES.get(module, module)}, which {problem}: {install_hint(module)}"
 
 
 def missing(extra: str) -> str | None:
@@ -61,15 +75,13 @@ def require(extra: str, what: str) -> None:
     """
     module = missing(extra)
     if module is not None:
-        raise MissingDependency(f"{what} needs {PACKAGE_NAMES.get(module, module)}, which is not installed: "
-                                f"{install_hint(module)}")
+        raise MissingDependency(_message(module, what))
 
 
 def require_module(module: str, what: str) -> None:
     """Raise MissingDependency unless `module` imports (for packages outside the extras)."""
     if not _imports(module):
-        raise MissingDependency(f"{what} needs {PACKAGE_NAMES.get(module, module)}, which is not installed: "
-                                f"{install_hint(module)}")
+        raise MissingDependency(_message(module, what))
 
 
 def missing_from(error: ImportError, what: str) -> MissingDependency:
