@@ -117,3 +117,10 @@ def test_a_batchnorm_the_forward_never_reaches_keeps_its_statistics():
     model = WithUnused()
     report = recalibrate_batchnorm(model, [torch.randn(4, 3, 6, 6)])
     assert report.layers == ["bn1", "bn2"] and torch.all(model.spare.running_mean == 3.0)
+
+
+def test_a_model_on_the_meta_device_is_refused_with_a_value_error():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(ValueError, match=r"recalibrate_batchnorm: conv1.weight is on the meta device"):
+        recalibrate_batchnorm(model, batches())

@@ -67,3 +67,39 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert main(["export", *ARGS, "-o", str(tmp_path / "dir")]) == 2
     assert "--output" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def bottleneck_net() -> nn.Module:
+    """Stem, one bottleneck (1x1 -> BN -> ReLU -> 3x3 -> BN -> ReLU -> 1x1 -> BN) with a residual, head."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+            self.block = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                       nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                       nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.head(torch.relu(x + self.block(x)))
+
+    return Net()
+
+
+@pytest.mark.slow
+def test_compress_merge_fuse_folds_every_batchnorm_of_the_merged_block(tmp_path, capsys):
+    """Issue 20.5: the merged block's convs (MergedConv2d) absorb their BatchNorms in the export."""
+    out = tmp_path / "merged"
+    args = ["--model", "test_cli_export:bottleneck_net", "--input-shape", "1,28,28", "--batch-size", "4"]
+    assert main(["compress", *args, "--ratio", "2", "--min-rank", "1", "--merge", "--calibration", "2",
+                 "--calibration-data", "digits", "-o", str(out), "--fuse"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 BatchNorm2d folded into the conv before them, 0 pairs left unfused, 0 BatchNorm2d remain" in printed
+    model = lrd.load(out, bottleneck_net()).eval()
+    assert isinstance(model.block[3], lrd.MergedConv2d)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert np.abs(onnx_output(out / "model.onnx", x) - model(x).numpy()).max() < 1e-4

@@ -29,14 +29,15 @@ def randomize_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def folded(model: nn.Module, x: torch.Tensor):
-    """(report, relative max error of the folded model against the original, folded model), float64."""
+def folded(model: nn.Module, x: torch.Tensor, with_inputs: bool = True):
+    """(report, relative max error of the folded model against the original, folded model), float64;
+    `x` is also given to fuse_batchnorm as example_inputs unless `with_inputs` is False."""
     model = randomize_batchnorm(model).double().eval()
     x = x.double()
     with torch.no_grad():
         expected = output_tensor(model(x))
         fused = copy.deepcopy(model)
-        report = fuse_batchnorm(fused)
+        report = fuse_batchnorm(fused, x if with_inputs else None)
         got = output_tensor(fused(x))
     return report, float((got - expected).abs().max() / expected.abs().max()), fused
 
@@ -60,7 +61,14 @@ def test_hf_resnet_every_batchnorm_folds_exactly():
     assert len(report.fused) == total == 17 and not report.skipped and not report.left and bn_count(fused) == 0
     # conv and norm are siblings inside ResNetConvLayer: found there, below the untraceable top
     assert ("resnet.embedder.embedder.convolution", "resnet.embedder.embedder.normalization") in report.fused
-    assert "<model>" in report.untraced
+    assert "<model>" in report.untraced and "unchanged" in report.checked
+
+
+def test_without_example_inputs_pairs_under_an_untraceable_parent_are_left_with_the_reason():
+    model = hf_resnet()
+    report, error, fused = folded(model, torch.randn(2, 3, 64, 64), with_inputs=False)
+    assert error == 0 and not report.fused and bn_count(fused) == 17 and len(report.skipped) == 17
+    assert all("pass example_inputs" in reason for _, _, reason in report.skipped)
 
 
 def test_decomposed_hf_resnet_folds_into_the_last_factor():
@@ -135,14 +143,15 @@ def test_a_conv_output_read_elsewhere_is_left_and_reported():
     assert error < 1e-5
     assert report.fused == [("conv2", "bn2")]
     assert report.skipped == [("conv", "bn", "the conv's output is also read elsewhere (2 readers, the BatchNorm "
-                                             "among them)")]
+                                             "among them: also add (functional code))")]
     assert report.left == ["bn"] and isinstance(fused.bn, nn.BatchNorm2d)
     assert "unfused conv -> bn" in str(report)
 
 
 def test_a_module_called_twice_or_without_running_statistics_is_left():
     report, error, _ = folded(CalledTwice(), torch.randn(2, 8, 6, 6))
-    assert error < 1e-5 and not report.fused and "more than once" in report.skipped[0][2]
+    assert error < 1e-5 and not report.fused and "runs 2 times and not every call feeds the BatchNorm alone" in \
+        report.skipped[0][2]
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))
     report, error, _ = folded(model, torch.randn(2, 3, 8, 8))
     assert error < 1e-5 and not report.fused and "no running statistics" in report.skipped[0][2]
@@ -152,6 +161,9 @@ def test_a_conv_subclass_is_not_folded():
     model = nn.Sequential(StandardizedConv(3, 8, 3), nn.BatchNorm2d(8))
     report, error, fused = folded(model, torch.randn(2, 3, 8, 8))
     assert error < 1e-5 and not report.fused and report.left == ["1"]
+    (norm, reason), = report.unpaired
+    assert norm == "1" and "StandardizedConv is a subclass of nn.Conv2d that redefines forward" in reason
+    assert f"remains 1: {reason}" in str(report)
 
 
 def test_training_mode_is_refused_and_the_model_is_unchanged():

@@ -67,20 +67,55 @@ def test_linear_sides_are_candidates_too_and_recorded_as_such():
     assert candidate.reason is None and candidate.act1 is None and candidate.act2 is None
 
 
+def padded_inner(mode: str) -> nn.Module:
+    model = bottleneck()
+    model[3].padding_mode = mode  # the inner conv pads by calling F.pad, which breaks a naive chain
+    return model
+
+
+class TwoReaders(nn.Module):
+    """The inner activation feeds two convs: each path is a near miss that says why."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = bottleneck()
+        self.side = nn.Conv2d(32, 16, 3, padding=1)
+
+    def forward(self, x):
+        h = self.block[2](self.block[1](self.block[0](x)))
+        y = self.block[7](self.block[6](self.block[5](self.block[4](self.block[3](h)))))
+        return y + self.side(h)
+
+
+def pooled_inside() -> nn.Module:
+    """A max-pool between the first BatchNorm's activation and the inner conv."""
+    model = bottleneck()
+    model[2] = nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 1, 1))
+    return model
+
+
 @pytest.mark.parametrize("model, reason", [
     (ResidualRead(), "residual read: the output of relu after b1 is also read by __getitem__"),
     (bottleneck(groups=4), "grouped inner conv 3 (groups=4): Tucker-2 needs groups=1"),
     (bottleneck(bn=False), "missing BatchNorm: no BatchNorm between 0 and 2"),
+    (padded_inner("reflect"), "inner conv 3 uses padding=(1, 1), padding_mode='reflect'; the merge's patch "
+                              "statistics need numeric zero padding"),
+    (padded_inner("replicate"), "padding_mode='replicate'"),
+    (padded_inner("circular"), "padding_mode='circular'"),
+    (pooled_inside(), "between 0 and 3 is 1 -> relu -> max_pool2d, not BatchNorm -> activation"),
+    (TwoReaders(), "residual read: the output of relu after block.1 is also read by side"),
 ])
 def test_blocks_that_cannot_merge_say_why(model, reason):
     (candidate,) = find_merge_candidates(model, X)
     assert reason in candidate.reason
+    assert not [line for line in candidate.reason.split("; ") if "pad (op" in line]  # a conv's own padding is its own
 
 
 @pytest.mark.parametrize("model, reason", [
     (ResidualRead(), "residual read"),
     (bottleneck(groups=4), "grouped inner conv"),
     (bottleneck(bn=False), "missing BatchNorm"),
+    (padded_inner("reflect"), "padding_mode='reflect'"),
 ])
 def test_the_plan_keeps_such_blocks_unmerged_with_the_reason(model, reason):
     plan = lrd.plan(model, ratio=2.0, merge=True, example_inputs=X, min_rank=1)

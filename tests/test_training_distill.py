@@ -186,3 +186,23 @@ def test_matched_layers_add_each_blocks_error_and_hooks_go_away():
         distill(student, teacher, batch, match_layers="nothing", progress=False)
     with pytest.raises(ValueError, match="match_layers must be a regex"):
         distill(student, teacher, batch, match_layers="(", progress=False)
+
+
+def test_the_student_and_the_teacher_keep_the_modes_they_came_in(pair, images):
+    teacher, student = pair
+    student.train()
+    next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()  # a mixed state
+    teacher.train()
+    modes = {"student": [m.training for m in student.modules()], "teacher": [m.training for m in teacher.modules()]}
+    distill(student, teacher, images[0][:2], epochs=1, progress=False)
+    assert [m.training for m in student.modules()] == modes["student"]
+    assert [m.training for m in teacher.modules()] == modes["teacher"]
+
+
+def test_a_meta_model_or_teacher_is_refused_before_any_work(pair, images):
+    teacher, student = pair
+    with torch.device("meta"):
+        meta = small_cnn()
+    for model, other, role in ((meta, teacher, "model"), (student, meta, "teacher")):
+        with pytest.raises(ValueError, match=f"distill: the {role}'s .* is on the meta device"):
+            distill(model, other, images[0], progress=False)

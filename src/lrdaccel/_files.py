@@ -1,5 +1,7 @@
-"""The files lrdaccel writes: atomically (a reader never sees half of one), and with a versioned
-header (`format`, `version`) that every reader checks before trusting anything else."""
+"""The files lrdaccel writes: atomically (a reader never sees half of one), into parent folders
+created on the way (an output path is checked before any work, `check_output_path`, and its
+missing folders are made when it is written), and with a versioned header (`format`,
+`version`) that every reader checks before trusting anything else."""
 
 from __future__ import annotations
 
@@ -9,14 +11,34 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
-def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call write(temporary_path) beside target, then rename: readers never see half a file."""
+def make_parents(target: str | os.PathLike) -> None:
+    """Create the folders above `target` that do not exist yet.
+
+    Raises:
+        OSError: naming `target` (not some folder on the way).
+    """
     target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create the folder for {target} ({error.strerror})") from None
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call write(temporary_path) beside target (its folders created), then rename: readers never
+    see half a file. An OSError names `target`, never the hidden temporary file."""
+    target = Path(target)
+    make_parents(target)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
         write(temporary)
         os.replace(temporary, target)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        if temporary not in str(error):
+            raise
+        raise OSError(error.errno, f"writing {target} failed ({error.strerror})") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -34,6 +56,7 @@ def replace_together(files: dict[Path, Callable[[str], object]]) -> None:
     replaced: list[Path] = []
     try:
         for target, write in files.items():
+            make_parents(target)
             fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.new.")
             os.close(fd)
             staged[target] = Path(temporary)

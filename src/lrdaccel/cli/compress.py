@@ -4,7 +4,8 @@ The saved directory (`lrd.save`: the plan and the weights) reloads with `lrd.loa
 With --fuse the deployable form is written beside it: every BatchNorm that directly follows a
 conv folded into it, exported to `model.onnx` and checked with ONNX Runtime. A folded model has
 no BatchNorm to fine-tune and another structure than its plan describes, so it is kept only as
-that export; in Python, `lrd.fuse_batchnorm(lrd.load(dir, base).eval())` gives it back.
+that export; in Python, `lrd.fuse_batchnorm(lrd.load(dir, base).eval(), example_inputs)` gives
+it back.
 
 Calibration batches (--calibration N) serve --method whiten (with --sequential: layer by layer on
 the partly decomposed model), --merge (what to keep, BatchNorm statistics) and --allocate
@@ -22,7 +23,7 @@ import torch
 
 from lrdaccel import data, zoo
 from lrdaccel.calibration import corpora
-from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 from lrdaccel.deploy import export_onnx
@@ -58,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--calibration-data", default="fashion-mnist", choices=(*data.NAMES, TEXT),
                         help="training split the calibration images come from, normalised with "
                              "lrdaccel.data.normalize, or 'text': sentences of lrdaccel.calibration.corpora's calibration "
-                             "split, for --model minilm (default fashion-mnist)")
+                             f"split, for --model minilm (default fashion-mnist). Each needs something installed "
+                             f"({data.needs_text()}; text: Debian's wordnet-base and fortunes-min), checked "
+                             f"before any work")
     parser.add_argument("--fuse", action="store_true",
                         help=f"also fold BatchNorm into the convs before them and write the result to "
                              f"{ONNX_NAME} in --output, checked with ONNX Runtime (needs lrdaccel[onnx])")
@@ -90,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--allocate plans the ranks; it does not apply to a --plan file")
     if args.calibration_data == TEXT and args.model != "minilm":
         raise ValueError("--calibration-data text is tokenized for --model minilm")
+    # Everything the run will need, before any work: the export's packages, the calibration data.
     if args.fuse:
-        onnxruntime()  # before any work: say how to install it where it is missing
+        onnxruntime()
+    if args.calibration is not None:
+        require_data("--calibration-data", args.calibration_data)
     model, example = load_model(args, check_input=True)
     calibration = None
     if args.calibration is not None:

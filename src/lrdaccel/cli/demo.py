@@ -8,16 +8,24 @@ test accuracy before and after, inference and training throughput as ratios to t
 eager PyTorch and compiled. It ends with the deploy step: BatchNorm folded into the convs,
 exported to ONNX and checked with ONNX Runtime. Files in --out: results.json, report.md,
 report.png, plan.json, model/ (reload with lrd.load), model.onnx.
+
+The dataset is checked before any work; a step whose optional extra is missing is skipped with a
+note (the deploy step without lrdaccel[onnx], report.png without lrdaccel[plot]). Each file is
+written as soon as its step is done, so a late failure keeps what came before: a deploy step
+that fails is recorded in the results and the report, and the command exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import sys
+from pathlib import Path
+
 from lrdaccel import data
-from lrdaccel.bench.demo_pipeline import DEMO_MODELS, QUICK_SETTINGS, DemoConfig, run_demo
+from lrdaccel.bench.demo_pipeline import DEMO_MODELS, QUICK_SETTINGS, DemoConfig, run_demo, skipped_steps
 from lrdaccel.bench.report import render_markdown
-from lrdaccel.cli._common import check_outputs, positive_int, threads_type
+from lrdaccel.cli._common import check_outputs, positive_int, require_data, threads_type
 from lrdaccel.cli._config_args import add_config_args, field_help, given
 from lrdaccel.measure.machine import set_threads
 from lrdaccel.measure.runtimes import RUNTIMES
@@ -69,10 +77,21 @@ def run(args: argparse.Namespace) -> int:
         overrides.update(train_limit=args.limit, test_limit=args.limit)
     config = DemoConfig.quick_config(**overrides) if args.quick else DemoConfig(**overrides)
     check_outputs(dirs={"--out": config.out})
+    require_data("--dataset", config.dataset)  # before any work; a missing extra only skips its step
+    skipped = skipped_steps(config)
+    for note in skipped.values():
+        print(f"note: {note}")
     message = set_threads(args.threads)
     if message:
         print(message)
     results = run_demo(config, progress=not args.no_progress)
     print(render_markdown(results))
-    print(f"wrote {config.out}/results.json, report.md, report.png, plan.json and model/")
+    out = Path(config.out)
+    deploy = results.get("deploy") or {}
+    written = ["results.json", "report.md", *([] if "plot" in skipped else ["report.png"]), "plan.json", "model/",
+               *([deploy["file"]] if "file" in deploy else [])]
+    print(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
+    if deploy.get("failed"):
+        print(f"lrdaccel demo: error: {deploy['skipped']}; everything before it is in {out}/", file=sys.stderr)
+        return 1
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lrdaccel import data, zoo
 from lrdaccel.calibration import corpora
-from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
 from lrdaccel.training.config import DISTILL_LOSSES, LR_SCHEDULES, OPTIMIZERS, DistillConfig
@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     inputs = parser.add_argument_group("unlabeled data")
     inputs.add_argument("--data", default="fashion-mnist", choices=(*data.NAMES, TEXT),
                         help="images of a dataset's training split, or 'text': English sentences from "
-                             "lrdaccel.calibration.corpora (default fashion-mnist)")
+                             f"lrdaccel.calibration.corpora (default fashion-mnist). Needs: {data.needs_text()}; "
+                             f"text: Debian's wordnet-base and fortunes-min")
     inputs.add_argument("--limit", type=positive_int, help="use only the first N training images or sentences "
                                                             "(default: all images, 8192 sentences)")
     inputs.add_argument("--eval-limit", type=positive_int, default=512,
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                          "one of them")
     if args.data == TEXT and not args.tokenizer and args.model != "minilm":
         raise ValueError("--data text needs --tokenizer DIR (or --model minilm, whose tokenizer ships with it)")
+    require_data("--data", args.data, args.tokenizer)  # before any work
     if ":" in args.model and args.input_shape is None:
         args.input_shape = (1, 28, 28)  # the example input is not used: the data decide the shapes
     teacher, _ = load_model(args)

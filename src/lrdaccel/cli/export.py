@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
                         help=f"file format (default {EXPORT_FORMATS[0]})")
     add_config_args(parser, ExportConfig, ("fuse", "dynamic_batch", "tolerance"))
-    parser.add_argument("--output", "-o", required=True, help="the file to write, e.g. model.onnx")
+    parser.add_argument("--output", "-o", required=True, help="the file to write, e.g. model.onnx (missing folders "
+                                                              "are created)")
     return parser
 
 

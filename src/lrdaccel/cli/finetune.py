@@ -12,7 +12,7 @@ import argparse
 import copy
 
 from lrdaccel import data
-from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
 from lrdaccel.training.config import LR_SCHEDULES, OPTIMIZERS, FinetuneConfig
@@ -31,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_source_args(parser)
 
     run = parser.add_argument_group("data and training")
-    run.add_argument("--dataset", default="fashion-mnist", choices=data.NAMES, help="dataset (default fashion-mnist)")
+    run.add_argument("--dataset", default="fashion-mnist", choices=data.NAMES,
+                     help=f"dataset (default fashion-mnist). Needs: {data.needs_text()}")
     run.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
     run.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
     run.add_argument("--no-standardize", action="store_true",
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if config.schedule is not None and not (args.source or args.ratio):
         raise ValueError(f"--freeze {config.schedule} needs a decomposed model: give --ratio R (decompose here) or "
                          f"--from DIR (a model saved by `lrdaccel compress`), or --freeze none")
+    require_data("--dataset", args.dataset)  # before any work
     if ":" in args.model and args.input_shape is None:
         args.input_shape = (1, 28, 28)
     model, _ = load_model(args)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from lrdaccel.cli._common import add_model_args, check_outputs, load_model, non_negative_float, non_negative_int
+from lrdaccel._extras import require
+from lrdaccel.cli._common import (add_model_args, check_outputs, load_model, non_negative_float, non_negative_int,
+                                   write_output)
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
 from lrdaccel.measure.runtimes import RUNTIMES
@@ -46,13 +48,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cache", help=f"timing cache JSON file; a second run on the same machine measures "
                                         f"nothing new (default {default_cache_path()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write a timing cache file")
-    parser.add_argument("--output", "-o", help="write the optimized plan as JSON here (for `lrdaccel compress --plan`)")
+    parser.add_argument("--output", "-o", help="write the optimized plan as JSON here (for `lrdaccel compress --plan`; "
+                                               "missing folders are created)")
     parser.add_argument("--check-rounds", type=non_negative_int, default=5,
                         help="interleaved rounds of the whole-model comparison (original, ratio ranks, optimized "
                              "ranks); 0 skips it (default 5)")
     parser.add_argument("--check-time", type=non_negative_float, default=0.5,
                         help="seconds of calls per model per round in the comparison (default 0.5)")
-    parser.add_argument("--staircase", help="also write a PNG of layer time against rank (the staircase) here")
+    parser.add_argument("--staircase", help="also write a PNG of layer time against rank (the staircase) here "
+                                            "(needs lrdaccel[plot])")
     parser.add_argument("--staircase-layer",
                         help="the layer for --staircase (default: the decomposed layer with the most weights)")
     parser.add_argument("--staircase-ranks", type=_rank_range,
@@ -72,7 +76,9 @@ def _rank_range(text: str) -> range:
 
 def run(args: argparse.Namespace) -> int:
     check_outputs(files={"--output": args.output, "--staircase": args.staircase})
-    settings = SearchSettings(**given(args, SearchSettings))
+    settings = SearchSettings(**given(args, SearchSettings))  # --runtime onnxruntime: its extra is checked here
+    if args.staircase:
+        require("plot", "--staircase")
     model, example = load_model(args, check_input=True)
     plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args, example)
     staircase_row = _staircase_row(plan, args.staircase_layer) if args.staircase else None
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nsearch: {info['distinct_layers']} distinct layers, {info['timed']} timings measured, "
           f"{info['cache_hits']} from cache, {info['seconds']:.1f} s on {info['device']}")
     if args.output:
-        optimized.save(args.output)
+        write_output(args.output, optimized.save)
         print(f"optimized plan written to {args.output}")
     if args.check_rounds > 0:
         report = compare_end_to_end(

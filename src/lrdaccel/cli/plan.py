@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lrdaccel.cli._common import add_model_args, check_outputs, load_model
+from lrdaccel.cli._common import add_model_args, check_outputs, load_model, write_output
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.planning import Plan, PlanConfig, plan
 
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__)
     add_model_args(parser)
     add_plan_args(parser)
-    parser.add_argument("--output", "-o", help="write the plan as JSON to this file")
+    parser.add_argument("--output", "-o", help="write the plan as JSON to this file (missing folders are created)")
     return parser
 
 
@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
     result = plan_from_args(model, args, example)
     print(result)
     if args.output:
-        result.save(args.output)
+        write_output(args.output, result.save)
         print(f"plan written to {args.output}")
     return 0

@@ -3,12 +3,14 @@ against PyTorch with ONNX Runtime.
 
     import lrdaccel as lrd
     model.eval()
-    print(lrd.fuse_batchnorm(model))                                  # what was folded, what was not and why
+    print(lrd.fuse_batchnorm(model, example_inputs))                  # what was folded, what was not and why
     print(lrd.export_onnx(model, example_inputs, "model.onnx"))      # max abs difference vs PyTorch
 
-Modules: fuse (finding conv -> BatchNorm pairs by tracing, folding them exactly), onnx_session
-(export to an in-memory graph, an ONNX Runtime session configured like torch; also used to time
-the "onnxruntime" runtime), onnx_export (the file and its check).
+Modules: fuse (the verb: folding exactly, undoing it if outputs move), fuse_pairs (conv ->
+BatchNorm pairs found by torch.fx, each use of the conv accounted for), fuse_evidence (what one
+forward shows where torch.fx could not trace a parent; the before/after comparison), fuse_rules
+(what counts as a conv, a BatchNorm and a read of a tensor), onnx_session (export to an in-memory graph, an ONNX Runtime session configured like torch; also
+used to time the "onnxruntime" runtime), onnx_export (the file and its check).
 """
 
 from lrdaccel.deploy.fuse import FuseReport, fuse_batchnorm

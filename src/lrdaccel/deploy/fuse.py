@@ -5,32 +5,33 @@ with s = gamma / sqrt(running_var + eps),
 
     W' = W * s (per output channel),    b' = (b - running_mean) * s + beta,
 
-computed in float64 and stored in the conv's dtype; the BatchNorm becomes nn.Identity. A
-decomposed conv (SVDConv2d, TuckerConv2d) absorbs it into its last factor, which carries the
-bias. Training mode is refused: there a BatchNorm normalises with the batch's own statistics,
-which no weight can reproduce.
+computed in float64 (on the CPU, whatever device the model is on) and stored in the conv's dtype
+and device; the BatchNorm becomes nn.Identity. A decomposed conv (SVDConv2d, TuckerConv2d,
+BranchedTuckerConv2d) absorbs it into its last factor, which carries the bias; a merged block's
+convs (MergedConv2d) are convs. Training mode is refused: there a BatchNorm normalises with the
+batch's own statistics, which no weight can reproduce.
 
-Pairs are found with torch.fx, module by module: the model is traced (with lrdaccel's decomposed
-layers as leaves); where a module does not trace (Hugging Face models branch on input shapes at
-the top), each of its children is traced instead, so the conv and norm that are siblings inside
-HF's ResNetConvLayer are found there. A pair is folded only when the conv's output is read by the
-BatchNorm alone, each module runs once, the conv is exactly nn.Conv2d or a decomposed conv (a
-subclass may transform its weight), the BatchNorm keeps running statistics and no parameter is
-shared; every other pair is left as it was and reported with its reason.
+Folding is safe by construction: a pair folds only where every use of the conv (its calls and
+the tensors folding rewrites) is proven to be the traced conv -> BatchNorm step
+(lrdaccel.deploy.fuse_pairs, with torch.fx); where an ancestor does not trace, the proof needs
+the evidence of a forward on `example_inputs` (lrdaccel.deploy.fuse_evidence). Every other pair
+is left as it was, with its reason. With `example_inputs` the outputs are also compared before
+and after folding, and every fold is undone if they differ.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.fx
 from torch import nn
 
-from lrdaccel._modules import parent_and_attr, unwrap, weight_owners
-from lrdaccel.layers import LowRankModule, SVDConv2d, TuckerConv2d
-
-DECOMPOSED_CONVS = (SVDConv2d, TuckerConv2d)
+from lrdaccel._modules import parent_and_attr, unwrap
+from lrdaccel.deploy.fuse_evidence import compare, observe, rerun
+from lrdaccel.deploy.fuse_pairs import Pair, find_pairs
+from lrdaccel.deploy.fuse_rules import fold_target, tensors_of
 
 
 @dataclass
@@ -38,41 +39,51 @@ class FuseReport:
     """What `fuse_batchnorm` did.
 
     Attributes:
-        fused: (conv, batchnorm) module names folded; the conv of a decomposed layer is its last factor.
-        skipped: (conv, batchnorm, reason) pairs found but left as they were.
+        fused: (conv, batchnorm) module names folded, once each; the conv of a decomposed layer
+            is its last factor.
+        skipped: (conv, batchnorm, reason) pairs found but left as they were, once each.
+        unpaired: (batchnorm, reason) for each BatchNorm2d no conv feeds directly.
         left: every BatchNorm2d still in the model.
         untraced: modules torch.fx could not trace (their children were traced instead).
+        checked: with example_inputs, how the outputs compared before and after folding.
     """
 
     fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    unpaired: list[tuple[str, str]] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
+    checked: str | None = None
 
     def __str__(self) -> str:
         lines = [f"fuse_batchnorm: {len(self.fused)} BatchNorm2d folded into the conv before them, "
                  f"{len(self.skipped)} pairs left unfused, {len(self.left)} BatchNorm2d remain"]
         lines += [f"  unfused {conv} -> {norm}: {reason}" for conv, norm, reason in self.skipped]
-        paired = {norm for _, norm, _ in self.skipped}
-        lines += [f"  remains {norm}: no conv feeds it directly in a traced graph" for norm in self.left
-                  if norm not in paired]
+        lines += [f"  remains {norm}: {reason}" for norm, reason in self.unpaired if norm in self.left]
         if self.untraced:
             lines.append(f"  torch.fx could not trace {', '.join(self.untraced)} (their children were traced)")
+        if self.checked:
+            lines.append(f"  {self.checked}")
         return "\n".join(lines)
 
 
-def fuse_batchnorm(model: nn.Module) -> FuseReport:
+def fuse_batchnorm(model: nn.Module, example_inputs: Any = None) -> FuseReport:
     """Fold, in place, every BatchNorm2d that directly follows a conv into it, exactly.
 
     Args:
         model: in eval mode, every BatchNorm2d too (wrappers such as DDP or torch.compile are
-            looked through).
+            looked through), on any device; its modules stay where they are.
+        example_inputs: a batch for the model (a tensor, tuple or dict; moved to the model's
+            device). Needed to fold pairs under a module torch.fx cannot trace (Hugging Face
+            models): one forward shows every call and read; the outputs are also compared
+            before and after folding. Without it such pairs are left, with that reason.
 
     Returns:
         A FuseReport: pairs folded, pairs left with their reason, BatchNorm2d remaining.
 
     Raises:
-        ValueError: the model or one of its BatchNorm2d is in training mode (the model is unchanged).
+        ValueError: the model or one of its BatchNorm2d is in training mode, a weight on the meta
+            device, or the model failing on example_inputs (the model is unchanged).
 
     Example:
         >>> import torch, lrdaccel as lrd
@@ -81,121 +92,150 @@ def fuse_batchnorm(model: nn.Module) -> FuseReport:
         [('0', '1')]
     """
     model = unwrap(model)
+    _check_model(model)
+    report = FuseReport()
+    found = find_pairs(model)
+    report.untraced = found.untraced
+    pairs = found.pairs
+    evidence = None
+    if example_inputs is not None and any(pair.reason is None for pair in pairs):
+        evidence = _observe(model, example_inputs, pairs)
+    elif example_inputs is not None:
+        evidence = False  # nothing to fold: no forward needed
+    for pair in pairs:
+        if pair.reason is None:
+            pair.reason = _evidence_reason(model, pair, evidence)
+    folds = [pair for pair in pairs if pair.reason is None]
+    report.skipped = [(pair.target, pair.norm, pair.reason) for pair in pairs if pair.reason is not None]
+    undo = [_fold(model, pair) for pair in folds]  # every check passed before the model is touched
+    report.fused = [(pair.target, pair.norm) for pair in folds]
+    if evidence and folds:
+        why = _probe(model, example_inputs, evidence, undo)
+        if why is None:
+            report.checked = "outputs on example_inputs unchanged by folding (within sqrt(eps) of their dtype)"
+        else:
+            report.skipped += [(pair.target, pair.norm, why) for pair in folds]
+            report.fused = []
+            report.checked = why
+    report.left = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    report.unpaired = [(norm, reason) for norm, reason in found.unpaired.items()]
+    return report
+
+
+def _check_model(model: nn.Module) -> None:
     training = [name or "<model>" for name, module in model.named_modules()
                 if module.training and (module is model or isinstance(module, nn.modules.batchnorm._BatchNorm))]
     if training:
         raise ValueError(f"fuse_batchnorm folds eval-mode BatchNorm only (in training mode it normalises with "
                          f"batch statistics, which no conv weight can reproduce); call model.eval() first. In "
                          f"training mode: {', '.join(training[:5])}{' ...' if len(training) > 5 else ''}")
-    report = FuseReport()
-    pairs, calls = _traced_pairs(model, report)
-    owners = weight_owners(model)
-    aliases: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        aliases[id(module)] = aliases.get(id(module), 0) + 1
-    folds = []
-    for conv_name, norm_name, readers in pairs:
-        reason = _why_not(model, conv_name, norm_name, readers, calls, owners, aliases)
-        if reason is None:
-            folds.append((conv_name, norm_name))
+    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"fuse_batchnorm: {meta} is on the meta device (no values); folding needs real weights "
+                         f"(load them first, e.g. model.to_empty(device=...) and load_state_dict)")
+
+
+def _observe(model: nn.Module, example_inputs: Any, pairs: list[Pair]):
+    """One forward counting the calls of every candidate's conv, norm and traced module, and the
+    reads of the tensors folding would rewrite."""
+    counted, watched = [model], {}
+    for pair in pairs:
+        if pair.reason is not None:
+            continue
+        conv, norm = model.get_submodule(pair.conv), model.get_submodule(pair.norm)
+        counted += [conv, norm, model.get_submodule(pair.scope)]
+        target, _ = fold_target(conv)
+        for tensor in (target.weight, target.bias):
+            if tensor is not None:
+                watched[id(tensor)] = conv
+        for tensor in tensors_of(norm):
+            watched[id(tensor)] = norm
+    return observe(model, example_inputs, counted, watched)
+
+
+def _evidence_reason(model: nn.Module, pair: Pair, evidence) -> str | None:
+    """Why the forward contradicts the graph (or, where the graph proves nothing alone, why there
+    is no forward); None where it agrees."""
+    if not evidence:
+        if not pair.needs_evidence:
+            return None
+        return (f"{pair.scope} is traced alone (torch.fx cannot trace a module above it), so a use of the conv "
+                f"outside it cannot be ruled out without a forward: pass example_inputs")
+    conv, norm, scope = (model.get_submodule(name) for name in (pair.conv, pair.norm, pair.scope))
+    runs = evidence.calls[id(scope)]
+    if runs == 0:
+        return f"example_inputs never reach {pair.scope or 'the model'}, so its uses could not be checked"
+    expected = pair.calls * runs
+    for what, module in (("conv", conv), ("BatchNorm", norm)):
+        if evidence.calls[id(module)] != expected:
+            return (f"the {what} runs {evidence.calls[id(module)]} times on example_inputs, but the traced step "
+                    f"accounts for {expected} (code outside {pair.scope or 'the model'}'s graph calls it)")
+    target, _ = fold_target(conv)
+    for what, owner in (("conv", target), ("BatchNorm", norm)):
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            tensor = getattr(owner, attr, None)
+            readers = evidence.foreign.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+            if readers:
+                return (f"the {what}'s {attr} is read outside its own call on example_inputs (by "
+                        f"{', '.join(sorted(set(readers)))})")
+    return None
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, pair: Pair):
+    """Fold one pair; returns what puts it back."""
+    conv, norm = model.get_submodule(pair.target), model.get_submodule(pair.norm)
+    weight = conv.weight.detach().clone()
+    bias = None if conv.bias is None else conv.bias.detach().clone()
+    fold_into(conv, norm)
+    parent, attr = parent_and_attr(model, pair.norm)
+    setattr(parent, attr, nn.Identity())
+
+    @torch.no_grad()
+    def undo() -> None:
+        conv.weight.copy_(weight)
+        if bias is None:
+            conv.bias = None
         else:
-            report.skipped.append((_target_name(model, conv_name), norm_name, reason))
-    for conv_name, norm_name in folds:  # every check passed before the model is touched
-        conv = _fold_target(model.get_submodule(conv_name))
-        fold_into(conv, model.get_submodule(norm_name))
-        parent, attr = parent_and_attr(model, norm_name)
-        setattr(parent, attr, nn.Identity())
-        report.fused.append((_target_name(model, conv_name), norm_name))
-    report.left = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
-    return report
+            conv.bias.copy_(bias)
+        setattr(parent, attr, norm)
+
+    return undo
+
+
+def _probe(model: nn.Module, example_inputs: Any, evidence, undo: list) -> str | None:
+    """Compare the outputs after folding with those before; undo every fold on any difference."""
+    difference = compare(evidence.outputs, rerun(model, example_inputs))
+    if difference is None:
+        return None
+    for step in reversed(undo):
+        step()
+    worst, allowed = difference
+    if compare(evidence.outputs, rerun(model, example_inputs)) is not None:
+        return ("the model's outputs on example_inputs differ from run to run, so folding could not be checked; "
+                "every fold was undone")
+    warnings.warn(f"fuse_batchnorm: folding changed the outputs by {worst:.3g} (allowed {allowed:.3g}) although "
+                  f"every pair was proven foldable; every fold was undone. Please report this model.",
+                  RuntimeWarning, stacklevel=3)
+    return f"folding changed the outputs on example_inputs by {worst:.3g} (allowed {allowed:.3g}); every fold was undone"
 
 
 @torch.no_grad()
 def fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
-    """Scale `conv`'s output channels and set its bias so that conv'(x) == norm(conv(x)) in eval mode."""
-    weight = conv.weight.to(torch.float64)
-    mean, var = norm.running_mean.to(torch.float64), norm.running_var.to(torch.float64)
-    gamma = norm.weight.to(torch.float64) if norm.weight is not None else torch.ones_like(mean)
-    beta = norm.bias.to(torch.float64) if norm.bias is not None else torch.zeros_like(mean)
+    """Scale `conv`'s output channels and set its bias so that conv'(x) == norm(conv(x)) in eval mode.
+
+    The arithmetic runs in float64 on the CPU (any device, MPS included, has the values there),
+    the results go back to the conv's device and dtype."""
+    cpu = lambda tensor: tensor.detach().to("cpu", torch.float64)  # noqa: E731
+    weight = cpu(conv.weight)
+    mean, var = cpu(norm.running_mean), cpu(norm.running_var)
+    gamma = cpu(norm.weight) if norm.weight is not None else torch.ones_like(mean)
+    beta = cpu(norm.bias) if norm.bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + norm.eps)
-    bias = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(mean)
+    bias = cpu(conv.bias) if conv.bias is not None else torch.zeros_like(mean)
     conv.weight.copy_(weight * scale.reshape(-1, *[1] * (weight.dim() - 1)))
-    new_bias = ((bias - mean) * scale + beta).to(conv.weight.dtype)
+    new_bias = ((bias - mean) * scale + beta).to(device=conv.weight.device, dtype=conv.weight.dtype)
     if conv.bias is None:
         conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(new_bias)
-
-
-class _Tracer(torch.fx.Tracer):
-    """torch.nn's own modules and lrdaccel's decomposed layers stay whole (call_module nodes)."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, LowRankModule) or super().is_leaf_module(module, qualified_name)
-
-
-def _traced_pairs(model: nn.Module, report: FuseReport) -> tuple[list[tuple[str, str, int]], dict[str, int]]:
-    """[(conv, batchnorm, readers of the conv's output)] and calls per leaf module, from fx graphs."""
-    pairs: list[tuple[str, str, int]] = []
-    calls: dict[str, int] = {}
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        if not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
-            return
-        try:
-            graph = _Tracer().trace(module)
-        except Exception:  # TraceError, or the model's own checks failing on proxies: trace the children
-            report.untraced.append(prefix or "<model>")
-            for name, child in module.named_children():
-                visit(f"{prefix}.{name}" if prefix else name, child)
-            return
-        full = lambda target: f"{prefix}.{target}" if prefix else str(target)  # noqa: E731
-        for node in graph.nodes:
-            if node.op != "call_module":
-                continue
-            calls[full(node.target)] = calls.get(full(node.target), 0) + 1
-            source = node.args[0] if node.args else None
-            if (isinstance(module.get_submodule(node.target), nn.BatchNorm2d) and isinstance(source, torch.fx.Node)
-                    and source.op == "call_module" and _is_conv(module.get_submodule(source.target))):
-                pairs.append((full(source.target), full(node.target), len(source.users)))
-
-    visit("", model)
-    return pairs, calls
-
-
-def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv2d, *DECOMPOSED_CONVS))
-
-
-def _fold_target(module: nn.Module) -> nn.Conv2d:
-    """The conv that absorbs the norm: the conv itself, or a decomposed conv's last factor."""
-    return module.factors[-1] if isinstance(module, DECOMPOSED_CONVS) else module
-
-
-def _target_name(model: nn.Module, name: str) -> str:
-    module = model.get_submodule(name)
-    if isinstance(module, DECOMPOSED_CONVS):
-        last = module.factors[-1]
-        return next(f"{name}.{child}" for child, m in module.named_children() if m is last)
-    return name
-
-
-def _why_not(model: nn.Module, conv_name: str, norm_name: str, readers: int, calls: dict[str, int],
-             owners: dict[int, list[str]], aliases: dict[int, int]) -> str | None:
-    conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-    if type(conv) is not nn.Conv2d and not isinstance(conv, DECOMPOSED_CONVS):
-        return f"{type(conv).__name__} is a subclass of nn.Conv2d (its forward may transform the weight)"
-    if readers != 1:
-        return f"the conv's output is also read elsewhere ({readers} readers, the BatchNorm among them)"
-    if calls.get(conv_name, 0) != 1 or calls.get(norm_name, 0) != 1:
-        return (f"a module runs more than once (conv {calls.get(conv_name, 0)}x, BatchNorm "
-                f"{calls.get(norm_name, 0)}x)")
-    if aliases.get(id(conv), 1) > 1 or aliases.get(id(norm), 1) > 1:
-        return "a module is registered under several names"
-    if norm.running_mean is None or norm.running_var is None:
-        return "the BatchNorm keeps no running statistics (it uses batch statistics even in eval mode)"
-    target = _fold_target(conv)
-    for parameter in (target.weight, target.bias):
-        if parameter is not None and len(owners.get(id(parameter), ())) > 1:
-            return f"the conv's parameters are shared with {sorted(owners[id(parameter)])}"
-    return None

@@ -7,6 +7,12 @@ the main output tensor (`logits`, `last_hidden_state`, or the tensor) as the gra
 name: ONNX Runtime runs it on the example inputs and, with a dynamic batch, on a batch of
 another size, and the largest absolute difference from PyTorch must stay within the tolerance;
 otherwise nothing is written and a ValueError says by how much it missed.
+
+The user's model is never changed or moved: what is exported is a CPU copy (folded there with
+`fuse=True`), made only where the model is not already an unfolded CPU model, without a second
+copy on the model's own device; PyTorch's reference outputs come from the CPU model before any
+folding, so the check covers folding and export together, and a GPU's arithmetic (TF32 convs)
+does not count against the file.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import torch
 from torch import nn
 
 from lrdaccel._files import atomic_write, check_output_path
-from lrdaccel._modules import call_model, describe_inputs, output_tensor, unwrap
+from lrdaccel._modules import call_model, describe_inputs, model_dtype, move_inputs, output_tensor, unwrap
 from lrdaccel._settings import check_number, resolve
 from lrdaccel.deploy.fuse import FuseReport, fuse_batchnorm
-from lrdaccel.deploy.onnx_session import export_program, feeds, flat_inputs, make_session
+from lrdaccel.deploy.onnx_session import export_program, feeds, flat_inputs, make_session, onnxruntime, run_session
 
 EXPORT_FORMATS = ("onnx",)
 
@@ -66,6 +72,7 @@ class ExportReport:
         tolerance: the allowed difference, relative to max(1, max_abs_output).
         fused: what BatchNorm folding did, or None when not asked.
         export_seconds: time to export and check.
+        dtype: the model's floating dtype ("float32", ...).
     """
 
     path: Path
@@ -78,6 +85,7 @@ class ExportReport:
     tolerance: float = ExportConfig.tolerance
     fused: FuseReport | None = None
     export_seconds: float = 0.0
+    dtype: str = "float32"
 
     @property
     def worst(self) -> float:
@@ -111,9 +119,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         An ExportReport (print it for the summary).
 
     Raises:
-        ValueError: the model in training mode, a bad tolerance or path, an input that is not a
-            tensor, the exporter failing, or the check missing the tolerance (no file written);
-            ONNX Runtime not installed (`pip install lrdaccel[onnx]`).
+        ValueError: the model in training mode or on the meta device, a bad tolerance or path,
+            an input that is not a tensor, the exporter failing, ONNX Runtime unable to load or
+            run the graph (a dtype it has no kernels for: float64, bfloat16), or the check
+            missing the tolerance (no file written); MissingDependency (a ValueError and an
+            ImportError) where onnx, onnxruntime or onnxscript is missing
+            (`pip install lrdaccel[onnx]`), before any work.
 
     Example:
         >>> import torch, lrdaccel as lrd
@@ -128,40 +139,79 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if model.training:
         raise ValueError("export_onnx exports the inference graph: call model.eval() first")
     flat_inputs(example_inputs)  # every input is a tensor, before any work
-    exported, fused = model, None
+    _check_weights(model)
+    onnxruntime()  # every package the export and the check need, before any work
+    inputs = move_inputs(example_inputs, "cpu")
+    exported = cpu_copy(model) if config.fuse or _off_cpu(model) else model
+    report = ExportReport(path, 0, [], describe_inputs(example_inputs), config.dynamic_batch,
+                          tolerance=config.tolerance, dtype=str(model_dtype(model)).removeprefix("torch."))
+    references = _references(exported, inputs, report)  # before folding: the check covers both
     if config.fuse:
-        exported = copy.deepcopy(model)
-        fused = fuse_batchnorm(exported)
-    program = export_program(exported, example_inputs, dynamic_batch=config.dynamic_batch)
+        report.fused = fuse_batchnorm(exported, inputs)
+    program = export_program(exported, inputs, dynamic_batch=config.dynamic_batch)
     proto = program.model_proto
-    report = ExportReport(path, _opset(proto), [i.name for i in proto.graph.input], describe_inputs(example_inputs),
-                          config.dynamic_batch, tolerance=config.tolerance, fused=fused)
+    report.opset, report.inputs = _opset(proto), [i.name for i in proto.graph.input]
 
     def write_and_check(temporary: str) -> None:
         program.save(temporary, external_data=False)
-        _check(model, example_inputs, temporary, report)
+        try:
+            _check(temporary, references, report)
+        except ValueError as error:  # name the file the user asked for, not the temporary one
+            raise ValueError(str(error).replace(temporary, str(path))) from error
 
     atomic_write(path, write_and_check)
     report.export_seconds = time.perf_counter() - began
     return report
 
 
+def _check_weights(model: nn.Module) -> None:
+    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"export_onnx: {meta} is on the meta device (no values); load real weights first")
+
+
+def _off_cpu(model: nn.Module) -> bool:
+    return any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers()))
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with every parameter and buffer on the CPU; the model is not moved,
+    and its tensors are copied straight to the CPU (no second copy on its own device)."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = nn.Parameter(cpu, requires_grad=tensor.requires_grad) if isinstance(
+            tensor, nn.Parameter) else cpu
+    return copy.deepcopy(model, memo).to("cpu")
+
+
+@torch.no_grad()
+def _references(model: nn.Module, inputs: Any, report: ExportReport) -> dict[int, np.ndarray]:
+    """PyTorch's output at the example batch and, for a dynamic batch, at one more size."""
+    tensors, _, _ = flat_inputs(inputs)
+    batch = tensors[0].shape[0] if tensors and tensors[0].dim() else 1
+    sizes = [batch, batch + 1] if report.dynamic_batch else [batch]
+    references = {}
+    for size in sizes:
+        rows = inputs if size == batch else _rows(inputs, size)
+        references[size] = (rows, output_tensor(call_model(model, rows)).detach().float().cpu().numpy())
+    return references
+
+
 def _opset(proto) -> int:
     return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-@torch.no_grad()
-def _check(model: nn.Module, example_inputs: Any, file: str, report: ExportReport) -> None:
-    """Run the file in ONNX Runtime and compare with the model, at the example batch and (for a
-    dynamic batch) at one more; raise if the difference exceeds the tolerance."""
-    session = make_session(file)
-    tensors, _, _ = flat_inputs(example_inputs)
-    batch = tensors[0].shape[0] if tensors and tensors[0].dim() else 1
-    sizes = [batch, batch + 1] if report.dynamic_batch else [batch]
-    for size in sizes:
-        inputs = example_inputs if size == batch else _rows(example_inputs, size)
-        expected = output_tensor(call_model(model, inputs)).detach().float().cpu().numpy()
-        got = session.run(None, feeds(session, inputs))[0]
+def _check(file: str, references: dict, report: ExportReport) -> None:
+    """Run the file in ONNX Runtime on each reference batch and compare with PyTorch's output;
+    raise if the difference exceeds the tolerance."""
+    try:
+        session = make_session(file)
+        runs = {size: run_session(session, feeds(session, rows))[0] for size, (rows, _) in references.items()}
+    except ValueError as error:
+        raise ValueError(f"{report.path}: {error} (model dtype {report.dtype}); nothing written") from error
+    for size, (_, expected) in references.items():
+        got = runs[size]
         if got.shape != expected.shape:
             raise ValueError(f"{report.path}: ONNX Runtime gave an output of shape {got.shape}, PyTorch "
                              f"{expected.shape} (batch {size}); nothing written")

@@ -2,8 +2,11 @@
 configured like torch (same thread count), and the model's inputs as the session's feeds.
 
 Both the deploy path (`export_onnx`) and timing under `runtime="onnxruntime"` use these, so a
-model is timed exactly as it would be deployed. ONNX Runtime is an optional extra
-(`pip install lrdaccel[onnx]`); it is imported only here, when first needed.
+model is timed exactly as it would be deployed. ONNX Runtime, onnx and onnxscript (which the
+exporter needs) are the optional extra `pip install lrdaccel[onnx]`: `onnxruntime()` checks all
+three, and callers call it before any work. ONNX Runtime's own exceptions (a graph it cannot
+load, an operator it has no kernel for in a dtype) never leave this module: they become
+ValueErrors that say what failed.
 """
 
 from __future__ import annotations
@@ -19,25 +22,30 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lrdaccel._extras import MissingDependency, require  # noqa: F401  (MissingDependency: imported from here too)
 from lrdaccel._modules import call_model, kept_modes, output_tensor
 from lrdaccel.measure.machine import BUSY_LOAD, load_average
 
 INSTALL_HINT = "pip install lrdaccel[onnx]"
 MAX_DYNAMIC_BATCH = 1 << 16
 
-
-class MissingDependency(ImportError, ValueError):
-    """An optional extra is not installed. A ValueError too, so the CLI reports it in one line."""
-
-
 def onnxruntime():
-    """The onnxruntime module, or a MissingDependency that says how to install it."""
-    try:
-        import onnx  # noqa: F401  (the exporter needs it as well)
-        import onnxruntime as ort
-    except ImportError as error:
-        raise MissingDependency(f"ONNX Runtime is not installed ({error.name} is missing): {INSTALL_HINT}") from None
+    """The onnxruntime module, once onnx, onnxruntime and onnxscript all import; else a
+    MissingDependency (ImportError and ValueError) that says how to install them."""
+    require("onnx", "ONNX export and ONNX Runtime")
+    import onnxruntime as ort
+
     return ort
+
+
+class RuntimeFailure(ValueError):
+    """ONNX Runtime could not load or run a graph; the message says why, in one line."""
+
+
+def _failure(error: Exception, what: str) -> RuntimeFailure:
+    text = " ".join(str(error).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", text)
+    return RuntimeFailure(f"ONNX Runtime cannot {what}: {text[:400]}")
 
 
 class MainOutput(nn.Module):
@@ -142,7 +150,18 @@ def make_session(model: bytes | str, options=None):
     """An InferenceSession on the CPU execution provider from a serialized model or a file path,
     with `session_options()` unless other options are given."""
     ort = onnxruntime()
-    return ort.InferenceSession(model, options or session_options(), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, options or session_options(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT's exceptions (InvalidGraph, NotImplemented, Fail) share no base class
+        raise _failure(error, "load the exported graph") from error
+
+
+def run_session(session, feed: dict[str, Any]) -> list:
+    """`session.run(None, feed)`, with ONNX Runtime's exceptions as RuntimeFailure (a ValueError)."""
+    try:
+        return session.run(None, feed)
+    except Exception as error:  # ORT's exceptions share no base class
+        raise _failure(error, "run the exported graph") from error
 
 
 def feeds(session, inputs: Any) -> dict[str, Any]:
@@ -157,7 +176,7 @@ def feeds(session, inputs: Any) -> dict[str, Any]:
 def session_step(session, inputs: Any) -> Callable[[], Any]:
     """One `session.run` on `inputs`, the feed dict built once (as a server holding a batch would)."""
     feed = feeds(session, inputs)
-    return lambda: session.run(None, feed)
+    return lambda: run_session(session, feed)
 
 
 def reweighted(proto, module: nn.Module):

@@ -1,13 +1,17 @@
 """Finding bottlenecks to merge: `1x1 conv -> BN -> act -> conv -> BN -> act -> 1x1 conv` chains in
 the data flow of one recorded forward (lrdaccel.planning.dataflow), and why each may not merge.
 
-A chain is a candidate when, starting at a 1x1 conv, each result is read onward by exactly one
-BatchNorm / activation / no-op until a conv, twice over, and the second conv reached is 1x1. A
-candidate merges only if nothing else reads its inner activations, each side is exactly
-"BatchNorm" or "BatchNorm -> activation", the inner conv is not grouped, and every conv and
-BatchNorm is called once; otherwise `reason` says which rule failed. Modules are named by the
-weights the recorded calls read, so detection works on any architecture (HF ResNet, plain
-nn.Sequential, functional forwards) and never looks at class names.
+A chain is a candidate when, starting at a 1x1 conv, the data flows on to a conv, twice over,
+and the second conv reached is 1x1. The flow follows every op that reads the previous result
+as its data input and is a BatchNorm, an activation or a no-op, or takes no other traced tensor
+(a pad, a pooling, a scaling: such a near miss is a candidate too, so that it says why it does
+not merge); where a result is read by several such ops, each path is followed. A conv's own
+padding (the pad op nn.Conv2d runs for `padding_mode="reflect"` and the like) belongs to that
+conv. A candidate merges only if nothing else reads its inner activations, each side is exactly
+"BatchNorm" or "BatchNorm -> activation", the inner conv is not grouped and pads with zeros,
+and every conv and BatchNorm is called once; otherwise `reason` says which rule failed. Modules
+are named by the weights the recorded calls read, so detection works on any architecture (HF
+ResNet, plain nn.Sequential, functional forwards) and never looks at class names.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from lrdaccel.planning.dataflow import Op, trace_ops
 from lrdaccel.planning.rows import MergeBlock
 
 ONWARD = ("conv", "bn", "act", "pass")
+PAD_OPS = frozenset({"pad"})
+MAX_PATHS = 16  # paths followed from one 1x1 conv (a result read by several ops branches)
+MAX_STEPS = 256  # ops walked from one 1x1 conv in all
 
 
 @dataclass
@@ -66,58 +73,78 @@ def find_merge_candidates(model: nn.Module, example_inputs: Any) -> list[MergeCa
     ops = trace_ops(model, example_inputs)
     modules = dict(model.named_modules())
     calls = Counter(op.module for op in ops if op.module is not None)
-    found = []
+    found: dict[tuple[str, str, str], MergeCandidate] = {}
     for op in ops:
         if op.kind != "conv" or not _is_pointwise_conv(modules.get(op.module)):
             continue
-        between1, middle, reads1 = _follow(ops, op)
-        if middle is None or not isinstance(modules.get(middle.module), nn.Conv2d):
-            continue
-        between2, last, reads2 = _follow(ops, middle)
-        if last is None or not _is_pointwise_conv(modules.get(last.module)):
-            continue
-        candidate = MergeCandidate(op.module, middle.module, last.module)
-        reasons = reads1 + reads2
-        for side, between, left, right in ((1, between1, op.module, middle.module),
-                                           (2, between2, middle.module, last.module)):
-            bn, act, why = _side(between, left, right)
-            setattr(candidate, f"bn{side}", bn)
-            setattr(candidate, f"act{side}", act)
-            reasons += [why] if why else []
-        reasons += _module_reasons(candidate, modules, calls)
-        candidate.bn3 = _following_batchnorm(ops, last, modules, calls)
-        candidate.reason = "; ".join(reasons) or None
-        found.append(candidate)
-    return found
+        for between1, middle, reads1 in _follow(ops, op, modules):
+            if not isinstance(modules.get(middle.module), nn.Conv2d):
+                continue
+            for between2, last, reads2 in _follow(ops, middle, modules):
+                if not _is_pointwise_conv(modules.get(last.module)):
+                    continue
+                key = (op.module, middle.module, last.module)
+                if key not in found:
+                    found[key] = _candidate(ops, modules, calls, op, middle, last, between1, between2,
+                                            reads1 + reads2)
+    return list(found.values())
+
+
+def _candidate(ops: list[Op], modules: dict[str, nn.Module], calls: Counter, first: Op, middle: Op, last: Op,
+               between1: list[Op], between2: list[Op], reasons: list[str]) -> MergeCandidate:
+    candidate = MergeCandidate(first.module, middle.module, last.module)
+    reasons = list(reasons)
+    for side, between, left, right in ((1, between1, first.module, middle.module),
+                                       (2, between2, middle.module, last.module)):
+        bn, act, why = _side(between, left, right)
+        setattr(candidate, f"bn{side}", bn)
+        setattr(candidate, f"act{side}", act)
+        reasons += [why] if why else []
+    reasons += _module_reasons(candidate, modules, calls)
+    candidate.bn3 = _following_batchnorm(ops, last, modules, calls)
+    candidate.reason = "; ".join(reasons) or None
+    return candidate
 
 
 def _is_pointwise_conv(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
 
 
-def _follow(ops: list[Op], start: Op) -> tuple[list[Op], Op | None, list[str]]:
-    """From `start`, through the one onward reader of each result, to the next conv.
-
-    Returns (the ops passed, the conv reached or None, a sentence per result also read elsewhere).
-    """
-    between: list[Op] = []
-    extra_reads: list[str] = []
-    node, last_module = start, start.module
-    while True:
+def _follow(ops: list[Op], start: Op, modules: dict[str, nn.Module]) -> list[tuple[list[Op], Op, list[str]]]:
+    """From `start`, along the data flow, to each next conv: [(the ops passed, the conv, a
+    sentence per result on the way also read off the path)], in execution order."""
+    paths = []
+    stack = [(start, [], [], start.module)]
+    steps = 0
+    while stack and len(paths) < MAX_PATHS and steps < MAX_STEPS:
+        node, between, extra_reads, last_module = stack.pop()
+        steps += 1
         readers = [ops[i] for i in node.readers]
-        onward = [r for r in readers if r.kind in ONWARD and r.inputs[:1] == [node.index]]
-        if len(onward) != 1:
-            return between, None, extra_reads
-        others = [r for r in readers if r is not onward[0]]
-        if others:
-            what = node.module or f"{node.name} after {last_module}"
-            extra_reads.append(f"residual read: the output of {what} is also read by "
-                               f"{', '.join(r.describe() for r in others)}, which merging would change")
-        node = onward[0]
-        last_module = node.module or last_module
-        if node.kind == "conv":
-            return between, node, extra_reads
-        between.append(node)
+        onward = [r for r in readers if r.inputs[:1] == [node.index] and (r.kind in ONWARD or len(r.inputs) == 1)]
+        branches = []
+        for reader in onward:
+            others = [r for r in readers if r is not reader]
+            reads = list(extra_reads)
+            if others:
+                what = node.module or f"{node.name} after {last_module}"
+                reads.append(f"residual read: the output of {what} is also read by "
+                             f"{', '.join(r.describe() for r in others)}, which merging would change")
+            if reader.kind == "conv":
+                paths.append((_without_own_padding(between, reader, modules), reader, reads))
+            else:
+                branches.append((reader, [*between, reader], reads, reader.module or last_module))
+        stack.extend(reversed(branches))  # depth first, in execution order
+    return sorted(paths, key=lambda path: path[1].index)
+
+
+def _without_own_padding(between: list[Op], conv: Op, modules: dict[str, nn.Module]) -> list[Op]:
+    """`between` without the pad op that is `conv`'s own padding (nn.Conv2d pads by calling F.pad
+    where padding_mode is not "zeros"); the conv's padding mode is judged as the conv's."""
+    module = modules.get(conv.module)
+    if (between and between[-1].name in PAD_OPS and isinstance(module, nn.Conv2d)
+            and module.padding_mode != "zeros" and between[-1].readers == [conv.index]):
+        return between[:-1]
+    return between
 
 
 def _side(between: list[Op], left: str, right: str) -> tuple[str | None, str | None, str | None]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrdaccel._modules import call_model, move_inputs, output_tensor, unwrap
+from lrdaccel._modules import call_model, kept_modes, move_inputs, output_tensor, unwrap
 from lrdaccel._settings import resolve
 from lrdaccel.calibration.batches import token_mask
 from lrdaccel.training.config import DistillConfig
@@ -61,11 +61,13 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Iterable[Any], config
 
     Returns:
         History: per finished epoch, the train loss, the evaluation loss and agreement
-        (`test_agreement`), times and trainable shares.
+        (`test_agreement`), times and trainable shares. The model and the teacher are left in
+        the training modes they came in (module by module), on `device`.
 
     Raises:
-        ValueError: a bad setting, no batches, no teacher or the model itself as teacher, an
-            output the loss cannot read, a loss that turns NaN, a checkpoint of another run.
+        ValueError: a bad setting, no batches, no teacher or the model itself as teacher, a
+            model or teacher on the meta device, an output the loss cannot read, a loss that
+            turns NaN, a checkpoint of another run.
         FileNotFoundError: resume=True without a checkpoint.
     """
     config = resolve(DistillConfig, config, settings, "distill")
@@ -80,10 +82,14 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Iterable[Any], config
         raise ValueError("distill: no batches")
     held_out = None if eval_batches is None else list(eval_batches)
     model = unwrap(model)
+    for role, net in (("model", model), ("teacher", unwrap(teacher))):
+        meta = next((name for name, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"distill: the {role}'s {meta} is on the meta device (no values); load real weights first")
     frozen = [] if config.train_embeddings else [
         m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
     task = _Distillation(batches, held_out, teacher, model, config)
-    with process_group():
+    with process_group(), kept_modes(model), kept_modes(unwrap(teacher)):
         try:
             for weight in frozen:
                 weight.requires_grad_(False)
