@@ -77,3 +77,39 @@ def test_a_bad_jsonl_task_is_refused_before_the_model_loads(tmp_path, capsys, mo
     error = capsys.readouterr().err
     assert code == 2 and message in error and task in error
     assert not (tmp_path / "race").exists()
+
+
+def test_seeds_raced_apart_are_pooled(tmp_path, capsys):
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import lrdaccel as lrd
+
+    def blobs(n, seed):
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        return TensorDataset(torch.randn(3, 16, generator=torch.Generator().manual_seed(9))[labels] * 3
+                             + torch.randn(n, 16, generator=generator), labels)
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    settings = dict(max_steps=3, batch_size=8, lr=1e-2, evaluations=1, infer_repeats=1, calibration_batches=1,
+                    freeze_embeddings=False, progress=False)
+    for seed in (0, 1):
+        lrd.race(model, blobs(48, 0), blobs(16, 1), "original,lrd(method=svd,ratio=1.5)", seed=seed,
+                 out=tmp_path / f"s{seed}", **settings)
+    lrd.race(model, blobs(48, 0), blobs(16, 1), "original,lrd(method=svd,ratio=1.5)", seed=1,
+             out=tmp_path / "other", **{**settings, "lr": 0.5})
+    code = main(["race", "--combine", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "both")])
+    assert code == 0
+    pooled = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [seed["seed"] for seed in pooled["seeds"]] == [0, 1] and pooled["config"]["seeds"] == 2
+    finals = [seed["variants"][1]["final_accuracy"] for seed in pooled["seeds"]]
+    assert pooled["variants"][1]["final_accuracy"] == pytest.approx(sum(finals) / 2)
+    assert (tmp_path / "both" / "report.md").is_file()
+    capsys.readouterr()
+    for folders, message in (([tmp_path / "s0", tmp_path / "other"], "differ from .* in \\['lr'\\]"),
+                             ([tmp_path / "s0", tmp_path / "s0"], "occur twice")):
+        code = main(["race", "--combine", *map(str, folders), "--out", str(tmp_path / "bad")])
+        error = capsys.readouterr().err
+        assert code == 2 and __import__("re").search(message, error)

@@ -11,6 +11,10 @@ calibrating) is. Writes OUT/results.json, OUT/report.md and OUT/race.png.
     lrdaccel race --model efficientnet-lite0 --task fashion-mnist --image-size 64 --out race_effnet/
     lrdaccel race --model minilm --task my_labels.jsonl --variants "original,lrd(ratio=1.5)" --out mine/
 
+Seeds can run in parallel processes (`--seed 0` in one, `--seed 1` in another, each `--threads 1`)
+and be pooled afterwards: `lrdaccel race --combine run0/ run1/ --out both/` pools their seeds (the
+runs must differ in nothing else) and writes the medians over them.
+
 Variants: `original` (the reference, always raced), `lrd` (lrdaccel's best pipeline), and
 `lrd(option=value,...)` selecting its parts: ratio, method (svd|whiten), sequential, allocate
 (none|sensitivity), calibration, optimize (none|infer|train), merge, freeze
@@ -21,12 +25,16 @@ every kind.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lrdaccel import zoo
 from lrdaccel.cli._common import _load_weights, check_outputs, positive_int, threads_type
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.measure.machine import busy_warning, set_threads
+from lrdaccel.racing.api import RESULTS_NAME
 from lrdaccel.racing.config import LR_SCHEDULES, RaceConfig
+from lrdaccel.racing.report import write_report
+from lrdaccel.racing.results import load_race, pool_runs, write_results
 from lrdaccel.racing.setup import race_on_task
 from lrdaccel.tasks.registry import TASKS, check_task
 from lrdaccel.racing.variants import parse_variants
@@ -47,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--variants", default="original,lrd",
                         help="comma-separated, e.g. original,lrd,lrd(ratio=1.5,freeze=static) (default original,lrd)")
     parser.add_argument("--out", "-o", required=True, help="folder for results.json, report.md and race.png")
+    parser.add_argument("--combine", nargs="+", metavar="DIR",
+                        help="instead of racing: pool the seeds of these race folders (same settings, other seeds)")
     data = parser.add_argument_group("data")
     data.add_argument("--train-limit", type=positive_int, help="use only the first N training items")
     data.add_argument("--eval-limit", type=positive_int, help="use only the first N evaluation items")
@@ -66,6 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.combine:
+        return _combine(args)
     config = RaceConfig(**given(args, RaceConfig))
     parse_variants(args.variants)  # every variant and option checked before any work
     check_task(args.task)
@@ -81,10 +93,26 @@ def run(args: argparse.Namespace) -> int:
     results = race_on_task(args.model, args.task, args.variants, config=config, base=base,
                            image_size=args.image_size, max_length=args.max_length, train_limit=args.train_limit,
                            eval_limit=args.eval_limit, out=args.out, progress=not args.no_progress)
+    _summary(results, args.out)
+    return 0
+
+
+def _combine(args: argparse.Namespace) -> int:
+    check_outputs(dirs={"--out": args.out})
+    paths = [Path(folder) / RESULTS_NAME for folder in args.combine]
+    results = pool_runs([load_race(path) for path in paths], [str(path) for path in paths])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(results, out / RESULTS_NAME)
+    write_report(results, out)
+    _summary(results, args.out)
+    return 0
+
+
+def _summary(results: dict, out: str) -> None:
     for row in results["variants"]:
         reached = ("never reached" if row["time_to_target_s"] is None else
                    f"reached at {row['time_to_target_s']:.0f} s ({row['speedup_to_target']:.2f}x the original)")
         print(f"{row['name']}: final {row['final_accuracy']:.2f}%, target {results['target_accuracy']:.2f}% "
               f"{reached}, params {row['params']:.3f}x, inference {row['infer_speedup']:.2f}x")
-    print(f"wrote {args.out}/results.json, report.md, race.png")
-    return 0
+    print(f"wrote {out}/results.json, report.md, race.png")

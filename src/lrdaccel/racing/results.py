@@ -63,6 +63,41 @@ def _median_curve(curves: list[list[list]]) -> list[list]:
              statistics.median(curve[i][2] for curve in curves)] for i in range(length)]
 
 
+def pool_runs(runs: Sequence[dict], sources: Sequence[str]) -> dict:
+    """One results object from races of the same model, task, variants and settings run apart
+    (different seeds in parallel processes): their seeds pooled, medians taken again.
+
+    Raises:
+        ValueError: fewer than two runs, runs that differ in anything but their seeds (naming the
+            file and what differs), or a seed that occurs twice.
+    """
+    if len(runs) < 2:
+        raise ValueError("pooling needs at least two race results")
+    first, where = runs[0], sources[0]
+    ignore = {"seed", "seeds"}
+    reference = {k: v for k, v in first["config"].items() if k not in ignore}
+    names = [row["name"] for row in first["variants"]]
+    for run, source in zip(runs[1:], sources[1:]):
+        config = {k: v for k, v in run["config"].items() if k not in ignore}
+        differing = sorted(k for k in set(config) | set(reference) if config.get(k) != reference.get(k))
+        if differing:
+            raise ValueError(f"{source}: its settings differ from {where}'s in {differing}: only races that differ "
+                             f"in their seeds can be pooled")
+        for key in ("model", "task"):
+            if run.get(key) != first.get(key):
+                raise ValueError(f"{source}: {key} {run.get(key)!r} differs from {where}'s {first.get(key)!r}")
+        if [row["name"] for row in run["variants"]] != names:
+            raise ValueError(f"{source}: its variants differ from {where}'s ({names})")
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    numbers = [seed["seed"] for seed in seeds]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"seeds {numbers} occur twice among the runs: run each seed once (--seed)")
+    header = {k: v for k, v in first.items() if k not in ("seeds", "variants", "target_accuracy")}
+    header["config"] = {**first["config"], "seed": min(numbers), "seeds": len(numbers)}
+    header["pooled_from"] = list(sources)
+    return combine(sorted(seeds, key=lambda seed: seed["seed"]), header)
+
+
 def new_header(config: dict, device: str) -> dict:
     return results_header(RACE_FORMAT, config, device)
 
