@@ -11,23 +11,25 @@ point is at least as fast and as accurate, and better in one.
 
 Target: on each task no pruning point is both faster and more accurate than LRD's points.
 
-    python benchmarks/peers_pareto.py --task fmnist-cnn --threads 1        # ~15 min on one thread
-    python benchmarks/peers_pareto.py --task efficientnet-lite0 --threads 1
-    python benchmarks/peers_pareto.py --task minilm --threads 1
-    python benchmarks/peers_pareto.py --task minilm --quick --threads 1     # a few steps: the path works
+    python benchmarks/peers_pareto.py --task fmnist-cnn --threads 1          # ~20 min (+3 to train the CNN once)
+    python benchmarks/peers_pareto.py --task efficientnet-lite0 --threads 1  # ~1 h (estimate)
+    python benchmarks/peers_pareto.py --task minilm --threads 1              # ~1 h (estimate)
+    python benchmarks/peers_pareto.py --task minilm --quick --threads 1      # a few steps: the path works
     python benchmarks/peers_pareto.py --task fmnist-cnn --render            # redraw from results.json
 
 Writes OUT/results.json (+ the race's report.md, race.png), OUT/pareto.json, OUT/pareto.png and
 OUT/pareto.md; OUT defaults to benchmarks/results/pareto_<task> (--quick: benchmarks/scratch/).
 The fmnist-cnn starts from a CNN trained here (benchmarks/starting_models.py, cached); the
 others from their pretrained weights with a new head, so right after building every variant is
-at chance there and only the after-fine-tuning panel compares them.
+at chance there and only the after-fine-tuning panel compares them. Times are wall time on one
+thread of a shared 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,10 @@ class TaskSettings:
 TASKS = {
     "fmnist-cnn": TaskSettings(
         "fmnist-cnn", "fashion-mnist", train_limit=30000, trained_start=True,
+        race={"budget_epochs": 1.0, "batch_size": 128, "eval_batch_size": 500, "lr": 5e-4, "evaluations": 4,
+              "infer_repeats": 7}),
+    "fmnist-cnn-wide": TaskSettings(  # twice as wide: convolutions, not per-layer overheads, take the time
+        "fmnist-cnn-wide", "fashion-mnist", train_limit=30000, trained_start=True,
         race={"budget_epochs": 1.0, "batch_size": 128, "eval_batch_size": 500, "lr": 5e-4, "evaluations": 4,
               "infer_repeats": 7}),
     "efficientnet-lite0": TaskSettings(
@@ -116,13 +122,13 @@ def starting_model(settings: TaskSettings, train_limit: int | None, progress: bo
     return base, lrd_fractions(classifier, keep, settings.ratios)
 
 
-def run(name: str, out: Path, *, quick: bool, taylor: bool, progress: bool) -> dict:
+def run(name: str, out: Path, *, quick: bool, taylor: bool, progress: bool, seeds: int = 1) -> dict:
     settings = TASKS[name]
     limits = settings.quick if quick else {"train_limit": settings.train_limit, "eval_limit": settings.eval_limit}
     base, fractions = starting_model(settings, limits["train_limit"], progress)
     variants = variants_for(settings, fractions, taylor)
     print(f"{name}: LRD parameter fractions {fractions}\nvariants: {variants}")
-    race = {**settings.race, **(QUICK_RACE if quick else {})}
+    race = {**settings.race, "seeds": seeds, **(QUICK_RACE if quick else {})}
     return race_on_task(settings.model, settings.task, variants, base=base, image_size=settings.image_size,
                         out=out, progress=progress, **limits, **race)
 
@@ -140,6 +146,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (-points[i][0], points[i][1]))
 
 
+def quartiles(values: list) -> dict:
+    """{"q1", "q3"} of the timing repeats: what the plot and the table show, since one repeat in
+    seven caught by another program's burst stretches min-max across the whole plot."""
+    present = sorted(v for v in values if v is not None)
+    if len(present) < 2:
+        return {"q1": present[0] if present else None, "q3": present[-1] if present else None}
+    q1, _, q3 = statistics.quantiles(present, n=4, method="inclusive")
+    return {"q1": q1, "q3": q3}
+
+
 def points_of(results: dict) -> list[dict]:
     """One point per variant: its speed-up (median and spread over the timing repeats of one
     seed, or over the seeds), and its accuracy right after building and after fine-tuning."""
@@ -149,7 +165,8 @@ def points_of(results: dict) -> list[dict]:
         speed = seeds[0]["variants"][i]["infer_speedup_spread"] if len(seeds) == 1 else row["spread"]["infer_speedup"]
         points.append({"name": row["name"], "kind": row["kind"], "options": row["options"], "params": row["params"],
                        "infer_speedup": row["infer_speedup"],
-                       "infer_speedup_spread": {k: speed[k] for k in ("min", "median", "max")},
+                       "infer_speedup_spread": {**{k: speed[k] for k in ("min", "median", "max")},
+                                                **quartiles(speed["values"])},
                        "after_build": row["curve"][0][2], "after_finetune": row["final_accuracy"],
                        "setup_seconds": row["setup_seconds"]})
     return points
@@ -177,7 +194,8 @@ def compare(points: list[dict], stage: str) -> dict:
 def pareto(results: dict, fresh_head: bool) -> dict:
     points = points_of(results)
     return {"model": results.get("model"), "task": results.get("task"), "fresh_head": fresh_head,
-            "config": results["config"], "steps": results["seeds"][0]["steps"], "points": points,
+            "config": results["config"], "steps": results["seeds"][0]["steps"], "seeds": len(results["seeds"]),
+            "eval_items": results.get("eval_items"), "points": points,
             "stages": {stage: compare(points, stage) for stage in STAGES}}
 
 
@@ -194,11 +212,14 @@ def short(point: dict) -> str:
     return "orig"
 
 
-def verdict(stage: dict) -> str:
-    dominated = stage["lrd_dominated_by_prune"]
+def verdict(comparison: dict, points: list[dict], stage: str) -> str:
+    """Which LRD points a pruning point beats at `stage`, with both points' numbers."""
+    dominated = comparison["lrd_dominated_by_prune"]
     if not dominated:
         return "no pruning point is both faster and more accurate than any LRD point"
-    return "; ".join(f"{name} is dominated by {', '.join(hits)}" for name, hits in dominated.items())
+    at = {p["name"]: f"{p['infer_speedup']:.2f}x, {p[stage]:.2f}%" for p in points}
+    return "; ".join(f"{name} ({at[name]}) is dominated by " + ", ".join(f"{hit} ({at[hit]})" for hit in hits)
+                     for name, hits in dominated.items())
 
 
 def _sentence(text: str) -> str:
@@ -209,11 +230,14 @@ def markdown(report: dict) -> str:
     config = report["config"]
     points = {p["name"]: p for p in report["points"]}
     stages = report["stages"]
+    seeds = "one seed's" if report["seeds"] == 1 else f"medians over {report['seeds']} seeds"
+    over = "of the repeats" if report["seeds"] == 1 else "of the seeds' medians"
     lines = [f"# Accuracy at equal speed: {report['model']} on {report['task']}", "",
              f"One race: {report['steps']} steps of batch {config['batch_size']} (AdamW lr {config['lr']:g}, "
              f"{config['lr_schedule']}) for every variant on the same batches; inference speed-up of each "
              f"served model over the original, batch {config['infer_batch_size']}, {config['infer_repeats']} "
-             f"interleaved repeats (median, min-max).", ""]
+             f"interleaved repeats (median (quartiles; min-max) {over}). Fronts and dominance are on the medians; "
+             f"accuracies are {seeds}, on {report['eval_items']} held-out items.", ""]
     if report["fresh_head"]:
         lines += ["The start is a pretrained model with a new, untrained head: right after building every "
                   "variant is near chance, so only the after-fine-tuning columns compare them.", ""]
@@ -223,14 +247,15 @@ def markdown(report: dict) -> str:
         spread = p["infer_speedup_spread"]
         on = " / ".join("yes" if name in stages[s]["front"] else "-" for s in STAGES)
         hit = " / ".join(", ".join(stages[s]["lrd_dominated_by_prune"].get(name, [])) or "-" for s in STAGES)
-        lines.append(f"| {name} | {p['params']:.3f}x | {p['infer_speedup']:.2f}x ({spread['min']:.2f}-"
-                     f"{spread['max']:.2f}) | {p['after_build']:.2f}% | {p['after_finetune']:.2f}% | {on} | "
+        lines.append(f"| {name} | {p['params']:.3f}x | {p['infer_speedup']:.2f}x ({spread['q1']:.2f}-"
+                     f"{spread['q3']:.2f}; {spread['min']:.2f}-{spread['max']:.2f}) | {p['after_build']:.2f}% | "
+                     f"{p['after_finetune']:.2f}% | {on} | "
                      f"{hit if p['kind'] == 'lrd' else ''} |")
     lines.append("")
     for stage, title in STAGES.items():
         s = stages[stage]
         lines.append(f"- {title.capitalize()}: LRD's front {', '.join(s['lrd_front'])}; pruning's front "
-                     f"{', '.join(s['prune_front'])}. {_sentence(verdict(s))}")
+                     f"{', '.join(s['prune_front'])}. {_sentence(verdict(s, report['points'], stage))}")
     return "\n".join(lines) + "\n"
 
 
@@ -262,8 +287,8 @@ def plot(report: dict, path: Path) -> None:
         for p in report["points"]:
             color, marker = styles.get(p["kind"], ("grey", "x"))
             spread = p["infer_speedup_spread"]
-            axis.errorbar(p["infer_speedup"], p[stage], xerr=[[p["infer_speedup"] - spread["min"]],
-                                                              [spread["max"] - p["infer_speedup"]]],
+            axis.errorbar(p["infer_speedup"], p[stage], xerr=[[p["infer_speedup"] - spread["q1"]],
+                                                              [spread["q3"] - p["infer_speedup"]]],
                           fmt=marker, color=color, markersize=8, capsize=3,
                           markerfacecolor="white" if p["options"].get("optimize") == "infer" else color)
             axis.annotate(short(p), (p["infer_speedup"], p[stage]), textcoords="offset points", xytext=(5, 4),
@@ -275,7 +300,7 @@ def plot(report: dict, path: Path) -> None:
             axis.plot(*front_outline(front, corner), color=styles[kind][0], alpha=0.5,
                       label=f"{'LRD' if kind == 'lrd' else 'pruning'} front")
         axis.set_title(title)
-        axis.set_xlabel("inference speed-up over the original (x)")
+        axis.set_xlabel("inference speed-up over the original (x; bars: quartiles of the repeats)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="best")
@@ -303,6 +328,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps on a few items: the path works end to end")
     parser.add_argument("--render", action="store_true", help="redraw pareto.* from OUT/results.json, no race")
     parser.add_argument("--no-taylor", action="store_true", help="leave out the Taylor-importance pruning point")
+    parser.add_argument("--seeds", type=int, default=1, help="races from seeds 0..N-1; medians reported (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", help="default benchmarks/results/pareto_<task> (--quick: benchmarks/scratch/)")
     parser.add_argument("--no-progress", action="store_true")
@@ -311,7 +337,8 @@ def main(argv=None) -> int:
     folder = "scratch/pareto_{}_quick" if args.quick else "results/pareto_{}"
     out = Path(args.out) if args.out else ROOT / folder.format(args.task)
     if not args.render:
-        run(args.task, out, quick=args.quick, taylor=not args.no_taylor, progress=not args.no_progress)
+        run(args.task, out, quick=args.quick, taylor=not args.no_taylor, progress=not args.no_progress,
+            seeds=args.seeds)
     write_report(out, fresh_head=not TASKS[args.task].trained_start)
     return 0
 

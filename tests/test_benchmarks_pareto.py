@@ -63,7 +63,8 @@ def test_compare_names_the_lrd_points_pruning_beats_at_each_stage():
     assert after["default_lrd_dominated"] is None
     assert not after["lrd_front_on_or_beyond_prune"]
     assert after["front"] == ["prune(params=0.3)", "lrd(ratio=2)", "original"]
-    assert "lrd(ratio=3) is dominated by prune(params=0.3)" in pareto.verdict(after)
+    assert pareto.verdict(after, points, "after_finetune") == (
+        "lrd(ratio=3) (1.80x, 86.00%) is dominated by prune(params=0.3) (1.90x, 87.00%)")
 
 
 def test_the_variants_parse_and_match_pruning_to_each_lrd_fraction():
