@@ -221,7 +221,7 @@ def _inference_speedups(contestants: list[_Contestant], data: RaceData, config: 
     inputs, _ = data.batch("eval", list(range(size)))
     inputs = placement.place_inputs(inputs)
     workloads = [Workload(c.spec.name, [inference_phase(_served(c), inputs, placement)]) for c in contestants]
-    timings = measure_interleaved(workloads, repeats=config.infer_repeats, warmup=1, min_run_time=0.2)
+    timings = measure_interleaved(workloads, repeats=config.infer_repeats, warmup=1, min_run_time=0.2, alternate=True)
     baseline = contestants[0].spec.name
     return {c.spec.name: ratio_to_baseline(timings, c.spec.name, baseline) for c in contestants}
 
