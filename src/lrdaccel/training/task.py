@@ -115,7 +115,8 @@ def amp_dtype(device: torch.device) -> torch.dtype:
 def fetch_items(dataset: Dataset, indices: list[int]):
     """A batch: one indexing call on a TensorDataset, else the default collate of the items."""
     if isinstance(dataset, TensorDataset):
-        return dataset[torch.as_tensor(indices, dtype=torch.long)]
+        # The indices live with the data (a TensorDataset may be on the GPU already).
+        return dataset[torch.as_tensor(indices, dtype=torch.long, device=dataset.tensors[0].device)]
     return default_collate([dataset[i] for i in indices])
 
 
