@@ -80,6 +80,10 @@ def test_merging_creates_every_tensor_on_the_models_device(block):
     x = torch.randn(2, 3, 8, 8)
     plan = lrd.plan(model, ratio=2.0, merge=True, example_inputs=x, min_rank=1)
     assert plan.merged
+    from lrdaccel.bench.paper_table import structural_copy
+    from lrdaccel.measure.steps import Placement
+
+    assert _audited(lambda: structural_copy(model, plan, Placement())) == []  # the bench's merged row
     assert _audited(lambda: lrd.decompose(model, plan, calibration=_batches())) == []
 
 
@@ -108,3 +112,28 @@ def test_rank_search_and_training_create_every_tensor_on_the_models_device(tmp_p
         lrd.load(tmp_path / "saved", _Net())
 
     assert _audited(run) == []
+
+
+def test_asking_for_cuda_without_a_gpu_is_one_clear_error_before_any_work():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from lrdaccel.bench.config import BenchConfig
+    from lrdaccel.measure.steps import Placement
+    from lrdaccel.rankopt import compare_end_to_end
+
+    model = _Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    calls = [
+        lambda: lrd.optimize_ranks(model, lrd.plan(model, ratio=2.0), x, device="cuda", cache=False),
+        lambda: compare_end_to_end(model, {"lrd": lrd.plan(model, ratio=2.0)}, x, device="cuda"),
+        lambda: lrd.finetune(model, data, data, device="cuda", progress=False),
+        lambda: Placement("cuda"),
+        lambda: BenchConfig(models=["fmnist-cnn"], device="cuda"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"device 'cuda' requested but CUDA is not available here") as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
