@@ -162,6 +162,8 @@ METHODS = {
     "merge": lambda model, x, batches: lrd.decompose(
         model, lrd.plan(model, ratio=2.0, merge=True, example_inputs=x, min_rank=1), calibration=batches),
     "branched": lambda model, x, batches: lrd.decompose(model, _branched_plan(model)),
+    "sensitivity": lambda model, x, batches: lrd.decompose(model, ratio=2.0, min_rank=1, allocate="sensitivity",
+                                                           method="whiten", calibration=batches),
 }
 
 

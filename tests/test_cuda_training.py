@@ -92,3 +92,16 @@ def test_amp_dtype_is_checked():
         FinetuneConfig(amp_dtype="float8")
     with pytest.raises(ValueError, match="amp_dtype must be one of"):
         lrd.DistillConfig(amp_dtype="int8")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_distill_with_amp_on_the_device(device):
+    """Unlabeled distillation from the original, bf16 autocast, batches moved to the device."""
+    teacher = _Net().eval()
+    model = _Net()
+    model.load_state_dict(teacher.state_dict())
+    lrd.decompose(model, ratio=2.0, min_rank=1)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    history = lrd.distill(model, teacher, batches, eval_batches=batches[:1], device=device, amp=True, max_steps=3,
+                          lr=1e-3, progress=False)
+    assert history.global_step == 3 and all(p.device.type == device for p in model.parameters())
