@@ -60,13 +60,21 @@ def placed(name: str, device: str, dtype: torch.dtype = torch.float32):
 
 @contextlib.contextmanager
 def exact_float32():
-    """float32 matmuls and convs without TF32 (CUDA uses it for convs by default), restored after."""
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    """float32 matmuls and convs without TF32 (CUDA uses it for convs by default), restored after
+    (torch >= 2.9's fp32_precision settings, else the older allow_tf32 flags)."""
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        flags = [(torch.backends.cuda.matmul, "fp32_precision", "ieee"), (torch.backends.cudnn.conv, "fp32_precision",
+                                                                         "ieee")]
+    else:
+        flags = [(torch.backends.cuda.matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def logits(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:

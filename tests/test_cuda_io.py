@@ -46,8 +46,8 @@ def test_save_on_the_device_load_on_the_cpu_and_back(tmp_path, device, dtype):
     assert all(torch.equal(v, saved[k]) for k, v in _state(back).items())
     kxk = [m.weight for m in back.modules() if isinstance(m, MergedConv2d) and m.kernel_size != (1, 1)]
     assert kxk and all(is_channels_last(w) for w in kxk)  # the merged blocks' narrowed 3x3 convs
-    with torch.no_grad():
-        assert torch.equal(back(pixel_values=x).logits, model(pixel_values=x).logits)
+    with torch.no_grad():  # the same weights on the same device (kernels may pick other algorithms)
+        torch.testing.assert_close(back(pixel_values=x).logits, model(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,4 +59,4 @@ def test_a_gpu_checkpoint_moves_with_the_model(tmp_path, device):
     base, _ = placed("vit", "cpu")
     moved = lrd.load(tmp_path / "vit", base).to(device)
     with torch.no_grad():
-        torch.testing.assert_close(moved(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(moved(pixel_values=x).logits, model(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
