@@ -110,7 +110,8 @@ class LabelledTask(Task):
 
 def amp_dtype(config) -> torch.dtype:
     """The autocast dtype of a run's config (FinetuneConfig or DistillConfig): bfloat16 unless it
-    asks for float16. bfloat16 has float32's exponent range, so its gradients need no scaling."""
+    asks for float16 (anything without `amp_dtype`, such as a device, gets bfloat16). bfloat16 has
+    float32's exponent range, so its gradients need no scaling."""
     return getattr(torch, getattr(config, "amp_dtype", "bfloat16"))
 
 
