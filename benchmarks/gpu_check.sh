@@ -22,14 +22,15 @@
 #
 # Options: --smoke  --out DIR (default gpu_out, or gpu_out/smoke)  --budget SECONDS (default 480; smoke
 # 290)  --steps a,b (step names or prefixes)  --compile-mode MODE  --python PATH (default $PYTHON or
-# python3). Data for the race, where the machine lacks it: benchmarks/gpu_carry.py packs it into
-# gpu_carry/ here; carry that folder and this script unpacks it there.
+# python3)  --archive FILE.tar.gz (the whole folder in one file, for a machine that returns few files).
+# Data for the race, where the machine lacks it: benchmarks/gpu_carry.py packs it into gpu_carry/ here;
+# carry that folder and this script unpacks it there.
 # Exit status: 0 when no step failed or timed out (skipped steps are listed, not failures). A step
 # command exiting 75 counts as skipped, its last output line the reason.
 
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SMOKE=0 OUT="" BUDGET="" STEPS="" COMPILE_MODE=reduce-overhead PY=${PYTHON:-python3}
+SMOKE=0 OUT="" BUDGET="" STEPS="" COMPILE_MODE=reduce-overhead PY=${PYTHON:-python3} ARCHIVE=""
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
@@ -38,7 +39,8 @@ while [ $# -gt 0 ]; do
     --steps) STEPS=$2; shift ;;
     --compile-mode) COMPILE_MODE=$2; shift ;;
     --python) PY=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --archive) ARCHIVE=$2; shift ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -149,5 +151,8 @@ bench compile-small-train "$SMALL" "$N_COMPILE" "$L" $COMPILED --train --no-prof
 echo "[$(date -u +%H:%M:%S)] +$(( $(date +%s) - START ))s summary"
 "$PY" "$ROOT/benchmarks/gpu_summary.py" "$OUT" $([ $SMOKE = 1 ] && echo --smoke)
 rc=$?
+if [ -n "$ARCHIVE" ]; then
+  tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "gpu_check.sh: archived to $ARCHIVE"
+fi
 echo "gpu_check.sh: done in $(( $(date +%s) - START ))s; everything is in $OUT (summary.md first)"
 exit $rc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def facts(device: str) -> dict:
         "versions": {name: _version(name) for name in ("torch", "triton", "transformers", "safetensors", "numpy",
                                                        "onnxruntime")},
         "lrdaccel": __version__,
-        "commit": _run(["git", "rev-parse", "--short", "HEAD"], Path(__file__).parent),
+        # The GPU machine gets a copy of the working tree without .git: the caller may pass the commit.
+        "commit": os.environ.get("LRDACCEL_COMMIT") or _run(["git", "rev-parse", "--short", "HEAD"],
+                                                            Path(__file__).parent),
         "python": sys.version.split()[0],
     }
     if shutil.which("nvidia-smi"):
