@@ -49,11 +49,12 @@ done
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 if [ $SMOKE = 1 ]; then
   DEVICE=cpu MODELS="hf-resnet-micro hf-vit-micro" BIG=4 SMALL=2 RACE_STEPS=2
+  RACE_SIZES="--train-limit 64 --eval-limit 64 --evaluations 1 --infer-repeats 1 --infer-batch-size 8 --calibration-batches 2"
   TIMING="--repeats 2 --warmup 1 --min-run-time 0.01 --rank-budget 0.5 --rank-min-run-time 0.005"
   OUT=${OUT:-gpu_out/smoke} BUDGET=${BUDGET:-290}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
-  DEVICE=cuda MODELS="resnet50 vit-b16" BIG=256 SMALL=64 RACE_STEPS=300
+  DEVICE=cuda MODELS="resnet50 vit-b16" BIG=256 SMALL=64 RACE_STEPS=300 RACE_SIZES="--evaluations 5"
   TIMING="--repeats 3 --warmup 2 --min-run-time 0.1 --rank-budget 3 --rank-min-run-time 0.02"
   OUT=${OUT:-gpu_out} BUDGET=${BUDGET:-480}
   if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -127,7 +128,7 @@ race() {
   fi
   # ---- THE RACE LINE: adjust to `lrdaccel race --help` (model, task, variants, steps, device, output) ----
   lrdaccel race --model minilm --task wordnet-supersense --variants original,lrd --max-steps "$RACE_STEPS" \
-    --device "$DEVICE" --out "$OUT/race"
+    --amp --device "$DEVICE" $RACE_SIZES --no-progress --out "$OUT/race"
 }
 
 # Seconds each step needs at least / may take at most: GPU estimates (H200, cold caches), smoke ones.
@@ -139,7 +140,7 @@ run_step facts "$N_FACTS" 60 "$PY" "$ROOT/benchmarks/gpu_facts.py" "$OUT" --devi
 run_step tests "$N_TESTS" 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10 \
   --junitxml="$OUT/tests.xml" "$ROOT"/tests/test_cuda_*.py
 bench eager-big "$BIG" "$N_EAGER" "$L" --profile
-export -f race lrdaccel && export PY ROOT RACE_STEPS DEVICE OUT  # `timeout` runs commands, not functions
+export -f race lrdaccel && export PY ROOT RACE_STEPS RACE_SIZES DEVICE OUT  # `timeout` runs commands, not functions
 run_step race "$N_RACE" 150 bash -c race
 bench eager-small "$SMALL" "$N_EAGER" "$L" --no-profile
 COMPILED="--runtimes compile --compile-mode $COMPILE_MODE --rank-runtime eager --variants original,lrd_opt,lrd_merge"
