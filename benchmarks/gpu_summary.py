@@ -102,6 +102,27 @@ def target_lines(tables: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def race_lines(out: Path) -> list[str]:
+    """The race's variants (time to the original's accuracy, serving speed) from race/results.json."""
+    path = out / "race" / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        race = json.loads(path.read_text())
+        lines = [f"{race['model']} on {race['task']}: target accuracy {race['target_accuracy']:.2f}% "
+                 f"(the original's final minus the margin); details in race/report.md.", "",
+                 "| variant | final accuracy | time to target | vs original | parameters | inference |",
+                 "|---|---|---|---|---|---|"]
+        for row in race["variants"]:
+            reached = "never" if row.get("time_to_target_s") is None else f"{row['time_to_target_s']:.0f} s"
+            versus = "-" if row.get("speedup_to_target") is None else f"{row['speedup_to_target']:.2f}x"
+            lines.append(f"| {row['name']} | {row['final_accuracy']:.2f}% | {reached} | {versus} | "
+                         f"{row['params']:.3f}x | {row['infer_speedup']:.2f}x |")
+    except (ValueError, KeyError, TypeError) as error:  # the race's format is its own: show what fails
+        lines = [f"race/results.json could not be summarised ({type(error).__name__}: {error}); see race/report.md"]
+    return ["## Race", ""] + lines + [""]
+
+
 def summary(out: Path, smoke: bool) -> tuple[str, bool]:
     steps = read_steps(out)
     tables, problems = read_tables(out)
@@ -116,6 +137,7 @@ def summary(out: Path, smoke: bool) -> tuple[str, bool]:
     lines += ["", "## Tables", ""]
     for folder, model in tables:
         lines += table_lines(folder, model)
+    lines += race_lines(out)
     if problems:
         lines += ["## Results that do not parse", ""] + [f"- {p}" for p in problems] + [""]
     if not smoke:

@@ -41,7 +41,11 @@ def test_the_smoke_run_writes_every_output_and_its_tables_parse(tmp_path):
     expected = ["facts", "tests", "race"] + [f"{phase}/{model}" for phase in PHASES for model in MICRO]
     assert sorted(steps) == sorted(expected)
     assert all(steps[name]["status"] == "ok" for name in expected if name != "race")
-    assert steps["race"]["status"] in ("ok", "skipped")  # skipped, saying why, until `lrdaccel race` exists
+    assert steps["race"]["status"] in ("ok", "skipped")  # skipped, saying why, where `lrdaccel race` is missing
+    if steps["race"]["status"] == "ok":
+        assert (out / "race" / "results.json").is_file() and "## Race" in (out / "summary.md").read_text()
+    else:
+        assert "lrdaccel race --help fails" in steps["race"]["note"]
     assert json.loads((out / "summary.json").read_text())["ok"] is True
 
     summary = (out / "summary.md").read_text()
