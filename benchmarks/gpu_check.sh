@@ -8,7 +8,7 @@
 #
 # Steps, in priority order (a step that no longer fits the time budget is skipped and listed so):
 #   facts               GPU, driver, CUDA, cuDNN, torch ... -> machine.md / machine.json
-#   tests               the tests marked `cuda` (tests/test_cuda_*.py -m cuda) -> logs/tests.log
+#   tests               every test marked `cuda` (pytest -m cuda) -> logs/tests.log, tests.xml
 #   eager-big/MODEL     the paper table at batch 256: original, LRD, + rank optimization, + sequential
 #                       freezing, + both, + static freezing, + merging (ResNet-50 only); bf16 autocast,
 #                       channels_last, eager; one results folder per model under bench/
@@ -137,8 +137,11 @@ else N_FACTS=5 N_TESTS=40 N_EAGER=40 N_RACE=30 N_COMPILE=60 L=300; fi
 
 run_step facts "$N_FACTS" 60 "$PY" "$ROOT/benchmarks/gpu_facts.py" "$OUT" --device "$DEVICE"
 [ -f "$OUT/machine.md" ] && cat "$OUT/machine.md"
+# Every test marked `cuda`: tests/test_cuda_*.py and any other file that marks one (collecting only those
+# files: the GPU machine may lack a package some other test module imports).
+CUDA_TESTS=$( (ls "$ROOT"/tests/test_cuda_*.py; grep -l 'mark\.cuda' "$ROOT"/tests/test_*.py) | sort -u)
 run_step tests "$N_TESTS" 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs --durations=10 \
-  --junitxml="$OUT/tests.xml" "$ROOT"/tests/test_cuda_*.py
+  --junitxml="$OUT/tests.xml" $CUDA_TESTS
 bench eager-big "$BIG" "$N_EAGER" "$L" --profile
 export -f race lrdaccel && export PY ROOT RACE_STEPS RACE_SIZES DEVICE OUT  # `timeout` runs commands, not functions
 run_step race "$N_RACE" 150 bash -c race
