@@ -76,8 +76,7 @@ def inference_phase(model: nn.Module, inputs: Any, placement: Placement = Placem
     call compiles."""
     autocast = placement.autocast if placement.autocast_bf16 else None
     return Phase(step=inference_step(model, inputs, placement.runtime, autocast, placement.compile_mode),
-                 prepare=model.eval,
-                 label="inference")
+                 prepare=model.eval, label="inference")
 
 
 def make_train_step(model: nn.Module, inputs: Any, placement: Placement = Placement(),
