@@ -134,3 +134,14 @@ def test_bench_with_runtimes_has_a_table_per_runtime_and_the_best_line():
         check_results(_broken(results, ("best", 0, "infer", "ratio", "values"), []))
     with pytest.raises(ValueError, match=r"models\[2\].rows\[1\]: missing \['infer_ratio'\]"):
         check_results(_broken(results, ("models", 2, "rows", 1, "infer_ratio"), KeyError))
+
+
+def test_a_compile_table_names_its_mode_and_where_ranks_were_searched(bench, tmp_path):
+    model = bench["models"][0]
+    model.update(runtime="compile", compile_mode="reduce-overhead", ranks_searched_in="eager")
+    model["plans"]["merged"] = {"candidates": 9, "decomposed": 3, "merged": 6}
+    text = render_markdown(bench)
+    assert f"## {model['name']}, compile (reduce-overhead)" in text
+    assert "ranks searched in `eager`" in text
+    assert "Merging: 6 bottlenecks merged into three narrower convs, 3 other layers at ratio ranks." in text
+    assert write_report(bench, tmp_path)["plot"].read_bytes().startswith(PNG_SIGNATURE)

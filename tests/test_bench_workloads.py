@@ -117,7 +117,40 @@ def test_runtime_channels_last_places_conv_models_and_4d_inputs():
     ({"ratio": 1.0}, "ratio"),
     ({"objective": "fast"}, "objective"),
     ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "nope"}, "device"),
+    ({"variants": ["lrd", "lrd_fast"]}, "variants: choose among"),
+    ({"variants": []}, "variants"),
+    ({"compile_mode": "fastest"}, "compile_mode"),
+    ({"rank_runtime": "jit"}, "runtime"),
 ])
 def test_bench_config_validates(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BenchConfig(**kwargs)
+
+
+def test_chosen_rows_keep_the_model_a_freezing_row_freezes():
+    keys = lambda config: [v.key for v in config.rows()]  # noqa: E731
+    assert keys(BenchConfig(models=["fmnist-cnn"], variants=["lrd_both"])) == ["original", "lrd_opt", "lrd_both"]
+    assert keys(BenchConfig(models=["fmnist-cnn"], variants=["lrd_merge"])) == ["original", "lrd_merge"]
+    assert len(keys(BenchConfig(models=["fmnist-cnn"]))) == 7
+
+
+def test_ranks_searched_once_per_search_runtime(monkeypatch):
+    """With rank_runtime="eager" every table shares the eager search; without, each runtime has its own."""
+    from lrdaccel.bench import paper_table
+
+    searched = []
+
+    def fake_optimize(model, plan, inputs, runtime, **kwargs):
+        searched.append(runtime)
+        return plan
+
+    monkeypatch.setattr(paper_table, "optimize_ranks", fake_optimize)
+    model, x = _net(), torch.randn(1, 16, 6, 6)
+    for rank_runtime, expected in ((None, ["eager", "compile"]), ("eager", ["eager"])):
+        searched.clear()
+        plans = paper_table._Plans(model, x, BenchConfig(models=["fmnist-cnn"], runtimes=["eager", "compile"],
+                                                         rank_runtime=rank_runtime, timing_cache="none"), False)
+        assert plans.merged is not None and not plans.merged.merged  # no bottleneck in _net
+        for runtime in ("eager", "compile", "eager"):
+            assert plans.optimized(runtime)[2] == (rank_runtime or runtime)
+        assert searched == expected

@@ -10,6 +10,10 @@ from lrdaccel import zoo
 from lrdaccel.bench.schema import load_results
 from lrdaccel.bench.config import VARIANTS
 from lrdaccel.cli import build_parser, main
+from lrdaccel.bench.paper_table import structural_copy
+from lrdaccel.layers.merged import MergedConv2d
+from lrdaccel.measure.counting import count_params
+from lrdaccel.measure.steps import Placement
 
 TINY = ["--quick", "--models", "fmnist-cnn", "--repeats", "2", "--batch-size", "2", "--min-run-time", "0",
         "--rank-budget", "0.2", "--rank-min-run-time", "0.01"]
@@ -24,7 +28,8 @@ def test_bench_quick_writes_well_formed_results(tmp_path, capsys):
     assert results["config"]["quick"] and results["config"]["repeats"] == 2
     (model,) = results["models"]
     rows = {row["variant"]: row for row in model["rows"]}
-    assert list(rows) == [v.key for v in VARIANTS]
+    assert list(rows) == [v.key for v in VARIANTS if v.key != "lrd_merge"]  # fmnist-cnn has no bottleneck
+    assert any("LRD + merging: n/a" in note for note in model["notes"])
     for row in rows.values():
         assert len(row["infer_ratio"]["values"]) == len(row["train_ratio"]["values"]) == 2
 
@@ -104,3 +109,24 @@ def test_bench_under_two_runtimes_inference_only(tmp_path):
     (best,) = results["best"]
     assert best["infer"]["original"] in ("eager/original", "compile/original")
     assert best["infer"]["ours"].split("/")[1] in ("lrd", "lrd_opt") and "train" not in best
+
+
+@pytest.mark.slow
+def test_merging_row_and_chosen_variants(tmp_path):
+    """A bottleneck model gets the "LRD + merging" row at the merged plan's shapes; --variants
+    keeps the chosen rows (and the model a chosen freezing row freezes)."""
+    out = tmp_path / "bench"
+    assert main(["bench", *TINY, "--models", "fmnist-bottleneck", "--variants", "lrd_merge,lrd_both",
+                 "--no-profile", "--repeats", "1", "--timing-cache", "none", "--out", str(out), "--no-progress"]) == 0
+    (model,) = load_results(out / "results.json")["models"]
+    rows = {row["variant"]: row for row in model["rows"]}
+    assert list(rows) == ["original", "lrd_opt", "lrd_both", "lrd_merge"]
+    spec = zoo.get("fmnist-bottleneck")
+    original = spec.build()
+    planned = lrd.plan(original, ratio=2.0, merge=True, example_inputs=spec.example_inputs(2))
+    assert model["plans"]["merged"]["merged"] == len(planned.merged) == 6
+    merged = structural_copy(original, planned, Placement())
+    assert rows["lrd_merge"]["params"] == count_params(merged) < rows["original"]["params"] / 2
+    assert sum(isinstance(m, MergedConv2d) for m in merged.modules()) == 3 * 6
+    assert rows["lrd_merge"]["schedule"] is None and rows["lrd_merge"]["train_phases"] == 1
+    assert "| LRD + merging |" in (out / "report.md").read_text()

@@ -10,7 +10,7 @@ from torch import nn
 
 import lrdaccel as lrd
 from lrdaccel.bench.config import BenchConfig
-from lrdaccel.measure.runtimes import RUNTIMES, check_runtime, inference_step
+from lrdaccel.measure.runtimes import COMPILE_MODES, RUNTIMES, check_runtime, inference_step, runtime_label
 from lrdaccel.measure.steps import Placement, make_train_step
 from lrdaccel.rankopt import compare_end_to_end, measure_staircase
 
@@ -89,3 +89,32 @@ def test_missing_onnxruntime_says_how_to_install_it(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install lrdaccel\[onnx\]"):
         lrd.SearchSettings(runtime="onnxruntime")
     check_runtime("compile")  # the others need nothing more
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["reduce-overhead"])
+def test_a_compile_mode_compiles_the_same_model(mode):
+    """The mode GPU users run (CUDA graphs, autotuning) is passed to torch.compile; on the CPU
+    it compiles without graphs, and both steps compute what eager does."""
+    model, x = small_model(), torch.randn(3, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    placement = Placement(runtime="compile", compile_mode=mode)
+    assert torch.allclose(inference_step(model, x, "compile", compile_mode=mode)(), expected, atol=1e-5)
+    eager, compiled = small_model().train(), small_model().train()
+    compiled.load_state_dict(eager.state_dict())
+    make_train_step(eager, x, Placement(), lr=0.1)()
+    make_train_step(compiled, x, placement, lr=0.1)()
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compile_modes_are_named_in_labels_and_checked():
+    assert runtime_label("compile") == "compile" and runtime_label("eager", "max-autotune") == "eager"
+    assert runtime_label("compile", "max-autotune") == "compile max-autotune"
+    assert "reduce-overhead" in COMPILE_MODES
+    for make in (lambda: Placement(runtime="compile", compile_mode="fastest"),
+                 lambda: lrd.SearchSettings(runtime="compile", compile_mode="fastest"),
+                 lambda: BenchConfig(models=["fmnist-cnn"], compile_mode="fastest")):
+        with pytest.raises(ValueError, match="compile_mode must be one of"):
+            make()

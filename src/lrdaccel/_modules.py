@@ -139,6 +139,13 @@ def model_device(model: nn.Module, default: str = "cpu") -> torch.device:
     return torch.device(default)
 
 
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype torch.autocast is running `device`'s type in here, or None where it is off:
+    code called inside `with torch.autocast("cuda", dtype=torch.bfloat16)` runs in bfloat16."""
+    device_type = torch.device(device).type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The model's floating dtype (its first floating parameter's), float32 if it has none."""
     for parameter in model.parameters():

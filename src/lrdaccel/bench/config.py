@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from lrdaccel import zoo
 from lrdaccel._settings import check_choice, check_int, check_number
 from lrdaccel.factorize.ranks import check_ratio
-from lrdaccel.measure.runtimes import RUNTIMES, check_runtime
+from lrdaccel.measure.runtimes import RUNTIMES, check_compile_mode, check_runtime
 from lrdaccel.measure.steps import Placement
 from lrdaccel.measure.timer import OBJECTIVES
 
@@ -15,6 +15,8 @@ FULL_MODELS = ("resnet50", "resnet101", "resnet152", "vit-b16")
 QUICK_MODELS = ("resnet-mini", "vit-tiny")
 QUICK_SETTINGS = {"models": list(QUICK_MODELS), "batch_size": 2, "min_run_time": 0.05, "rank_budget_s": 2.0,
                   "rank_min_run_time": 0.05, "quick": True}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of the table.
@@ -22,7 +24,8 @@ class Variant:
     Attributes:
         key: short id used in the results JSON.
         label: what the table shows.
-        plan: None for the original, "ratio" or "optimized".
+        plan: None for the original, "ratio", "optimized" or "merged" (`lrd.plan(..., merge=True)`:
+            bottlenecks merged into three narrower convs, the other layers at ratio ranks).
         schedule: SequentialFreezer schedule while training, None for no freezing.
         infer_as: the row whose inference measurement this one shares (same inference graph).
     """
@@ -34,8 +37,8 @@ class Variant:
     infer_as: str | None = None
 
 
-INFER_OURS = ("lrd", "lrd_opt")  # distinct inference graphs of ours (freezing rows share them)
-TRAIN_OURS = ("lrd", "lrd_opt", "lrd_seq", "lrd_both", "lrd_static")
+INFER_OURS = ("lrd", "lrd_opt", "lrd_merge")  # distinct inference graphs of ours (freezing rows share them)
+TRAIN_OURS = ("lrd", "lrd_opt", "lrd_seq", "lrd_both", "lrd_static", "lrd_merge")
 VARIANTS = (
     Variant("original", "original"),
     Variant("lrd", "LRD (ratio ranks)", plan="ratio"),
@@ -43,7 +46,9 @@ VARIANTS = (
     Variant("lrd_seq", "LRD + sequential freezing", plan="ratio", schedule="rotate", infer_as="lrd"),
     Variant("lrd_both", "LRD + both", plan="optimized", schedule="rotate", infer_as="lrd_opt"),
     Variant("lrd_static", "LRD + static freezing", plan="ratio", schedule="static", infer_as="lrd"),
+    Variant("lrd_merge", "LRD + merging", plan="merged"),
 )
+VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 
 
 @dataclass
@@ -62,6 +67,15 @@ class BenchConfig:
         runtimes: what to run in, one table each ("eager", "compile", "onnxruntime"; the last
             inference only): ranks are optimized for each, every ratio is against the original
             in the same runtime, and one line compares our best with the original's best.
+        compile_mode: torch.compile's mode under "compile": "default", "reduce-overhead" (CUDA
+            graphs), "max-autotune" (autotuned kernels + CUDA graphs; minutes to compile) or
+            "max-autotune-no-cudagraphs"; recorded with each compile table.
+        rank_runtime: the runtime rank optimization times layers in; None: each table's own. With
+            "eager", every table uses the eager-optimized ranks (compiling each candidate layer
+            costs minutes on a GPU; a warm timing cache makes the eager search free).
+        variants: the rows to measure, by key (original is always measured), e.g.
+            original,lrd,lrd_opt,lrd_merge; None: every row. Merging applies to bottleneck
+            convs only: a model without any (a ViT) shows no merging row, with a note.
         train: time training steps too (under eager and compile; every freezing phase under
             compile is a compiled graph of its own); off: the inference tables only.
         device: the torch device to run on, e.g. cpu, cuda.
@@ -84,6 +98,9 @@ class BenchConfig:
     min_run_time: float = 0.2
     objective: str = "infer"
     runtimes: list[str] = field(default_factory=lambda: ["eager"])
+    compile_mode: str = "default"
+    rank_runtime: str | None = None
+    variants: list[str] | None = None
     train: bool = True
     device: str = "cpu"
     autocast_bf16: bool | None = None
@@ -117,6 +134,13 @@ class BenchConfig:
                 raise ValueError("runtimes: onnxruntime runs the exported float graph; bf16 autocast does not apply")
             if runtime == "compile" and self.warmup < 1:
                 raise ValueError("warmup must be >= 1 under runtime 'compile' (the first call compiles)")
+        check_compile_mode(self.compile_mode)
+        if self.rank_runtime is not None:
+            check_runtime(self.rank_runtime, "infer", self.device)
+        if self.variants is not None:
+            unknown = [key for key in self.variants if key not in VARIANT_KEYS]
+            if unknown or not self.variants:
+                raise ValueError(f"variants: choose among {', '.join(VARIANT_KEYS)}; got {self.variants}")
 
     @classmethod
     def quick_config(cls, **overrides) -> "BenchConfig":
@@ -125,7 +149,14 @@ class BenchConfig:
 
     @property
     def placement(self) -> Placement:
-        return Placement(self.device, self.autocast_bf16, self.channels_last)
+        return Placement(self.device, self.autocast_bf16, self.channels_last, compile_mode=self.compile_mode)
+
+    def rows(self) -> list[Variant]:
+        """The rows measured: the original, the chosen ones, and the model each chosen freezing
+        row freezes (its inference is that model's)."""
+        chosen = set(VARIANT_KEYS if self.variants is None else self.variants) | {"original"}
+        chosen |= {v.infer_as for v in VARIANTS if v.key in chosen and v.infer_as}
+        return [v for v in VARIANTS if v.key in chosen]
 
     @property
     def cache(self):

@@ -1,5 +1,6 @@
 """The paper's table, measured side by side: original, LRD, LRD + rank optimization, LRD + sequential
-freezing, LRD + both, LRD + static freezing; parameters, MACs, inference and training throughput,
+freezing, LRD + both, LRD + static freezing, LRD + merging (arXiv 2407.20266's bottleneck merge,
+conv models only); parameters, MACs, inference and training throughput,
 each as a ratio to the original in the same runtime, one table per runtime (eager, compile,
 onnxruntime: ranks optimized for each), and our best against the original's best across them:
 a user who would serve the original compiled or exported compares with that, not with eager.
@@ -7,7 +8,8 @@ a user who would serve the original compiled or exported compares with that, not
 Weights are random and decomposed layers are built at the planned shapes without factorizing
 (`LayerClass.like`): speed depends on shapes, dtype and memory format, not on values, and
 factorizing ResNet-152 would cost minutes for nothing. Freezing does not change the inference
-graph, so freezing rows reuse the inference measurement of the model they freeze.
+graph, so freezing rows reuse the inference measurement of the model they freeze. Under compile
+the table records torch.compile's mode (CUDA graphs, autotuning): that is what users run on a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrdaccel import zoo
-from lrdaccel.bench.config import INFER_OURS, TRAIN_OURS, VARIANTS, BenchConfig
+from lrdaccel.bench.config import INFER_OURS, TRAIN_OURS, BenchConfig
 from lrdaccel.bench.schema import BENCH_FORMAT, record_end_load, results_header
 from lrdaccel.bench.workloads import training_phases
 from lrdaccel.layers import LowRankModule
@@ -85,9 +87,9 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
     base_placement = config.placement
     original = base_placement.place_model(spec.build())
     inputs = base_placement.place_inputs(spec.example_inputs(config.batch_size))
-    ratio_plan = make_plan(original, ratio=config.ratio)
+    plans = _Plans(original, inputs, config, progress)
 
-    entries = {runtime: _RuntimeEntry(name, runtime, config, original, inputs, ratio_plan, progress)
+    entries = {runtime: _RuntimeEntry(name, runtime, config, original, inputs, plans)
                for runtime in config.runtimes}
     infer = [w for entry in entries.values() for w in entry.infer]
     train = [w for entry in entries.values() for w in entry.train]
@@ -104,36 +106,62 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
                         for entry in entries.values()], "best": best}
 
 
+class _Plans:
+    """One model's plans: at the ratio ranks, merged (where the config measures merging), and
+    optimized per runtime the ranks are searched in (computed once, shared by the tables)."""
+
+    def __init__(self, original: nn.Module, inputs, config: BenchConfig, progress: bool):
+        self.original, self.inputs, self.config, self.progress = original, inputs, config, progress
+        self.ratio = make_plan(original, ratio=config.ratio)
+        self.merged = None
+        if any(v.plan == "merged" for v in config.rows()):
+            self.merged = make_plan(original, ratio=config.ratio, merge=True, example_inputs=inputs)
+        self._optimized: dict[str, tuple[Plan, float]] = {}
+
+    def optimized(self, runtime: str) -> tuple[Plan, float, str]:
+        """(the plan optimized for a table's runtime, seconds the search took, the runtime searched in)."""
+        searched = self.config.rank_runtime or runtime
+        if searched not in self._optimized:
+            config, placement = self.config, self.config.placement
+            # ONNX Runtime has no training step: its ranks are chosen for inference.
+            objective = "infer" if searched == "onnxruntime" else config.objective
+            start = time.perf_counter()
+            plan = optimize_ranks(
+                self.original, self.ratio, self.inputs, objective=objective, runtime=searched,
+                compile_mode=config.compile_mode, device=placement.device,
+                dtype=torch.bfloat16 if placement.autocast_bf16 else None, cache=config.cache,
+                budget_s=config.rank_budget_s, min_run_time=config.rank_min_run_time, progress=self.progress)
+            self._optimized[searched] = (plan, time.perf_counter() - start)
+        return (*self._optimized[searched], searched)
+
+
 class _RuntimeEntry:
     """One runtime's table of one model: its optimized plan, its models and their timed steps."""
 
-    def __init__(self, name: str, runtime: str, config: BenchConfig, original: nn.Module, inputs,
-                 ratio_plan: Plan, progress: bool):
+    def __init__(self, name: str, runtime: str, config: BenchConfig, original: nn.Module, inputs, plans: _Plans):
         self.name, self.runtime, self.config, self.inputs = name, runtime, config, inputs
         self.placement = dataclasses.replace(config.placement, runtime=runtime)
-        self.ratio_plan = ratio_plan
-        # ONNX Runtime has no training step: its ranks are chosen for inference.
-        objective = "infer" if runtime == "onnxruntime" else config.objective
-        start = time.perf_counter()
-        self.optimized_plan = optimize_ranks(
-            original, ratio_plan, inputs, objective=objective, runtime=runtime, device=self.placement.device,
-            dtype=torch.bfloat16 if self.placement.autocast_bf16 else None, cache=config.cache,
-            budget_s=config.rank_budget_s, min_run_time=config.rank_min_run_time, progress=progress)
-        self.optimize_seconds = time.perf_counter() - start
-        plans = {"ratio": ratio_plan, "optimized": self.optimized_plan}
+        self.ratio_plan, self.merged_plan = plans.ratio, plans.merged
+        self.optimized_plan, self.optimize_seconds, self.rank_runtime = plans.optimized(runtime)
+        by_name = {"ratio": plans.ratio, "optimized": self.optimized_plan, "merged": plans.merged}
         trains = config.train and runtime != "onnxruntime"
-        self.variants = [v for v in VARIANTS if trains or v.schedule is None]
+        self.notes, self.schedules = [], {}
+        self.variants = []
+        for variant in config.rows():
+            if variant.plan == "merged" and not plans.merged.merged:
+                self.notes.append(f"{variant.label}: n/a, the model has no bottleneck to merge (conv 1x1 -> kxk "
+                                  f"-> 1x1); its other layers are the LRD row's")
+            elif trains or variant.schedule is None:
+                self.variants.append(variant)
         self.models: dict[str, nn.Module] = {}
         for variant in self.variants:
             if variant.plan is None:
                 self.models[variant.key] = original
             elif variant.schedule is None:
-                self.models[variant.key] = structural_copy(original, plans[variant.plan], self.placement)
+                self.models[variant.key] = structural_copy(original, by_name[variant.plan], self.placement)
             else:
                 # Freezing changes requires_grad, so each freezing row trains its own copy.
-                base = next(v.key for v in VARIANTS if v.plan == variant.plan and v.schedule is None)
-                self.models[variant.key] = copy.deepcopy(self.models[base])
-        self.notes, self.schedules = [], {}
+                self.models[variant.key] = copy.deepcopy(self.models[variant.infer_as])
         for variant in self.variants:
             self.schedules[variant.key] = variant.schedule
             if variant.schedule and not any(isinstance(m, LowRankModule) for m in self.models[variant.key].modules()):
@@ -176,11 +204,18 @@ class _RuntimeEntry:
                     "trainable_params": spread(trainable[train_key]),
                 })
             rows.append(row)
+        plans = {"ratio": _plan_summary(self.ratio_plan, self.ratio_plan),
+                 "optimized": _plan_summary(self.optimized_plan, self.ratio_plan, self.optimize_seconds)}
+        if self.merged_plan is not None and self.merged_plan.merged:
+            merged = self.merged_plan
+            plans["merged"] = {"candidates": len(merged), "decomposed": len(merged.decomposed),
+                               "merged": len(merged.merged), **merged.totals()}
         return {
             "name": self.name, "runtime": self.runtime, "description": spec.description,
+            **({"compile_mode": self.placement.compile_mode} if self.runtime == "compile" else {}),
+            "ranks_searched_in": self.rank_runtime,
             "input_shape": list(spec.input_shape), "batch_size": batch,
-            "plans": {"ratio": _plan_summary(self.ratio_plan, self.ratio_plan),
-                      "optimized": _plan_summary(self.optimized_plan, self.ratio_plan, self.optimize_seconds)},
+            "plans": plans,
             "rows": rows,
             "optimized_layers": [_layer_row(row, base) for row, base in zip(self.optimized_plan, self.ratio_plan)
                                  if base.decomposed],
@@ -190,11 +225,14 @@ class _RuntimeEntry:
         }
 
     def profile(self) -> dict:
-        """Top operators of one inference (and training cycle) of the original and of LRD + both."""
+        """Top operators of one inference (and training cycle) of the original and of our most
+        complete row measured (LRD + both where training is, else LRD + rank optimization)."""
         infer = {w.name: w.phases for w in self.infer}
         train = {w.name: w.phases for w in self.train}
         profiles = {}
-        for variant in ("original", "lrd_both" if self.train else "lrd_opt"):
+        preferred = ("lrd_both", "lrd_opt", "lrd_merge", "lrd") if self.train else ("lrd_opt", "lrd_merge", "lrd")
+        ours = next((key for key in preferred if key in self.models), None)
+        for variant in ("original",) + ((ours,) if ours else ()):
             infer_key = self.key(next(v.infer_as or v.key for v in self.variants if v.key == variant))
             if self.runtime == "onnxruntime":
                 profiles[variant] = {"infer": onnxruntime_operators(self.models[variant], self.inputs)}
@@ -244,16 +282,26 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     Returns:
         The results dict (checked by `lrdaccel.bench.schema.check_results`).
 
+    On CUDA, cuDNN picks its conv algorithms by timing them (`torch.backends.cudnn.benchmark`,
+    as GPU training scripts set it), for the original and the decomposed shapes alike; the flag is
+    restored afterwards and recorded in the results' machine section.
+
     Raises:
         ValueError: a bad configuration (unknown model, device, ratio).
     """
-    results = results_header(BENCH_FORMAT, asdict(config), config.device)
-    results["models"], results["best"] = [], []
-    for name in tqdm(config.models, desc="models", unit="model", disable=not progress):
-        measured = bench_model(name, config, progress)
-        results["models"] += measured["entries"]
-        if measured["best"] is not None:
-            results["best"].append(measured["best"])
+    on_gpu = torch.device(config.device).type == "cuda"
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = saved or on_gpu
+    try:
+        results = results_header(BENCH_FORMAT, asdict(config), config.device)
+        results["models"], results["best"] = [], []
+        for name in tqdm(config.models, desc="models", unit="model", disable=not progress):
+            measured = bench_model(name, config, progress)
+            results["models"] += measured["entries"]
+            if measured["best"] is not None:
+                results["best"].append(measured["best"])
+    finally:
+        torch.backends.cudnn.benchmark = saved
     record_end_load(results)
     return results
 

@@ -72,7 +72,7 @@ def bench_markdown(results: Mapping) -> str:
         batch = model["batch_size"]
         plans = model["plans"]
         opt = plans["optimized"]
-        runtime = model.get("runtime", "eager")
+        runtime = runtime_heading(model)
         trains = "train_ratio" in base
         lines += [
             "",
@@ -87,9 +87,12 @@ def bench_markdown(results: Mapping) -> str:
             f"({plans['ratio']['decomposed']} at ratio ranks), {opt['changed_from_ratio_ranks']} changed, "
             f"{opt['kept_as_original_by_search']} kept as the original layer"
             + (f", {opt['seconds']:.0f} s of layer timing" if "seconds" in opt else "")
-            + (f"; {len(model['forms'])} layers run in the linear form" if model.get("forms") else "") + ".",
-            "",
-        ]
+            + (f"; {len(model['forms'])} layers run in the linear form" if model.get("forms") else "")
+            + (f"; ranks searched in `{model['ranks_searched_in']}`"
+               if model.get("ranks_searched_in", model.get("runtime", "eager")) != model.get("runtime", "eager") else "")
+            + ".",
+        ] + ([f"Merging: {plans['merged']['merged']} bottlenecks merged into three narrower convs, "
+              f"{plans['merged']['decomposed']} other layers at ratio ranks."] if "merged" in plans else []) + [""]
         table = []
         for row in rows:
             infer = _ratio(row["infer_ratio"])
@@ -107,6 +110,13 @@ def bench_markdown(results: Mapping) -> str:
         lines += [f"Note: {note}." for note in model.get("notes", [])]
         lines += _profile_table(model.get("profile") or {}, batch)
     return "\n".join(lines) + "\n"
+
+
+def runtime_heading(model: Mapping) -> str:
+    """"eager", "compile", "compile (reduce-overhead)": a compile table names the mode it ran in."""
+    runtime = model.get("runtime", "eager")
+    mode = model.get("compile_mode", "default")
+    return f"{runtime} ({mode})" if runtime == "compile" and mode != "default" else runtime
 
 
 def _best_lines(best: list) -> list[str]:
@@ -130,9 +140,10 @@ def _profile_table(profile: Mapping, batch: int, limit: int = 8) -> list[str]:
     """The operators that take the most time, original vs LRD + both, ms per step (torch.profiler)."""
     if not profile:
         return []
-    ours = next(key for key in profile if key != "original")
-    labels = {"original": "original", "lrd_both": "LRD + both", "lrd_opt": "LRD + rank optimization"}
-    columns = [(key, what) for what in ("infer", "train") for key in ("original", ours) if what in profile[key]]
+    keys = ["original"] + [key for key in profile if key != "original"][:1]
+    labels = {"original": "original", "lrd_both": "LRD + both", "lrd_opt": "LRD + rank optimization",
+              "lrd_merge": "LRD + merging", "lrd": "LRD"}
+    columns = [(key, what) for what in ("infer", "train") for key in keys if what in profile[key]]
     cells = {(key, what): {entry["op"]: entry["ms"] for entry in profile[key][what]} for key, what in columns}
     ops = []
     for column in sorted(columns, key=lambda c: c[0] != "original"):
@@ -143,7 +154,7 @@ def _profile_table(profile: Mapping, batch: int, limit: int = 8) -> list[str]:
     totals = ["total of the listed"] + [f"{sum(cells[c].get(op, 0.0) for op in ops):.1f}" for c in columns]
     return ["", f"Where the time goes (profiler self time, ms per step of batch {batch}; training averaged "
                 "over the freezing cycle; under onnxruntime its own profiler, per ONNX operator):", ""] + _table(
-        ["operator"] + [f"{labels[key]} {what}" for key, what in columns], rows + [totals])
+        ["operator"] + [f"{labels.get(key, key)} {what}" for key, what in columns], rows + [totals])
 
 
 def bench_plot(results: Mapping, path: Path) -> Path:
@@ -153,7 +164,7 @@ def bench_plot(results: Mapping, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = results["models"]
-    labels = [row["label"] for row in max((m["rows"] for m in models), key=len)]
+    labels = list(dict.fromkeys(row["label"] for m in models for row in m["rows"]))  # every row, in order
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 3 * len(models) + 4), 4.5), sharey=True)
     width = 0.8 / len(labels)
     for ax, key, title in ((axes[0], "infer_ratio", "inference throughput"),
@@ -168,7 +179,7 @@ def bench_plot(results: Mapping, path: Path) -> Path:
             xs = [m + (i - (len(labels) - 1) / 2) * width for m in range(len(models))]
             ax.bar(xs, medians, width, yerr=[low, high], capsize=2, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(range(len(models)), [f"{m['name']}\n{m.get('runtime', 'eager')}" for m in models])
+        ax.set_xticks(range(len(models)), [f"{m['name']}\n{runtime_heading(m)}" for m in models])
         ax.set_title(f"{title} / original, same runtime")
     axes[0].set_ylabel("ratio to the original (median, min-max)")
     axes[1].legend(fontsize=7, loc="lower right")

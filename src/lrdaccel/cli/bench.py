@@ -1,10 +1,11 @@
 """`lrdaccel bench`: the paper's table, measured side by side in one run, under each runtime.
 
 Rows: original, LRD (ratio ranks), LRD + rank optimization, LRD + sequential freezing (rotate),
-LRD + both, LRD + static freezing. Columns: parameters, MACs, inference throughput, training
+LRD + both, LRD + static freezing, LRD + merging (bottleneck models; --variants picks rows). Columns: parameters, MACs, inference throughput, training
 throughput (averaged over the freezing phases), each as a ratio to the original in the same
 runtime, with min/median/max over interleaved repeats (A B A B ...). One table per runtime
-(--runtime eager,compile,onnxruntime; ranks optimized for each; onnxruntime runs inference only),
+(--runtime eager,compile,onnxruntime; ranks optimized for each unless --rank-runtime; onnxruntime runs
+inference only; --compile-mode reduce-overhead or max-autotune for what GPU users run),
 and one line comparing our best (decomposed, in its fastest runtime) with the original in its
 fastest runtime. Writes results.json, report.md (the tables) and report.png (bar chart) into
 --out, and the time-vs-rank staircase of a [512,512,3,3] conv.
@@ -18,14 +19,14 @@ import sys
 from pathlib import Path
 
 from lrdaccel import zoo
-from lrdaccel.bench.config import QUICK_SETTINGS, BenchConfig
+from lrdaccel.bench.config import QUICK_SETTINGS, VARIANT_KEYS, BenchConfig
 from lrdaccel.bench.paper_table import paper_staircase, run_bench
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
 from lrdaccel.cli._common import check_outputs, threads_type
 from lrdaccel.cli._config_args import add_config_args, field_help, given
 from lrdaccel.measure.machine import busy_warning, set_threads
-from lrdaccel.measure.runtimes import RUNTIMES
+from lrdaccel.measure.runtimes import COMPILE_MODES, RUNTIMES
 from lrdaccel.measure.timer import OBJECTIVES
 
 
@@ -52,14 +53,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--models", type=_names("--models"), default=argparse.SUPPRESS,
                         help=f"comma-separated zoo names (default {','.join(BenchConfig().models)}; with --quick "
                              f"{','.join(QUICK_SETTINGS['models'])}); known: {', '.join(zoo.names())}")
+    parser.add_argument("--variants", type=_names("--variants"), default=argparse.SUPPRESS,
+                        help=f"comma-separated rows, from {', '.join(VARIANT_KEYS)}: "
+                             f"{field_help(BenchConfig)['variants']} (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a fast look: {', '.join(f'{k}={v}' for k, v in QUICK_SETTINGS.items() if k != 'quick')},"
                              f" no staircase; other options still apply")
     add_config_args(parser, BenchConfig, ("batch_size", "repeats", "warmup", "min_run_time", "ratio", "objective",
                                           "train", "device", "autocast_bf16", "channels_last", "rank_budget_s",
-                                          "rank_min_run_time", "profile", "timing_cache"),
+                                          "rank_min_run_time", "profile", "timing_cache", "compile_mode",
+                                          "rank_runtime"),
                     flags={"autocast_bf16": "--bf16", "rank_budget_s": "--rank-budget"},
-                    choices={"objective": OBJECTIVES},
+                    choices={"objective": OBJECTIVES, "compile_mode": COMPILE_MODES, "rank_runtime": RUNTIMES},
                     notes={name: f"{value} with --quick" for name, value in quick.items()})
     parser.add_argument("--threads", type=threads_type, default=None,
                         help="torch CPU threads, or 'auto': torch's choice on an idle machine, 1 on a busy one "

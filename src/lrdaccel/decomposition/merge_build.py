@@ -124,7 +124,7 @@ def _output_side(model: nn.Module, row: LayerPlan, built: dict[str, nn.Module], 
     middle, last, bn2 = (model.get_submodule(n) for n in (row.name, block.last, block.bn2))
     bn3 = model.get_submodule(block.bn3) if block.bn3 else None
     last_w = last.weight.detach().double()[:, :, 0, 0]
-    out_scale = _affine(bn3)[0] if bn3 is not None else torch.ones(last.out_channels, dtype=torch.float64)
+    out_scale = _affine(bn3)[0] if bn3 is not None else last_w.new_ones(last.out_channels)
     s2, t2 = _affine(bn2)
     middle_bias = None if middle.bias is None else middle.bias.detach().double()
     if block.act2:
@@ -141,7 +141,7 @@ def _output_side(model: nn.Module, row: LayerPlan, built: dict[str, nn.Module], 
     else:
         mean, variance = _projected_moments(v, bn2.running_mean.double(), None, bn2.running_var.double())
     _set_shift_batchnorm(built[block.bn2], mean - v.T @ bias, variance, torch.zeros_like(mean))  # w = V^T (y - b)
-    return _Output(torch.einsum("os,oihw->sihw", v, kernel), None if middle_bias is None else torch.zeros(r2),
+    return _Output(torch.einsum("os,oihw->sihw", v, kernel), None if middle_bias is None else middle_bias.new_zeros(r2),
                    last_new, constant, (out_scale[:, None] * last_new).norm(dim=0))
 
 

@@ -154,7 +154,7 @@ def _solve_right(b: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """argmin_X ||B - X Z||_F = B Z^T (Z Z^T)^-1."""
     gram = z @ z.T
     load = 1e-12 * gram.diagonal().mean().clamp_min(1e-300)
-    return torch.linalg.solve(gram + load * torch.eye(gram.shape[0], dtype=gram.dtype), z @ b.T).T
+    return torch.linalg.solve(gram + load * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), z @ b.T).T
 
 
 def _orthonormal_blocks(factor: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ side depends on what lies between the convs:
     the full patch covariance (neighbouring pixels predict each other too).
   A' = A[S] and BN1' = BN1[S], BN2' = BN2[T] are exact sub-layers, so their statistics stay valid.
 
-All arithmetic is float64; inputs are plain tensors (no modules), results are float64 tensors.
+All arithmetic is float64 on the inputs' device; inputs are plain tensors (no modules), results are
+float64 tensors there.
 """
 
 from __future__ import annotations
@@ -106,13 +107,13 @@ def select_outputs(g_second: torch.Tensor, last_weight: torch.Tensor, out_scale:
     """
     n = last_weight.shape[1]
     c = last_weight.double()
-    gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    gram = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=c.device)
     scaled = out_scale.double()[:, None] * c
     gram[:n, :n] = scaled.T @ scaled
     kept = sorted(greedy_select(g_second, gram, count, forced=(n,)))
     rest = [j for j in range(n) if j not in set(kept)]
     if not rest:
-        return kept, c[:, kept], torch.zeros(c.shape[0], dtype=torch.float64)
+        return kept, c[:, kept], torch.zeros(c.shape[0], dtype=torch.float64, device=c.device)
     with_constant = kept + [n]
     predict = ridge_solve(g_second[with_constant][:, with_constant], g_second[with_constant][:, rest]).T
     new_weight = c[:, kept] + c[:, rest] @ predict[:, :count]
@@ -136,7 +137,7 @@ def patch_least_squares(target_kernel: torch.Tensor, patch_second: torch.Tensor,
     """
     r2, n, kh, kw = target_kernel.shape
     area = kh * kw
-    columns = torch.tensor([i * area + a for i in kept for a in range(area)])
+    columns = torch.tensor([i * area + a for i in kept for a in range(area)], device=patch_second.device)
     unfolded = target_kernel.double().reshape(r2, n * area)
     cross = unfolded @ patch_second[:, columns]
     core = ridge_solve(patch_second[columns][:, columns], cross.T).T

@@ -85,10 +85,24 @@ def copy_conv_attributes(dense: nn.Conv2d, target: nn.Module) -> None:
     target.source = type(dense).__name__
 
 
+def is_channels_last(weight: torch.Tensor) -> bool:
+    """A 4-d weight laid out channels_last (NHWC), e.g. by `model.to(memory_format=torch.channels_last)`.
+
+    A 1x1 kernel is both layouts at once and reads as contiguous here.
+    """
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
 def copy_module_state(source: nn.Module, target: nn.Module) -> nn.Module:
-    """Match device, dtype, requires_grad and training mode of `source` on `target`."""
+    """Match device, dtype, memory format, requires_grad and training mode of `source` on `target`.
+
+    The memory format matters for speed, not values: a channels_last model whose new convs had
+    contiguous weights would have cuDNN convert each weight on every call (and the layers after
+    them see a different layout)."""
     weight = source.weight
     target.to(device=weight.device, dtype=weight.dtype)
+    if is_channels_last(weight):
+        target.to(memory_format=torch.channels_last)
     for parameter in target.parameters():
         parameter.requires_grad_(weight.requires_grad)
     target.train(source.training)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrdaccel.layers.base import is_channels_last
+
 ROLES = ("first", "middle", "last")
 ACTIVATION_FUNCTIONS = {
     "relu": F.relu, "relu6": F.relu6, "hardtanh": F.hardtanh, "gelu": F.gelu, "silu": F.silu,
@@ -49,13 +51,15 @@ class MergedConv2d(nn.Conv2d):
     @classmethod
     def narrowed(cls, conv: nn.Conv2d, in_channels: int, out_channels: int, role: str, block_name: str,
                  bias: bool) -> "MergedConv2d":
-        """A MergedConv2d with `conv`'s geometry, device, dtype, requires_grad and mode, new widths,
+        """A MergedConv2d with `conv`'s geometry, device, dtype, memory format, requires_grad and mode, new widths,
         default-initialised weights (the merge fills them)."""
         weight = conv.weight
         shape = {"out": conv.out_channels, "in": conv.in_channels, "kernel": list(conv.kernel_size)}
         new = cls(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1, bias,
                   conv.padding_mode, device=weight.device, dtype=weight.dtype, merge_role=role,
                   merge_name=block_name, dense_shape=shape, source=getattr(conv, "source", type(conv).__name__))
+        if is_channels_last(weight):
+            new.to(memory_format=torch.channels_last)
         for parameter in new.parameters():
             parameter.requires_grad_(weight.requires_grad)
         return new.train(conv.training)

@@ -100,7 +100,26 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "device": str(device),
         "device_name": device_name(device),
     }
+    if device.type == "cuda":
+        info.update(gpu_info(device))
     load = load_average()
     if load is not None:  # other work on the machine skews throughput: record how busy it was
         info["load_average_1m"] = round(load, 2)
     return info
+
+
+def gpu_info(device: str | torch.device = "cuda") -> dict:
+    """What a GPU figure depends on besides the GPU's name: CUDA and cuDNN versions, memory,
+    compute capability, bf16 support, and whether cuDNN times its algorithms (benchmark mode)."""
+    device = torch.device(device)
+    properties = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": properties.name,
+        "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+        "compute_capability": f"{properties.major}.{properties.minor}",
+        "gpu_count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+    }

@@ -8,7 +8,13 @@ not), so every speed figure and every rank choice names its runtime:
 - "compile": `torch.compile` with inductor. Inference runs under no_grad with inductor's
   freezing on (weights become constants, convs prepacked for oneDNN), as an inference server
   would compile; training compiles the forward (the backward through AOTAutograd) and leaves the
-  optimizer eager. The first call compiles: callers warm up before timing.
+  optimizer eager. The first call compiles: callers warm up before timing. The compile mode is
+  the user's (COMPILE_MODES): on a GPU people serve "max-autotune" (Triton templates tried
+  against cuBLAS/cuDNN per shape, minutes to compile) or "reduce-overhead" (CUDA graphs: one
+  launch per step instead of one per kernel), and which one ran is part of every figure. Under
+  CUDA graphs each step starts a new graph generation (`torch.compiler.cudagraph_mark_step_begin`),
+  so a step never reads outputs the next replay overwrites; on the CPU those modes compile
+  as the default does, without graphs.
 - "onnxruntime": exported with torch.onnx (the dynamo exporter) and run by an ONNX Runtime
   InferenceSession on the CPU with torch's thread count. Inference only: there is no training
   step to time there. An optional extra: `pip install lrdaccel[onnx]`.
@@ -26,6 +32,8 @@ from lrdaccel._modules import call_model
 from lrdaccel._settings import check_choice
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # Dynamo keeps compiled code per code object (every nn.Conv2d shares Conv2d.forward), so model
 # variants and freezing phases (requires_grad is guarded) add entries; past its default limit
 # of 8 Dynamo would silently run eager code, and a "compiled" time would be an eager one.
@@ -52,9 +60,16 @@ def check_runtime(runtime: str, objective: str = "infer", device: torch.device |
     onnxruntime()
 
 
-def runtime_label(runtime: str) -> str:
-    """The runtime and the version of whatever runs the model outside torch (for cache keys):
-    "eager", "compile", "onnxruntime 1.32.0"."""
+def check_compile_mode(mode: str) -> None:
+    """Raises ValueError for a mode torch.compile does not take (naming the ones it does)."""
+    check_choice("compile_mode", mode, COMPILE_MODES)
+
+
+def runtime_label(runtime: str, compile_mode: str = "default") -> str:
+    """The runtime and the version of whatever runs the model outside torch (for cache keys and
+    reports): "eager", "compile", "compile max-autotune", "onnxruntime 1.32.0"."""
+    if runtime == "compile" and compile_mode != "default":
+        return f"compile {compile_mode}"
     if runtime != "onnxruntime":
         return runtime  # torch's version is part of every key already
     from lrdaccel.deploy.onnx_session import onnxruntime
@@ -81,20 +96,33 @@ def compiled_calls(inference: bool) -> Iterator[None]:
                 yield
 
 
-def runtime_forward(model: nn.Module, runtime: str,
-                    fullgraph: bool = False) -> tuple[Callable[..., Any], Callable[[bool], ContextManager]]:
+def runtime_forward(model: nn.Module, runtime: str, fullgraph: bool = False,
+                    compile_mode: str = "default") -> tuple[Callable[..., Any], Callable[[bool], ContextManager]]:
     """(what to call in place of `model`, context(inference) to call it in) for eager or compile;
-    `fullgraph` makes a graph break an error (for one layer, where a break would time eager code).
+    `fullgraph` makes a graph break an error (for one layer, where a break would time eager code);
+    `compile_mode` is torch.compile's `mode` (ignored by eager).
 
     Raises:
-        ValueError: "onnxruntime" (not a module: use `inference_step`), or an unknown runtime.
+        ValueError: "onnxruntime" (not a module: use `inference_step`), an unknown runtime or mode.
     """
     check_choice("runtime", runtime, RUNTIMES)
+    check_compile_mode(compile_mode)
     if runtime == "eager":
         return model, _eager_calls
     if runtime == "compile":
-        return torch.compile(model, dynamic=False, fullgraph=fullgraph), compiled_calls
+        mode = None if compile_mode == "default" else compile_mode
+        compiled = torch.compile(model, dynamic=False, fullgraph=fullgraph, mode=mode)
+        return (_new_graph_step(compiled) if compile_mode in CUDA_GRAPH_MODES else compiled), compiled_calls
     raise ValueError("runtime 'onnxruntime' has no differentiable forward: it runs inference only")
+
+
+def _new_graph_step(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled`, each call starting a new CUDA graph generation (a no-op without CUDA graphs)."""
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return forward
 
 
 @contextlib.contextmanager
@@ -104,8 +132,10 @@ def _eager_calls(inference: bool) -> Iterator[None]:
 
 
 def inference_step(model: nn.Module, inputs: Any, runtime: str = "eager",
-                   autocast: Callable[[], ContextManager] | None = None) -> Callable[[], Any]:
-    """One forward of `model` on `inputs` under `runtime`, as a no-argument callable.
+                   autocast: Callable[[], ContextManager] | None = None,
+                   compile_mode: str = "default") -> Callable[[], Any]:
+    """One forward of `model` on `inputs` under `runtime` (and torch.compile `compile_mode`), as a
+    no-argument callable.
 
     The model should be in eval mode. Under "onnxruntime" the model is exported and a session
     created here (seconds); under "compile" the first call compiles.
@@ -122,7 +152,7 @@ def inference_step(model: nn.Module, inputs: Any, runtime: str = "eager",
             raise ValueError("runtime 'onnxruntime' runs the exported float graph: bf16 autocast does not apply")
         session = make_session(export_program(model, inputs).model_proto.SerializeToString())
         return session_step(session, inputs)
-    forward, calls = runtime_forward(model, runtime)
+    forward, calls = runtime_forward(model, runtime, compile_mode=compile_mode)
     autocast = autocast or contextlib.nullcontext
 
     def step() -> Any:

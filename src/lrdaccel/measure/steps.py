@@ -18,7 +18,7 @@ from torch import nn
 
 from lrdaccel._modules import call_model, move_inputs, output_tensor
 from lrdaccel._settings import check_choice, parse_device
-from lrdaccel.measure.runtimes import RUNTIMES, inference_step, runtime_forward
+from lrdaccel.measure.runtimes import RUNTIMES, check_compile_mode, inference_step, runtime_forward
 from lrdaccel.measure.timer import Phase
 
 
@@ -31,16 +31,20 @@ class Placement:
         autocast_bf16: run forward passes under torch.autocast(dtype=bfloat16).
         channels_last: convert conv models and 4-d inputs to channels_last memory format.
         runtime: "eager", "compile" or "onnxruntime" (`lrdaccel.measure.runtimes`).
+        compile_mode: torch.compile's mode under runtime "compile" ("default", "reduce-overhead":
+            CUDA graphs, "max-autotune": autotuned kernels and CUDA graphs, ...); ignored otherwise.
     """
 
     device: str = "cpu"
     autocast_bf16: bool = False
     channels_last: bool = False
     runtime: str = "eager"
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         parse_device(self.device)
         check_choice("runtime", self.runtime, RUNTIMES)
+        check_compile_mode(self.compile_mode)
 
     @classmethod
     def default_for(cls, device: str, autocast_bf16: bool | None = None,
@@ -71,8 +75,8 @@ def inference_phase(model: nn.Module, inputs: Any, placement: Placement = Placem
     mode. Under "onnxruntime" the model is exported here (in eval mode); under "compile" the first
     call compiles."""
     autocast = placement.autocast if placement.autocast_bf16 else None
-    return Phase(step=inference_step(model, inputs, placement.runtime, autocast), prepare=model.eval,
-                 label="inference")
+    return Phase(step=inference_step(model, inputs, placement.runtime, autocast, placement.compile_mode),
+                 prepare=model.eval, label="inference")
 
 
 def make_train_step(model: nn.Module, inputs: Any, placement: Placement = Placement(),
@@ -87,7 +91,7 @@ def make_train_step(model: nn.Module, inputs: Any, placement: Placement = Placem
         ValueError: runtime "onnxruntime" (inference only).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    forward, calls = runtime_forward(model, placement.runtime)
+    forward, calls = runtime_forward(model, placement.runtime, compile_mode=placement.compile_mode)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

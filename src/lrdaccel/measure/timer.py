@@ -31,6 +31,13 @@ from lrdaccel._settings import check_int
 OBJECTIVES = ("infer", "train")
 
 
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the work queued on `device` (CUDA runs asynchronously: a wall-clock time read
+    without waiting measures the launches, not the work). A no-op on the CPU."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_seconds(step: Callable[[], object], min_run_time: float, warmup: int = 0) -> float:
     """Median seconds per call of `step()` after `warmup` untimed calls."""
     for _ in range(warmup):

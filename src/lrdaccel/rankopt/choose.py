@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import model_device, model_dtype, unwrap
+from lrdaccel._modules import autocast_dtype, model_device, model_dtype, unwrap
 from lrdaccel._settings import parse_device, parse_dtype, resolve
 from lrdaccel.factorize.ranks import Rank
 from lrdaccel.measure.machine import device_name
@@ -73,7 +73,11 @@ def optimize_ranks(
             caches before each, so other compiled models recompile on their next call);
             `runtime="onnxruntime"` times it in ONNX Runtime (CPU, inference only).
         device: where to time (default: the model's); layers are copied there, the model is not.
-        dtype: precision to time in (torch dtype or name like "bfloat16"; default: the model's).
+            A device this machine lacks (device="cuda" without a GPU) fails before any work.
+        dtype: precision to time in (torch dtype or name like "bfloat16"; default: the autocast
+            dtype where this is called under torch.autocast for that device, as the model will
+            run, else the model's). The memory format is the one each layer's input has in the
+            model (channels_last model and inputs: channels_last layers).
         cache: None for the default file under the user cache dir, a path, a TimingCache,
             or False for no file (identical layers are still timed once).
         timer: `timer(TimingJob) -> ms`; default BenchmarkTimer(settings.min_run_time).
@@ -95,6 +99,8 @@ def optimize_ranks(
         ['budget_s', 'cache_hits', 'device']
     """
     start = time.perf_counter()
+    if device is not None:
+        device = parse_device(device)  # before any work
     if objective is not None:
         search["objective"] = objective
     settings = resolve(SearchSettings, settings, search, "optimize_ranks")
@@ -102,9 +108,11 @@ def optimize_ranks(
         raise ValueError(f"plan must be an lrdaccel Plan (from lrd.plan), got {type(plan).__name__}")
     model = unwrap(model)
     validate_plan(model, plan)
-    device = model_device(model) if device is None else parse_device(device)
+    device = model_device(model) if device is None else device
     check_runtime(settings.runtime, settings.objective, device)
-    dtype = model_dtype(model) if dtype is None else parse_dtype(dtype)
+    if dtype is None:
+        dtype = autocast_dtype(device) or model_dtype(model)
+    dtype = parse_dtype(dtype)
     timer = timer or BenchmarkTimer(settings.min_run_time)
     timings = _Timings(TimingCache.from_arg(cache), timer, device, dtype, settings)
 
@@ -163,7 +171,7 @@ class _Timings:
     def search(self, dense: nn.Module, row: LayerPlan, spec: InputSpec, beta: float,
                sensitivity: dict | None = None) -> Choice:
         times = LayerTimes(dense, row.kind, spec, self.objective, self.device, self.dtype, self.cache, self.timer,
-                           self.settings.runtime)
+                           self.settings.runtime, self.settings.compile_mode)
         spent = 0.0  # charged with the recorded cost of cached times too, so reruns stop where the first did
 
         def measure(rank: Rank, required: bool = False) -> float | None:

@@ -1,7 +1,7 @@
 """Times of one layer at any rank: read from the cache, else measured by the timer and stored.
 
-The cache key is everything the time depends on: device, torch version, dtype, runtime,
-objective, layer kind and geometry, input shape and memory format, the rank and its execution
+The cache key is everything the time depends on: device, torch version, dtype, runtime (with
+torch.compile's mode where not the default), objective, layer kind and geometry, input shape and memory format, the rank and its execution
 form. (Keys before the runtime was part of them are not read: those times were eager ones.)
 """
 
@@ -31,12 +31,13 @@ class LayerTimes:
 
     def __init__(self, dense: nn.Module, kind: str, spec: InputSpec, objective: str,
                  device: torch.device, dtype: torch.dtype, cache: TimingCache, timer: Timer,
-                 runtime: str = "eager"):
+                 runtime: str = "eager", compile_mode: str = "default"):
         self.local = copy.deepcopy(dense).to(device=device, dtype=dtype)
         self.kind, self.spec, self.objective, self.runtime = kind, spec, objective, runtime
+        self.compile_mode = compile_mode
         self.device, self.dtype, self.cache, self.timer = device, dtype, cache, timer
         self.key = "|".join([
-            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), f"runtime {runtime_label(runtime)}",
+            device_name(device), f"torch {torch.__version__}", dtype_name(dtype), f"runtime {runtime_label(runtime, compile_mode)}",
             objective,
             kind, layer_signature(dense), input_signature(spec),
         ])
@@ -52,7 +53,7 @@ class LayerTimes:
             self.hits += 1
             return entry
         job = TimingJob(self.local, self.kind, rank, self.spec, self.objective, self.device, self.dtype,
-                        self.runtime, form, branches)
+                        self.runtime, form, branches, self.compile_mode)
         began = time.perf_counter()
         value = self.timer(job)
         try:

@@ -59,6 +59,7 @@ class TimingJob:
         form: the decomposed layer's execution form ("conv" or "linear", `SVDConv2d.FORMS`);
             None for the layer's default.
         branches: > 1 times a Tucker-2 rank as a branched core (`BranchedTuckerConv2d`).
+        compile_mode: torch.compile's mode under runtime "compile".
     """
 
     dense: nn.Module
@@ -71,6 +72,7 @@ class TimingJob:
     runtime: str = "eager"
     form: str | None = None
     branches: int = 1
+    compile_mode: str = "default"
 
     @property
     def channels_last(self) -> bool:
@@ -135,7 +137,7 @@ class BenchmarkTimer:
 
             torch._dynamo.reset()
             warmup = max(warmup, 1 + COMPILE_WARMUP)
-        forward, calls = runtime_forward(module, job.runtime, fullgraph=True)
+        forward, calls = runtime_forward(module, job.runtime, fullgraph=True, compile_mode=job.compile_mode)
         inference = job.objective == "infer"
         step = (lambda: forward(x)) if inference else train_step(forward, module, x)
         with calls(inference):

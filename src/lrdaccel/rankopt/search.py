@@ -43,7 +43,7 @@ from typing import Callable, Iterable
 
 from lrdaccel._settings import check_choice, check_int, check_number
 from lrdaccel.factorize.ranks import Rank
-from lrdaccel.measure.runtimes import check_runtime
+from lrdaccel.measure.runtimes import check_compile_mode, check_runtime
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.planning import LayerPlan
 
@@ -80,6 +80,9 @@ class SearchSettings:
             (lrd.BranchedTuckerConv2d) within the parameters of the rank chosen, and take the
             fastest where it beats plain Tucker-2 by more than min_gain; 1: plain Tucker-2 only.
             A branched core is another approximation, not a re-parametrisation.
+        compile_mode: torch.compile's mode under runtime "compile" ("default", "reduce-overhead",
+            "max-autotune", "max-autotune-no-cudagraphs"): each candidate is compiled as the model
+            will be. Ignored by the other runtimes.
     """
 
     objective: str = "infer"
@@ -92,6 +95,7 @@ class SearchSettings:
     budget_s: float | None = 20.0
     min_run_time: float = 0.2
     try_branches: int = 1
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
@@ -103,6 +107,7 @@ class SearchSettings:
         check_number("budget_s", self.budget_s, above=0, optional=True)
         check_number("min_run_time", self.min_run_time, above=0)
         check_int("try_branches", self.try_branches, 1)
+        check_compile_mode(self.compile_mode)
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lrdaccel._modules import describe_inputs, model_device, model_dtype, move_inputs, unwrap
-from lrdaccel._settings import check_choice, check_int, parse_dtype
-from lrdaccel.measure.runtimes import check_runtime
+from lrdaccel._settings import check_choice, check_int, parse_device, parse_dtype
+from lrdaccel.measure.runtimes import check_runtime, runtime_label
 from lrdaccel.measure.steps import Placement, inference_phase, training_phase
 from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved
 from lrdaccel.planning import Plan
@@ -40,7 +40,7 @@ class EndToEndReport:
         objective: "infer" or "train".
         batch: a description of the example inputs.
         times_ms: variant name -> one median time per round.
-        runtime: what every variant ran in ("eager", "compile", "onnxruntime").
+        runtime: what every variant ran in ("eager", "compile", "compile max-autotune", "onnxruntime").
     """
 
     objective: str
@@ -85,6 +85,8 @@ def compare_end_to_end(
     rounds: int = 5,
     min_run_time: float = 0.5,
     runtime: str = "eager",
+    compile_mode: str = "default",
+    autocast_bf16: bool = False,
 ) -> EndToEndReport:
     """Time the original model and one decomposed copy per plan, interleaved round by round.
 
@@ -99,6 +101,8 @@ def compare_end_to_end(
         min_run_time: seconds of calls per variant per round.
         runtime: "eager", "compile" (each variant compiled, once, before timing) or
             "onnxruntime" (each exported; inference only).
+        compile_mode: torch.compile's mode under "compile" (e.g. "max-autotune", "reduce-overhead").
+        autocast_bf16: run every variant under bfloat16 autocast (as a GPU model usually runs).
 
     Returns:
         An EndToEndReport (times per round; summary() for min/median/max and speed-ups).
@@ -108,6 +112,7 @@ def compare_end_to_end(
             plan that does not fit the model.
     """
     check_choice("objective", objective, OBJECTIVES)
+    device = parse_device(device) if device is not None else None
     check_runtime(runtime, objective, device if device is not None else model_device(unwrap(model)))
     check_int("rounds", rounds, 1)
     if ORIGINAL in plans:
@@ -122,12 +127,13 @@ def compare_end_to_end(
         variants[name] = _prepared(variant, objective, device, dtype)
     reference = variants[ORIGINAL]
     inputs = move_inputs(example_inputs, model_device(reference), model_dtype(reference))
-    placement = Placement(str(model_device(reference)), runtime=runtime)
+    placement = Placement(str(model_device(reference)), autocast_bf16, runtime=runtime, compile_mode=compile_mode)
     phase = inference_phase if objective == "infer" else training_phase
     workloads = [Workload(name, [phase(variant, inputs, placement)]) for name, variant in variants.items()]
     timings = measure_interleaved(workloads, rounds, warmup=1, min_run_time=min_run_time, alternate=True)
     times_ms = {name: [s * 1e3 for s in seconds] for name, seconds in timings.seconds.items()}
-    return EndToEndReport(objective, describe_inputs(example_inputs), times_ms, runtime)
+    label = runtime_label(runtime, compile_mode) if runtime == "compile" else runtime
+    return EndToEndReport(objective, describe_inputs(example_inputs), times_ms, label)
 
 
 def _prepared(model: nn.Module, objective: str, device, dtype) -> nn.Module:

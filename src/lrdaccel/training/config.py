@@ -16,6 +16,7 @@ LR_SCHEDULES = ("cosine", "constant")
 # relative to the teacher's energy, or their sum; "auto" picks "kl" for logits [batch, classes]
 # and "cosine+mse" for token states [batch, tokens, width].
 DISTILL_LOSSES = ("auto", "kl", "cosine", "mse", "cosine+mse")
+AMP_DTYPES = ("bfloat16", "float16")
 # Settings that may change between a run and its resumption without changing the result.
 RESUME_FREE = ("checkpoint_dir", "checkpoint_every_steps", "resume", "max_steps", "eval_batch_size")
 
@@ -39,7 +40,9 @@ class FinetuneConfig:
         eval_batch_size: per process, for evaluation.
         alpha: weight of the distillation loss when a teacher is given (1 - alpha on the task loss).
         temperature: softening temperature of the distillation KL.
-        amp: autocast (bfloat16 on CPU; float16 with a grad scaler on CUDA).
+        amp: autocast the forward and loss (in `amp_dtype`).
+        amp_dtype: "bfloat16" (default, CPU and CUDA: float32's range, so no loss scaling) or
+            "float16" (GPUs without bf16; a gradient scaler then skips steps that overflow).
         checkpoint_dir: where `checkpoint.pt` is written (None: no checkpoints).
         checkpoint_every_steps: also checkpoint every N steps (default: end of each epoch only).
         resume: continue from `checkpoint_dir/checkpoint.pt`.
@@ -62,6 +65,7 @@ class FinetuneConfig:
     alpha: float = 0.5
     temperature: float = 4.0
     amp: bool = False
+    amp_dtype: str = "bfloat16"
     checkpoint_dir: str | None = None
     checkpoint_every_steps: int | None = None
     resume: bool = False
@@ -103,7 +107,9 @@ class DistillConfig:
             output, and dropout noise only slows a short run. False: ordinary training mode.
         train_embeddings: also train nn.Embedding tables (default: frozen; few of their rows are
             seen in a short run, and their dense optimizer update would dominate a CPU step).
-        amp: autocast (bfloat16 on CPU; float16 with a grad scaler on CUDA).
+        amp: autocast the forward and loss (in `amp_dtype`).
+        amp_dtype: "bfloat16" (default, CPU and CUDA: float32's range, so no loss scaling) or
+            "float16" (GPUs without bf16; a gradient scaler then skips steps that overflow).
         checkpoint_dir: where `checkpoint.pt` is written (None: no checkpoints).
         checkpoint_every_steps: also checkpoint every N steps (default: end of each epoch only).
         resume: continue from `checkpoint_dir/checkpoint.pt`.
@@ -128,6 +134,7 @@ class DistillConfig:
     eval_mode: bool = True
     train_embeddings: bool = False
     amp: bool = False
+    amp_dtype: str = "bfloat16"
     checkpoint_dir: str | None = None
     checkpoint_every_steps: int | None = None
     resume: bool = False
@@ -156,6 +163,7 @@ def _check_shared(config) -> None:
     check_number("lr", config.lr, above=0)
     check_choice("optimizer", config.optimizer, OPTIMIZERS)
     check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+    check_choice("amp_dtype", config.amp_dtype, AMP_DTYPES)
     if config.schedule is not None and config.schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {config.schedule!r}")
     check_number("temperature", config.temperature, above=0)

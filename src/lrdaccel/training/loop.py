@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from lrdaccel._modules import unwrap
-from lrdaccel._settings import resolve
+from lrdaccel._settings import parse_device, resolve
 from lrdaccel.training.checkpoint import (
     CHECKPOINT_NAME,
     check_same_run,
@@ -47,7 +47,8 @@ from lrdaccel.training.config import RESUME_FREE, FinetuneConfig
 from lrdaccel.training.distributed import all_sum, default_device, process_group, rank_and_world
 from lrdaccel.training.freezer import SequentialFreezer
 from lrdaccel.training.history import EpochRecord, History
-from lrdaccel.training.task import LabelledTask, Task, amp_dtype
+from lrdaccel.measure.timer import synchronize
+from lrdaccel.training.task import LabelledTask, Task, amp_dtype, needs_grad_scaler
 
 
 def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = None,
@@ -64,7 +65,8 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
             logits, weighted by alpha, plus the task loss); never updated. Without labels, see
             `lrd.distill`.
         transform: applied to each input batch on the device (e.g. `lrdaccel.data.normalize`).
-        device: default: this process's CUDA device if there is one, else CPU.
+        device: default: this process's CUDA device if there is one, else CPU. AMP (amp=True) runs
+            bfloat16 autocast there, without a grad scaler (amp_dtype="float16" adds one).
         progress: tqdm bars (rank 0 only).
 
     Returns:
@@ -75,6 +77,8 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
         FileNotFoundError: resume=True without a checkpoint.
     """
     config = resolve(FinetuneConfig, config, settings, "finetune")
+    if device is not None:
+        parse_device(device)  # a device this machine lacks fails here, before any work
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
     with process_group():
@@ -88,7 +92,7 @@ class Run:
     def __init__(self, model: nn.Module, task: Task, config, device, progress: bool):
         self.config, self.task, self.progress = config, task, progress
         self.rank, self.world = rank_and_world()
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = parse_device(device) if device is not None else default_device()
         self.model = unwrap(model).to(self.device)
         if task.teacher is not None:
             task.teacher.to(self.device).eval()
@@ -107,8 +111,8 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_factor(config.lr_schedule, config.epochs * self.steps_per_epoch,
                                        getattr(config, "warmup_steps", 0)))
-        self.amp_dtype = amp_dtype(self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
+        self.amp_dtype = amp_dtype(config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(config))
         self.history = History()
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self._reset_running()
@@ -144,7 +148,7 @@ class Run:
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{config.epochs}",
                    disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
         self.task.train_mode(self.model)
-        start = time.perf_counter()
+        start = self._clock()
         try:
             while self.batch < self.steps_per_epoch:
                 chunk = indices[self.batch * per_step:(self.batch + 1) * per_step]
@@ -162,16 +166,16 @@ class Run:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 if config.max_steps is not None and self.global_step >= config.max_steps:
-                    self.running["train_seconds"] += time.perf_counter() - start
+                    self.running["train_seconds"] += self._clock() - start
                     self._save_checkpoint()
                     return False
                 if config.checkpoint_every_steps and self.global_step % config.checkpoint_every_steps == 0:
-                    self.running["train_seconds"] += time.perf_counter() - start
+                    self.running["train_seconds"] += self._clock() - start
                     self._save_checkpoint()
-                    start = time.perf_counter()
+                    start = self._clock()
         finally:
             bar.close()
-        self.running["train_seconds"] += time.perf_counter() - start
+        self.running["train_seconds"] += self._clock() - start
         return True
 
     def _train_step(self, batch) -> tuple[float, int]:
@@ -198,6 +202,12 @@ class Run:
         if self._ddp is None:
             self._ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         return self._ddp
+
+    def _clock(self) -> float:
+        """Wall time once the device has finished the work queued so far: CUDA runs
+        asynchronously, and a time read without waiting would miss the steps still running."""
+        synchronize(self.device)
+        return time.perf_counter()
 
     @property
     def _share(self) -> float:
@@ -227,12 +237,12 @@ class Run:
     def _evaluate(self) -> tuple[float | None, float | None, float]:
         if not self.task.has_evaluation:
             return None, None, 0.0
-        start = time.perf_counter()
+        start = self._clock()
         self.model.eval()
         loss_sum, score_sum, n = self.task.evaluate(self.model, self.device, self.rank, self.world)
         self.task.train_mode(self.model)
         loss_sum, score_sum, n = self._all_sum([loss_sum, score_sum, n])
-        return loss_sum / max(n, 1), score_sum / max(n, 1), time.perf_counter() - start
+        return loss_sum / max(n, 1), score_sum / max(n, 1), self._clock() - start
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -261,7 +271,7 @@ class Run:
                         "phases": []}
 
     def _config_dict(self) -> dict:
-        return {k: v for k, v in asdict(self.config).items() if k not in RESUME_FREE}
+        return _decisive(asdict(self.config))
 
     def _save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
@@ -295,7 +305,7 @@ class Run:
         path = self.checkpoint_path
         checkpoint = read_checkpoint(path, verb=self.task.verb)
         described = self.task.describe()
-        check_same_run(path, {**checkpoint["config"], **{k: checkpoint.get(k) for k in described}},
+        check_same_run(path, {**_decisive(checkpoint["config"]), **{k: checkpoint.get(k) for k in described}},
                        {**self._config_dict(), **described})
         try:
             self.model.load_state_dict(checkpoint["model"])
@@ -316,6 +326,17 @@ class Run:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def _decisive(config: dict) -> dict:
+    """The settings a resumed run must share with its checkpoint. The autocast dtype counts only
+    with AMP on; a checkpoint from before `amp_dtype` existed ran float16 on CUDA, bfloat16 on CPU."""
+    decisive = {k: v for k, v in config.items() if k not in RESUME_FREE}
+    if not decisive.get("amp"):
+        decisive.pop("amp_dtype", None)
+    elif "amp_dtype" not in decisive:
+        decisive["amp_dtype"] = "float16" if torch.cuda.is_available() else "bfloat16"
+    return decisive
 
 
 def _make_optimizer(params: list[nn.Parameter], config) -> torch.optim.Optimizer:

@@ -101,21 +101,30 @@ class LabelledTask(Task):
             inputs, labels = (t.to(device) for t in fetch_items(self.eval_data, indices[i:i + size])[:2])
             if self.transform is not None:
                 inputs = self.transform(inputs)
-            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=self.config.amp):
+            with torch.autocast(device.type, dtype=amp_dtype(self.config), enabled=self.config.amp):
                 logits = output_tensor(model(inputs)).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
         return loss_sum, correct, len(indices)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+def amp_dtype(config) -> torch.dtype:
+    """The autocast dtype of a run's config (FinetuneConfig or DistillConfig): bfloat16 unless it
+    asks for float16 (anything without `amp_dtype`, such as a device, gets bfloat16). bfloat16 has
+    float32's exponent range, so its gradients need no scaling."""
+    return getattr(torch, getattr(config, "amp_dtype", "bfloat16"))
+
+
+def needs_grad_scaler(config) -> bool:
+    """float16 autocast underflows small gradients without loss scaling; bfloat16 does not."""
+    return bool(config.amp) and amp_dtype(config) == torch.float16
 
 
 def fetch_items(dataset: Dataset, indices: list[int]):
     """A batch: one indexing call on a TensorDataset, else the default collate of the items."""
     if isinstance(dataset, TensorDataset):
-        return dataset[torch.as_tensor(indices, dtype=torch.long)]
+        # The indices live with the data (a TensorDataset may be on the GPU already).
+        return dataset[torch.as_tensor(indices, dtype=torch.long, device=dataset.tensors[0].device)]
     return default_collate([dataset[i] for i in indices])
 
 

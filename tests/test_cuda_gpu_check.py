@@ -1,0 +1,101 @@
+"""benchmarks/gpu_check.sh, the one prepared GPU run: its smoke run on the CPU writes every file
+the GPU run would, and its tables parse; the summary judges issue 21's targets from the numbers."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrdaccel.bench.schema import load_results
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+MICRO = ("hf-resnet-micro", "hf-vit-micro")
+PHASES = ("eager-big", "eager-small", "compile-big")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src")}
+
+
+@pytest.mark.slow
+def test_the_smoke_run_writes_every_output_and_its_tables_parse(tmp_path):
+    out = tmp_path / "gpu_out"
+    done = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(out)], env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("machine.md", "machine.json", "steps.tsv", "summary.md", "summary.json", "tests.xml", "log.txt",
+                 "timing_cache.json"):
+        assert (out / name).is_file(), name
+    with open(out / "steps.tsv", newline="") as handle:
+        steps = {row["step"]: row for row in csv.DictReader(handle, delimiter="\t")}
+    expected = ["facts", "tests", "race"] + [f"{phase}/{model}" for phase in PHASES for model in MICRO]
+    assert sorted(steps) == sorted(expected)
+    assert all(steps[name]["status"] == "ok" for name in expected if name != "race")
+    assert steps["race"]["status"] in ("ok", "skipped")  # skipped, saying why, where `lrdaccel race` is missing
+    if steps["race"]["status"] == "ok":
+        assert (out / "race" / "results.json").is_file() and "## Race" in (out / "summary.md").read_text()
+    else:
+        assert "lrdaccel race --help fails" in steps["race"]["note"]
+    assert json.loads((out / "summary.json").read_text())["ok"] is True
+
+    summary = (out / "summary.md").read_text()
+    for phase in PHASES:
+        for model in MICRO:
+            (entry,) = load_results(out / "bench" / f"{phase}-{model}" / "results.json")["models"]
+            assert entry["name"] == model and f"`bench/{phase}-{model}`" in summary
+            rows = [row["variant"] for row in entry["rows"]]
+            assert ("lrd_merge" in rows) == (model == "hf-resnet-micro")  # the ViT has no bottleneck to merge
+            if phase == "compile-big":
+                assert entry["runtime"] == "compile" and entry["compile_mode"] == "reduce-overhead"
+                assert entry["ranks_searched_in"] == "eager" and "train_ratio" not in entry["rows"][0]
+            else:
+                assert entry["runtime"] == "eager" and len(rows) == (7 if model == "hf-resnet-micro" else 6)
+    results = load_results(out / "bench" / "eager-big-hf-resnet-micro" / "results.json")
+    assert results["config"]["autocast_bf16"] and results["config"]["channels_last"]
+    assert results["config"]["batch_size"] == 4
+    assert "no GPU figures" in summary and "targets" not in summary
+
+
+def test_the_summary_judges_the_targets_from_the_gpu_numbers(tmp_path):
+    from gpu_summary import summary
+
+    results = json.loads((ROOT / "tests" / "data" / "bench_results.json").read_text())
+    results["config"]["batch_size"] = 256
+    model = results["models"][0]
+    model.update(runtime="eager", batch_size=256)
+    rows = {row["variant"]: row for row in model["rows"]}
+    merged = copy.deepcopy(rows["lrd"])
+    merged.update(variant="lrd_merge", label="LRD + merging")
+    model["rows"].append(merged)
+    for row, train, infer in ((rows["lrd_both"], 1.7, 1.2), (merged, 1.5, 1.45)):
+        for key, value in (("train_ratio", train), ("infer_ratio", infer)):
+            row[key] = {"min": value - 0.01, "median": value, "max": value + 0.01, "values": [value - 0.01, value,
+                                                                                               value + 0.01]}
+    (tmp_path / "bench" / "eager-big-resnet50").mkdir(parents=True)
+    (tmp_path / "bench" / "eager-big-resnet50" / "results.json").write_text(json.dumps(results))
+    text, ok = summary(tmp_path, smoke=False)
+    assert ok
+    assert "| resnet50 eager b256 lrd_both train >= 1.60x | 1.70x (1.69-1.71) | met |" in text
+    assert "| resnet50 eager b256 lrd_both infer >= 1.37x | 1.20x (1.19-1.21) | MISSED |" in text
+    assert "| resnet50 eager b256 lrd_merge infer >= 1.41x | 1.45x (1.44-1.46) | met |" in text
+    assert "| vit-b16 eager b256 lrd_both train >= 1.30x | - | not measured |" in text
+
+
+def test_without_a_gpu_the_gpu_run_refuses_and_points_to_the_smoke_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "out")], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "--smoke" in done.stderr
+    bad = subprocess.run(["bash", str(SCRIPT), "--fast"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option --fast" in bad.stderr
