@@ -61,11 +61,12 @@ def build_lrd(options: dict, model: nn.Module, context: BuildContext) -> Built:
         return name in keep or bool(pattern and re.fullmatch(pattern, name))
 
     calibration = context.calibration[:options["calibration"]]
-    labels = context.calibration_labels[:options["calibration"]]
     allocating = options["allocate"] == "sensitivity"
+    # Sensitivity is measured against the starting model's own outputs (distillation Fisher), not the
+    # task loss: a race's head is often new, and a random head's loss says nothing about a layer.
     plan = make_plan(model, ratio=options["ratio"], exclude=excluded, merge=options["merge"],
                      example_inputs=context.example_inputs,
-                     **({"allocate": "sensitivity", "calibration": calibration, "labels": labels} if allocating else {}))
+                     **({"allocate": "sensitivity", "calibration": calibration} if allocating else {}))
     if options["optimize"] != "none":
         plan = optimize_ranks(model, plan, context.example_inputs, objective=options["optimize"])
     needs_batches = options["method"] == "whiten" or options["merge"]
