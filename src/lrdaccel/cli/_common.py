@@ -190,13 +190,18 @@ def load_model(args: argparse.Namespace, check_input: bool = False) -> tuple[nn.
             raise missing_from(error, f"--model {args.model}") from None
         example = spec.example_inputs(args.batch_size, args.input_shape)
     if args.weights:
-        _load_weights(model, args.weights)
+        load_weights(model, args.weights)
     if check_input:
         _check_input(model, example, args)
     return model, example
 
 
-def _load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, path: str) -> None:
+    """--weights: a safetensors state dict that must fit `model` exactly.
+
+    Raises:
+        ValueError: no such file, not safetensors, or tensors missing, unexpected or misshapen.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

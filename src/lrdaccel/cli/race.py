@@ -28,7 +28,7 @@ import argparse
 from pathlib import Path
 
 from lrdaccel import zoo
-from lrdaccel.cli._common import _load_weights, check_outputs, positive_int, threads_type
+from lrdaccel.cli._common import load_weights, check_outputs, positive_int, threads_type
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.measure.machine import busy_warning, set_threads
 from lrdaccel.racing.api import RESULTS_NAME
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     base = None
     if args.weights:
         base = zoo.get(args.model).build()
-        _load_weights(base, args.weights)
+        load_weights(base, args.weights)
     results = race_on_task(args.model, args.task, args.variants, config=config, base=base,
                            image_size=args.image_size, max_length=args.max_length, train_limit=args.train_limit,
                            eval_limit=args.eval_limit, out=args.out, progress=not args.no_progress)
