@@ -186,3 +186,19 @@ def test_peers_race_beside_lrd_at_its_parameters():
     assert adapted["params"] == 1.0  # served merged: the original's architecture
     assert adapted["trainable_params"] < original["trainable_params"] / 4
     assert all(key in row for row in results["variants"] for key in FIELDS)
+
+
+def test_a_plan_made_beforehand_and_the_trained_models_handed_back(tmp_path):
+    model = mlp()
+    plan = lrd.plan(model, ranks={"0": 8, "2": 16})
+    plan.save(tmp_path / "plan.json")
+    trained = {}
+    results = race(model, blobs(96, 0), blobs(40, 1), parse_variants(f"original,lrd(plan='{tmp_path / 'plan.json'}'"
+                   f",method=svd)"), progress=False, trained=trained, **QUICK, max_steps=2)
+    name = results["variants"][1]["name"]
+    assert results["variants"][1]["notes"]["ranks"] == {"0": 8, "2": 16}
+    assert set(trained) == {"original", name} and trained[name][0].rank == 8 and not trained[name].training
+    with pytest.raises(ValueError, match="plan= gives the ranks; \\['ratio'\\] would plan them again"):
+        parse_variants(f"original,lrd(plan='{tmp_path / 'plan.json'}',ratio=3)")
+    with pytest.raises(FileNotFoundError):
+        parse_variants("original,lrd(plan='nowhere.json')")

@@ -37,7 +37,8 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
          variants: str | Sequence[VariantSpec] = "original,lrd", *, config: RaceConfig | None = None,
          keep: Sequence[str] = (), classes: Sequence[str] | None = None,
          transform: Callable[[torch.Tensor], torch.Tensor] | None = None, out: str | Path | None = None,
-         describe: dict | None = None, progress: bool = True, **settings: Any) -> dict:
+         describe: dict | None = None, progress: bool = True, trained: dict[str, nn.Module] | None = None,
+         **settings: Any) -> dict:
     """Race the variants from `model`; return the results (and write them to `out`).
 
     Args:
@@ -55,6 +56,8 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
         out: a folder for results.json, report.md and race.png (created; checked before work).
         describe: extra fields for the results (model and task names).
         progress: tqdm bars.
+        trained: a dict that receives each variant's trained model, as served, by name (the last
+            seed's), for what comes after the race (saving, exporting, more timing).
 
     Returns:
         The results dict (lrdaccel.racing.results): target_accuracy, variants with params,
@@ -77,7 +80,7 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
     seeds = []
     for seed in range(config.seed, config.seed + config.seeds):
         start, start_keep = model(seed) if callable(model) and not isinstance(model, nn.Module) else (model, keep)
-        seeds.append(run_seed(start, data, specs, config, seed, list(start_keep), progress=progress))
+        seeds.append(run_seed(start, data, specs, config, seed, list(start_keep), progress=progress, trained=trained))
     results = combine(seeds, {**new_header(dataclasses.asdict(config), config.device), **(describe or {})})
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -55,10 +55,12 @@ class _Contestant:
 
 
 def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config: RaceConfig, seed: int,
-             keep: list[str], *, progress: bool = True, clock: Clock = time.perf_counter) -> dict:
+             keep: list[str], *, progress: bool = True, clock: Clock = time.perf_counter,
+             trained: dict[str, nn.Module] | None = None) -> dict:
     """Race every variant of `specs` from `start` (not changed) on `data`; the results of this seed.
 
-    `keep`: module names no variant compresses (the classifier's new head)."""
+    `keep`: module names no variant compresses (the classifier's new head). `trained`, where
+    given, receives each variant's served model after training, by name."""
     placement = Placement.default_for(config.device, autocast_bf16=config.amp, channels_last=False)
     device = torch.device(config.device)
     steps = config.steps(data.size("train"))
@@ -100,6 +102,8 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
             bar.set_postfix({c.spec.name[:12]: f"{c.curve[-1][2]:.1f}" for c in contestants[:4]})
         bar.update(1)
     bar.close()
+    if trained is not None:
+        trained.update({contestant.spec.name: _served(contestant) for contestant in contestants})
     return _results(contestants, start, data, config, placement, seed, steps)
 
 
@@ -240,7 +244,8 @@ def _results(contestants: list[_Contestant], start: nn.Module, data: RaceData, c
         rows.append({
             "name": contestant.spec.name,
             "kind": contestant.spec.kind,
-            "options": contestant.spec.options,
+            "options": {key: value if isinstance(value, (str, int, float, bool)) else type(value).__name__
+                        for key, value in contestant.spec.options.items()},
             "params": count_params(served) / start_params,
             "param_count": count_params(served),
             "trainable_params": sum(p.numel() for p in contestant.built.model.parameters() if p.requires_grad),
