@@ -204,5 +204,5 @@ def test_a_meta_model_or_teacher_is_refused_before_any_work(pair, images):
     with torch.device("meta"):
         meta = small_cnn()
     for model, other, role in ((meta, teacher, "model"), (student, meta, "teacher")):
-        with pytest.raises(ValueError, match=f"distill: the {role}'s .* is on the meta device"):
+        with pytest.raises(ValueError, match=f"distill: the {role}: .* is on the meta device"):
             distill(model, other, images[0], progress=False)

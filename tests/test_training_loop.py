@@ -167,3 +167,12 @@ def test_bad_settings(decomposed, digits):
         FinetuneConfig(resume=True)
     with pytest.raises(ValueError, match=r"unknown finetune settings \['epoch'\]"):
         finetune(decomposed, *digits, epoch=3)
+
+
+def test_meta_weights_are_refused_before_any_work():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images = torch.randn(8, 1, 28, 28)
+    dataset = torch.utils.data.TensorDataset(images, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="finetune: 1.weight is on the meta device"):
+        lrd.finetune(model, dataset, epochs=1, schedule=None)

@@ -163,3 +163,14 @@ def kept_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def check_real_weights(model: nn.Module, verb: str, need: str = "load real weights first") -> None:
+    """Refuse a model with a parameter or buffer on the meta device (shapes only, no values).
+
+    Raises:
+        ValueError: "<verb>: <tensor> is on the meta device (no values); <need>".
+    """
+    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{verb}: {meta} is on the meta device (no values); {need}")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import kept_modes, model_device, move_inputs, unwrap
+from lrdaccel._modules import check_real_weights, kept_modes, model_device, move_inputs, unwrap
 from lrdaccel.calibration.batches import call_batch, check_calibration
 from lrdaccel.calibration.passes import hooked
 
@@ -105,11 +105,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], *, progress:
             layer); every statistic is then as it was.
     """
     model = unwrap(model)
-    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta),
-                None)
-    if meta is not None:
-        raise ValueError(f"recalibrate_batchnorm: {meta} is on the meta device (no values); re-estimating "
-                         f"statistics needs real weights")
+    check_real_weights(model, "recalibrate_batchnorm", "re-estimating statistics needs real weights")
     check_calibration(batches)
     layers = batchnorm_layers(model)
     if not layers:

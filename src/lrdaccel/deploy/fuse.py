@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrdaccel._modules import parent_and_attr, unwrap
+from lrdaccel._modules import check_real_weights, parent_and_attr, unwrap
 from lrdaccel.deploy.fuse_evidence import compare, observe, rerun
 from lrdaccel.deploy.fuse_pairs import Pair, find_pairs
 from lrdaccel.deploy.fuse_rules import fold_target, tensors_of
@@ -129,10 +129,8 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(f"fuse_batchnorm folds eval-mode BatchNorm only (in training mode it normalises with "
                          f"batch statistics, which no conv weight can reproduce); call model.eval() first. In "
                          f"training mode: {', '.join(training[:5])}{' ...' if len(training) > 5 else ''}")
-    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
-    if meta is not None:
-        raise ValueError(f"fuse_batchnorm: {meta} is on the meta device (no values); folding needs real weights "
-                         f"(load them first, e.g. model.to_empty(device=...) and load_state_dict)")
+    check_real_weights(model, "fuse_batchnorm", "folding needs real weights (load them first, e.g. "
+                       "model.to_empty(device=...) and load_state_dict)")
 
 
 def _observe(model: nn.Module, example_inputs: Any, pairs: list[Pair]):

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from lrdaccel._files import atomic_write, check_output_path
-from lrdaccel._modules import call_model, describe_inputs, model_dtype, move_inputs, output_tensor, unwrap
+from lrdaccel._modules import (call_model, check_real_weights, describe_inputs, model_dtype, move_inputs, output_tensor,
+                               unwrap)
 from lrdaccel._settings import check_number, resolve
 from lrdaccel.deploy.fuse import FuseReport, fuse_batchnorm
 from lrdaccel.deploy.onnx_session import export_program, feeds, flat_inputs, make_session, onnxruntime, run_session
@@ -139,7 +140,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if model.training:
         raise ValueError("export_onnx exports the inference graph: call model.eval() first")
     flat_inputs(example_inputs)  # every input is a tensor, before any work
-    _check_weights(model)
+    check_real_weights(model, "export_onnx")
     onnxruntime()  # every package the export and the check need, before any work
     inputs = move_inputs(example_inputs, "cpu")
     exported = cpu_copy(model) if config.fuse or _off_cpu(model) else model
@@ -162,12 +163,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     atomic_write(path, write_and_check)
     report.export_seconds = time.perf_counter() - began
     return report
-
-
-def _check_weights(model: nn.Module) -> None:
-    meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
-    if meta is not None:
-        raise ValueError(f"export_onnx: {meta} is on the meta device (no values); load real weights first")
 
 
 def _off_cpu(model: nn.Module) -> bool:

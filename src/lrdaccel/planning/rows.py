@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping
 
+from lrdaccel._files import atomic_write
 from lrdaccel._version import __version__
 from lrdaccel.factorize.branched import branched_params
 from lrdaccel.factorize.ranks import Rank, layer_cost, weight_params
@@ -296,8 +298,9 @@ class Plan:
         return cls.from_dict(data, source)
 
     def save(self, path) -> None:
-        with open(path, "w") as handle:
-            handle.write(self.to_json() + "\n")
+        """Written whole or not at all (atomically; missing folders created)."""
+        text = self.to_json() + "\n"
+        atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
     @classmethod
     def load(cls, path) -> "Plan":

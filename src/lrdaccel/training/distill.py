@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrdaccel._modules import call_model, kept_modes, move_inputs, output_tensor, unwrap
+from lrdaccel._modules import call_model, check_real_weights, kept_modes, move_inputs, output_tensor, unwrap
 from lrdaccel._settings import resolve
 from lrdaccel.calibration.batches import token_mask
 from lrdaccel.training.config import DistillConfig
@@ -83,9 +83,7 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Iterable[Any], config
     held_out = None if eval_batches is None else list(eval_batches)
     model = unwrap(model)
     for role, net in (("model", model), ("teacher", unwrap(teacher))):
-        meta = next((name for name, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta), None)
-        if meta is not None:
-            raise ValueError(f"distill: the {role}'s {meta} is on the meta device (no values); load real weights first")
+        check_real_weights(net, f"distill: the {role}")
     frozen = [] if config.train_embeddings else [
         m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
     task = _Distillation(batches, held_out, teacher, model, config)

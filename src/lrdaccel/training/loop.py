@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from lrdaccel._modules import unwrap
+from lrdaccel._modules import check_real_weights, unwrap
 from lrdaccel._settings import parse_device, resolve
 from lrdaccel.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -73,7 +73,8 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
         History: one EpochRecord per finished epoch (restored ones included after a resume).
 
     Raises:
-        ValueError: a bad setting, a checkpoint of another run or model, an empty dataset.
+        ValueError: a bad setting, a checkpoint of another run or model, an empty dataset, weights
+            on the meta device.
         FileNotFoundError: resume=True without a checkpoint.
     """
     config = resolve(FinetuneConfig, config, settings, "finetune")
@@ -81,6 +82,9 @@ def finetune(model: nn.Module, train_data: Dataset, eval_data: Dataset | None = 
         parse_device(device)  # a device this machine lacks fails here, before any work
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
+    check_real_weights(unwrap(model), "finetune")
+    if teacher is not None:
+        check_real_weights(unwrap(teacher), "finetune: the teacher")
     with process_group():
         task = LabelledTask(train_data, eval_data, teacher, transform, config)
         return Run(model, task, config, device, progress).run()
