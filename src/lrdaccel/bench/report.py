@@ -334,7 +334,7 @@ def demo_plot(results: Mapping, path: Path) -> Path:
     right.set_ylabel("test accuracy (%)")
     right.set_title(f"{results['model']} on {results['dataset']['name']}")
     right.legend()
-    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
