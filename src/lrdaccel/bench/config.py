@@ -161,7 +161,8 @@ class BenchConfig:
             unknown = [key for key in self.variants if key not in VARIANT_KEYS]
             if unknown or not self.variants:
                 raise ValueError(f"variants: choose among {', '.join(VARIANT_KEYS)}; got {self.variants}")
-        if isinstance(self.peers, str) or any(kind not in PEERS for kind in self.peers) or len(set(self.peers)) != len(self.peers):
+        if (isinstance(self.peers, str) or any(kind not in PEERS for kind in self.peers)
+                or len(set(self.peers)) != len(self.peers)):
             raise ValueError(f"peers: choose among {', '.join(PEERS)}, each at most once; got {self.peers}")
         for kind in self.peers:
             require_peers(kind, f"peers {kind!r}")  # before any work: MissingDependency with the pip hint

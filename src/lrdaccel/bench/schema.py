@@ -3,7 +3,8 @@
 Two kinds share a header (format, version, lrdaccel_version, created, machine, config):
 "lrdaccel.bench" (the throughput table: models -> rows, one entry per model and runtime; "best":
 our best against the original's best across runtimes; a peer's row, such as channel pruning at
-LRD's parameters, has the same fields as the others and a "peer" object saying how it was built) and "lrdaccel.demo" (the demo run).
+LRD's parameters, has the same fields as the others and a "peer" object saying how it was built)
+and "lrdaccel.demo" (the demo run).
 A ratio spread is {"min", "median", "max", "values"} with min <= median <= max. Version 1 files
 (before runtimes) are read as eager throughout.
 """

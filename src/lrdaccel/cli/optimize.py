@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "and the other plan options")
     search = parser.add_argument_group("rank search")
     add_config_args(search, SearchSettings, [f.name for f in dataclasses.fields(SearchSettings)],
-                    choices={"objective": OBJECTIVES, "runtime": RUNTIMES, "rule": RULES, "compile_mode": COMPILE_MODES})
+                    choices={"objective": OBJECTIVES, "runtime": RUNTIMES, "rule": RULES,
+                             "compile_mode": COMPILE_MODES})
     parser.add_argument("--device", help="where to time, e.g. cpu, cuda, cuda:1 (default: the model's, cpu); the "
                                          "layers are copied there")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
