@@ -7,9 +7,9 @@ MACs, inference throughput, training throughput (averaged over the freezing phas
 ratio to the original in the same runtime, with min/median/max over interleaved repeats (A B A B
 ...). One table per runtime (--runtime eager,compile,onnxruntime; ranks optimized for each unless
 --rank-runtime; onnxruntime runs inference only; --compile-mode reduce-overhead or max-autotune for
-what GPU users run), and one line comparing our best (decomposed, in its fastest runtime) with the original in its
-fastest runtime. Writes results.json, report.md (the tables) and report.png (bar chart) into
---out, and the time-vs-rank staircase of a [512,512,3,3] conv.
+what GPU users run), and one line comparing our best (decomposed, in its fastest runtime) with
+the original in its fastest runtime. Writes results.json, report.md (the tables) and report.png
+(bar chart) into --out, and the time-vs-rank staircase of a [512,512,3,3] conv.
 """
 
 from __future__ import annotations
