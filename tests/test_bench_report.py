@@ -145,3 +145,31 @@ def test_a_compile_table_names_its_mode_and_where_ranks_were_searched(bench, tmp
     assert "ranks searched in `eager`" in text
     assert "Merging: 6 bottlenecks merged into three narrower convs, 3 other layers at ratio ranks." in text
     assert write_report(bench, tmp_path)["plot"].read_bytes().startswith(PNG_SIGNATURE)
+
+
+def _with_pruning_row(bench):
+    """The fixture's first table with a channel pruning row (bench --peers prune), as the bench writes it."""
+    results = copy.deepcopy(bench)
+    rows = results["models"][0]["rows"]
+    row = copy.deepcopy(rows[1])
+    row.update(variant="prune", label="channel pruning (torch-pruning) at LRD's parameters", plan="ratio",
+               schedule=None, infer_measured_as="prune", params=row["params"] + 1000,
+               peer={"kind": "prune", "importance": "magnitude (L2)", "matched_to": "LRD (ratio ranks)",
+                     "target_params": row["params"], "params": row["params"] + 1000, "pruning_ratio": 0.3125,
+                     "trials": 4, "seconds": 4.3, "kept": {"classifier.1": "its output leaves the model"}})
+    rows.append(row)
+    return results
+
+
+def test_a_pruning_row_is_checked_drawn_and_explained(bench, tmp_path):
+    results = check_results(_with_pruning_row(bench))
+    text = render_markdown(results)
+    assert "| channel pruning (torch-pruning) at LRD's parameters | 0.503x |" in text
+    assert ("channel pruning (torch-pruning) at LRD's parameters: torch-pruning, magnitude (L2) importance, 31.2% of "
+            "every prunable group's channels removed (kept whole: `classifier.1`); 12,851,000 parameters for LRD "
+            "(ratio ranks)'s 12,850,000 (+0.0%), found in 4 trials, 4 s.") in text
+    assert write_report(results, tmp_path)["plot"].read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(ValueError, match=r"models\[0\].rows\[6\].peer: missing \['target_params'\]"):
+        check_results(_broken(results, ("models", 0, "rows", 6, "peer", "target_params"), KeyError))
+    with pytest.raises(ValueError, match=r"rows\[6\].peer.pruning_ratio: expected a fraction in \[0, 1\)"):
+        check_results(_broken(results, ("models", 0, "rows", 6, "peer", "pruning_ratio"), 1.5))

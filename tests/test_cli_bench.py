@@ -1,6 +1,7 @@
 """`lrdaccel bench --quick` end to end on the smallest zoo model: well-formed results, exact counts."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -130,3 +131,75 @@ def test_merging_row_and_chosen_variants(tmp_path):
     assert sum(isinstance(m, MergedConv2d) for m in merged.modules()) == 3 * 6
     assert rows["lrd_merge"]["schedule"] is None and rows["lrd_merge"]["train_phases"] == 1
     assert "| LRD + merging |" in (out / "report.md").read_text()
+
+
+PEER_RUN = ["--quick", "--models", "resnet-mini", "--peers", "prune", "--variants", "lrd_opt", "--repeats", "1",
+            "--batch-size", "2", "--min-run-time", "0", "--rank-budget", "0.2", "--rank-min-run-time", "0.01",
+            "--no-profile", "--timing-cache", "none", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_peers_prune_rows_in_every_runtime(tmp_path, capsys):
+    """--peers prune: channel pruning at the LRD plans' parameters is a row of every runtime's
+    table, with the fields every row has (training where the runtime trains)."""
+    from lrdaccel import peers
+
+    out = tmp_path / "bench"
+    assert main(["bench", *PEER_RUN, "--runtimes", "eager,onnxruntime", "--rank-runtime", "eager",
+                 "--out", str(out)]) == 0
+    results = load_results(out / "results.json")  # the schema accepts the rows
+    assert results["config"]["peers"] == ["prune"]
+    spec = zoo.get("resnet-mini")
+    original = spec.build()
+    lrd_params = peers.lrd_params(original, lrd.plan(original, ratio=2.0))
+    for model in results["models"]:
+        rows = {row["variant"]: row for row in model["rows"]}
+        assert list(rows)[:2] == ["original", "lrd_opt"] and "prune" in rows, model["runtime"]
+        for key in ("prune", "prune_opt"):
+            if key not in rows:  # the search kept the ratio plan's parameters: the note says so
+                assert any("the same as the row at LRD's parameters" in note for note in model["notes"])
+                continue
+            assert set(rows[key]) - {"peer"} == set(rows["lrd_opt"]) - {"peer"}
+            assert rows[key]["schedule"] is None and rows[key]["peer"]["kind"] == "prune"
+        assert abs(rows["prune"]["params"] / lrd_params - 1) <= 0.02
+        if "prune_opt" in rows:
+            assert abs(rows["prune_opt"]["params"] / rows["lrd_opt"]["params"] - 1) <= 0.02
+        assert ("train_ratio" in rows["prune"]) == (model["runtime"] == "eager")
+    report = (out / "report.md").read_text()
+    assert report.count("| channel pruning (torch-pruning) at LRD's parameters |") == 2
+    assert "of every prunable group's channels removed" in report
+
+
+def test_peers_prune_without_the_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import lrdaccel.cli.bench as bench_cli
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    monkeypatch.setattr(bench_cli, "run_bench", lambda *a, **k: pytest.fail("work started"))
+    assert main(["bench", *PEER_RUN, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lrdaccel bench: error: --peers prune needs the peers extra (torch-pruning is not installed): "
+                   "pip install lrdaccel[peers]\n")
+    assert not (tmp_path / "out").exists()
+    assert main(["bench", "--quick", "--peers", "lora", "--out", str(tmp_path / "out")]) == 2
+    assert "peers: choose among prune" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_torch_pruning_refuses_has_a_note_and_the_rest_of_the_table(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+
+    def tiny_gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                                     n_positions=16))
+
+    monkeypatch.setattr(zoo, "_SPECS", zoo._SPECS + [zoo.ModelSpec("gpt2-tiny", "GPT-2, 1 layer, 32 wide", tiny_gpt2,
+                                                                    (8,), kind="tokens", vocab_size=64)])
+    out = tmp_path / "bench"
+    run = [arg if arg != "resnet-mini" else "gpt2-tiny" for arg in PEER_RUN]
+    assert main(["bench", *run, "--variants", "lrd", "--no-train", "--out", str(out)]) == 0
+    (model,) = load_results(out / "results.json")["models"]
+    assert [row["variant"] for row in model["rows"]] == ["original", "lrd"]
+    (note,) = [note for note in model["notes"] if "channel pruning" in note]
+    assert "n/a, cannot prune GPT2LMHeadModel" in note and "Conv1D" in note
+    assert f"Note: {note}." in (out / "report.md").read_text()

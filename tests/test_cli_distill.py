@@ -79,3 +79,14 @@ def test_bad_arguments(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["distill", "--model", FACTORY, "--ratio", "1.5", "-o", str(tmp_path / "file"), *COMMON]) == 2
     assert "--output" in capsys.readouterr().err
+
+
+def test_amp_dtype_reaches_the_run(tmp_path, capsys):
+    """--amp-dtype float16 is DistillConfig.amp_dtype: the run autocasts in float16 with a grad scaler."""
+    checkpoints = tmp_path / "ckpt"
+    assert main(["distill", "--model", FACTORY, "--ratio", "1.5", "--min-rank", "1", "--amp", "--amp-dtype",
+                 "float16", "--max-steps", "1", "--checkpoint-dir", str(checkpoints), *COMMON]) == 0
+    state = torch.load(checkpoints / "checkpoint.pt", weights_only=True)
+    assert state["config"]["amp_dtype"] == "float16" and state["scaler"]
+    assert main(["distill", "--model", FACTORY, "--ratio", "1.5", "--amp-dtype", "float8", *COMMON]) == 2
+    assert "--amp-dtype: invalid choice 'float8' (choose from bfloat16, float16)" in capsys.readouterr().err

@@ -69,3 +69,14 @@ def test_help_explains_every_option():
     text = sub.format_help()
     for option in ("--freeze", "--every-steps", "--distill", "--amp", "--checkpoint-dir", "--resume", "--output"):
         assert option in text
+
+
+def test_amp_dtype_reaches_the_run(tmp_path, capsys):
+    """--amp-dtype float16 is FinetuneConfig.amp_dtype: the run autocasts in float16 with a grad scaler."""
+    checkpoints = tmp_path / "ckpt"
+    assert main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--min-rank", "1", "--amp", "--amp-dtype",
+                 "float16", "--max-steps", "1", "--checkpoint-dir", str(checkpoints), *COMMON]) == 0
+    state = torch.load(checkpoints / "checkpoint.pt", weights_only=True)
+    assert state["config"]["amp_dtype"] == "float16" and state["scaler"]  # the scaler float16 needs ran
+    assert main(["finetune", "--model", FACTORY, "--amp-dtype", "float8", *COMMON]) == 2
+    assert "--amp-dtype: invalid choice 'float8' (choose from bfloat16, float16)" in capsys.readouterr().err

@@ -81,3 +81,20 @@ def test_plan_file_is_json(tmp_path):
     path = tmp_path / "plan.json"
     main(["optimize", *MODEL, *FAST, "--no-cache", "--check-rounds=0", "-o", str(path)])
     assert json.loads(path.read_text())["format"] == "lrdaccel.plan"
+
+
+def test_compile_mode_reaches_the_search_and_the_whole_model_check(tmp_path, monkeypatch, capsys):
+    """--compile-mode is SearchSettings.compile_mode: recorded in the plan, and the whole-model
+    comparison compiles in the same mode as the search."""
+    import lrdaccel.cli.optimize as optimize_cli
+
+    seen = {}
+    real = optimize_cli.compare_end_to_end
+    monkeypatch.setattr(optimize_cli, "compare_end_to_end",
+                        lambda *args, **kwargs: seen.update(kwargs) or real(*args, **kwargs))
+    path = tmp_path / "plan.json"
+    assert main(["optimize", *MODEL, *FAST, "--no-cache", "--compile-mode=reduce-overhead", "-o", str(path)]) == 0
+    assert lrd.Plan.load(path).meta["rank_optimization"]["compile_mode"] == "reduce-overhead"
+    assert seen["compile_mode"] == "reduce-overhead"
+    assert main(["optimize", *MODEL, "--compile-mode=fastest"]) == 2
+    assert "--compile-mode: invalid choice 'fastest'" in capsys.readouterr().err

@@ -30,6 +30,22 @@ def test_require_peers_names_the_extra(kind, module, monkeypatch):
         peers.require_peers(kind)
 
 
+def test_the_extra_is_in_the_registry_and_a_missing_one_is_a_one_line_user_error(monkeypatch):
+    """lrdaccel._extras knows the peers extra like every other one, and the error is also a
+    ValueError: the CLI reports it in one line (exit 2)."""
+    from lrdaccel._extras import EXTRAS, MissingDependency, install_hint
+    from lrdaccel.peers._extra import MODULES
+
+    assert set(MODULES.values()) <= set(EXTRAS["peers"])
+    assert install_hint("torch_pruning") == install_hint("peft") == "pip install lrdaccel[peers]"
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(MissingDependency, match=r"^--peers prune needs the peers extra \(torch-pruning is not "
+                                                r"installed\): pip install lrdaccel\[peers\]$") as error:
+        peers.require_peers("prune", what="--peers prune")
+    assert isinstance(error.value, ValueError)
+    assert peers.require_peers("lora") is not None  # pruning's package missing does not stop LoRA
+
+
 def test_prune_without_torch_pruning_fails_before_any_work(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
     with pytest.raises(ImportError, match=MESSAGE):

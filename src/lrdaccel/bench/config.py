@@ -10,6 +10,7 @@ from lrdaccel.factorize.ranks import check_ratio
 from lrdaccel.measure.runtimes import RUNTIMES, check_compile_mode, check_runtime
 from lrdaccel.measure.steps import Placement
 from lrdaccel.measure.timer import OBJECTIVES
+from lrdaccel.peers._extra import require_peers
 
 FULL_MODELS = ("resnet50", "resnet101", "resnet152", "vit-b16")
 QUICK_MODELS = ("resnet-mini", "vit-tiny")
@@ -28,6 +29,8 @@ class Variant:
             bottlenecks merged into three narrower convs, the other layers at ratio ranks).
         schedule: SequentialFreezer schedule while training, None for no freezing.
         infer_as: the row whose inference measurement this one shares (same inference graph).
+        peer: for a peer's row (what users would pick instead of LRD), its kind ("prune"); its
+            `plan` is then the LRD plan whose whole-model parameters it is matched to.
     """
 
     key: str
@@ -35,6 +38,7 @@ class Variant:
     plan: str | None = None
     schedule: str | None = None
     infer_as: str | None = None
+    peer: str | None = None
 
 
 INFER_OURS = ("lrd", "lrd_opt", "lrd_merge")  # distinct inference graphs of ours (freezing rows share them)
@@ -49,6 +53,15 @@ VARIANTS = (
     Variant("lrd_merge", "LRD + merging", plan="merged"),
 )
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
+PEERS = ("prune",)  # LoRA is no speed peer: it is served merged, as the original
+# Channel pruning matched to each LRD plan the table measures: ratio ranks always; the optimized
+# plan where "+ rank optimization" is a row, since the search moves the parameter count (layers
+# kept whole, ranks snapped to steps) and that row deserves a peer of its own size.
+PEER_VARIANTS = (
+    Variant("prune", "channel pruning (torch-pruning) at LRD's parameters", plan="ratio", peer="prune"),
+    Variant("prune_opt", "channel pruning (torch-pruning) at LRD + rank optimization's parameters",
+            plan="optimized", peer="prune"),
+)
 
 
 @dataclass
@@ -85,6 +98,12 @@ class BenchConfig:
             no file, or a path.
         rank_budget_s: seconds rank optimization may spend timing each distinct layer.
         rank_min_run_time: seconds of repeated calls per layer timing in the rank search.
+        peers: what users would pick instead, as rows of every table: "prune" adds channel
+            pruning (torch-pruning, magnitude importance) at the whole-model parameters of
+            "LRD (ratio ranks)", and of "LRD + rank optimization" where that is a row and the
+            search moved its parameters by more than 2%. Needs `pip install lrdaccel[peers]`
+            (checked here, before any work); a model torch-pruning cannot prune (GPT-2's Conv1D)
+            has no pruning row, with a note saying why.
         profile: record the top operators of one inference and one training cycle of the
             original and of "LRD + both" (torch.profiler), to explain the ratios.
         quick: a fast look; recorded in the results.
@@ -101,6 +120,7 @@ class BenchConfig:
     compile_mode: str = "default"
     rank_runtime: str | None = None
     variants: list[str] | None = None
+    peers: list[str] = field(default_factory=list)
     train: bool = True
     device: str = "cpu"
     autocast_bf16: bool | None = None
@@ -141,6 +161,11 @@ class BenchConfig:
             unknown = [key for key in self.variants if key not in VARIANT_KEYS]
             if unknown or not self.variants:
                 raise ValueError(f"variants: choose among {', '.join(VARIANT_KEYS)}; got {self.variants}")
+        if (isinstance(self.peers, str) or any(kind not in PEERS for kind in self.peers)
+                or len(set(self.peers)) != len(self.peers)):
+            raise ValueError(f"peers: choose among {', '.join(PEERS)}, each at most once; got {self.peers}")
+        for kind in self.peers:
+            require_peers(kind, f"peers {kind!r}")  # before any work: MissingDependency with the pip hint
 
     @classmethod
     def quick_config(cls, **overrides) -> "BenchConfig":
@@ -156,7 +181,9 @@ class BenchConfig:
         row freezes (its inference is that model's)."""
         chosen = set(VARIANT_KEYS if self.variants is None else self.variants) | {"original"}
         chosen |= {v.infer_as for v in VARIANTS if v.key in chosen and v.infer_as}
-        return [v for v in VARIANTS if v.key in chosen]
+        rows = [v for v in VARIANTS if v.key in chosen]
+        plans = {v.plan for v in rows}
+        return rows + [v for v in PEER_VARIANTS if v.peer in self.peers and v.plan in plans | {"ratio"}]
 
     @property
     def cache(self):

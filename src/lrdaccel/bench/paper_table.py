@@ -1,6 +1,7 @@
 """The paper's table, measured side by side: original, LRD, LRD + rank optimization, LRD + sequential
 freezing, LRD + both, LRD + static freezing, LRD + merging (arXiv 2407.20266's bottleneck merge,
-conv models only); parameters, MACs, inference and training throughput,
+conv models only), and with `peers` what users would pick instead (channel pruning at LRD's
+parameters, `lrdaccel.bench.peer_rows`); parameters, MACs, inference and training throughput,
 each as a ratio to the original in the same runtime, one table per runtime (eager, compile,
 onnxruntime: ranks optimized for each), and our best against the original's best across them:
 a user who would serve the original compiled or exported compares with that, not with eager.
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lrdaccel import zoo
 from lrdaccel.bench.config import INFER_OURS, TRAIN_OURS, BenchConfig
+from lrdaccel.bench.peer_rows import PeerModels
 from lrdaccel.bench.schema import BENCH_FORMAT, record_end_load, results_header
 from lrdaccel.bench.workloads import training_phases
 from lrdaccel.layers import LowRankModule
@@ -88,8 +90,9 @@ def bench_model(name: str, config: BenchConfig, progress: bool = False) -> dict:
     original = base_placement.place_model(spec.build())
     inputs = base_placement.place_inputs(spec.example_inputs(config.batch_size))
     plans = _Plans(original, inputs, config, progress)
+    peers = PeerModels(original, inputs, base_placement, plans.ratio) if config.peers else None
 
-    entries = {runtime: _RuntimeEntry(name, runtime, config, original, inputs, plans)
+    entries = {runtime: _RuntimeEntry(name, runtime, config, original, inputs, plans, peers)
                for runtime in config.runtimes}
     infer = [w for entry in entries.values() for w in entry.infer]
     train = [w for entry in entries.values() for w in entry.train]
@@ -138,23 +141,33 @@ class _Plans:
 class _RuntimeEntry:
     """One runtime's table of one model: its optimized plan, its models and their timed steps."""
 
-    def __init__(self, name: str, runtime: str, config: BenchConfig, original: nn.Module, inputs, plans: _Plans):
+    def __init__(self, name: str, runtime: str, config: BenchConfig, original: nn.Module, inputs, plans: _Plans,
+                 peers: PeerModels | None = None):
         self.name, self.runtime, self.config, self.inputs = name, runtime, config, inputs
         self.placement = dataclasses.replace(config.placement, runtime=runtime)
         self.ratio_plan, self.merged_plan = plans.ratio, plans.merged
         self.optimized_plan, self.optimize_seconds, self.rank_runtime = plans.optimized(runtime)
         by_name = {"ratio": plans.ratio, "optimized": self.optimized_plan, "merged": plans.merged}
         trains = config.train and runtime != "onnxruntime"
-        self.notes, self.schedules = [], {}
+        self.notes, self.schedules, self.peer_info = [], {}, {}
         self.variants = []
+        self.models: dict[str, nn.Module] = {}
         for variant in config.rows():
-            if variant.plan == "merged" and not plans.merged.merged:
+            if variant.peer:
+                built = peers.build(variant, by_name[variant.plan])
+                if built.model is None:
+                    self.notes.append(built.note)
+                    continue
+                self.models[variant.key], self.peer_info[variant.key] = built.model, built.info
+                self.variants.append(variant)
+            elif variant.plan == "merged" and not plans.merged.merged:
                 self.notes.append(f"{variant.label}: n/a, the model has no bottleneck to merge (conv 1x1 -> kxk "
                                   f"-> 1x1); its other layers are the LRD row's")
             elif trains or variant.schedule is None:
                 self.variants.append(variant)
-        self.models: dict[str, nn.Module] = {}
         for variant in self.variants:
+            if variant.peer:
+                continue  # built above
             if variant.plan is None:
                 self.models[variant.key] = original
             elif variant.schedule is None:
@@ -194,6 +207,8 @@ class _RuntimeEntry:
                 "infer_items_per_s": spread([batch / s for s in infer_timings.seconds[infer_key]]),
                 "infer_measured_as": infer_key.split("/", 1)[1],
             }
+            if variant.peer:
+                row["peer"] = self.peer_info[variant.key]
             if self.train:
                 train_key = self.key(variant.key)
                 row.update({

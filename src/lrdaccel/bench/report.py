@@ -107,9 +107,27 @@ def bench_markdown(results: Mapping) -> str:
         lines += _table(header, table)
         if any(row.get("infer_measured_as", row["variant"]) != row["variant"] for row in rows):
             lines += ["", "\\* same inference graph as the row it freezes; its measurement is shown."]
+        lines += _peer_lines(rows)
         lines += [f"Note: {note}." for note in model.get("notes", [])]
         lines += _profile_table(model.get("profile") or {}, batch)
     return "\n".join(lines) + "\n"
+
+
+def _peer_lines(rows: list) -> list[str]:
+    """How each peer row was built: what was pruned, and how close it came to its LRD row's parameters."""
+    lines = []
+    for row in rows:
+        peer = row.get("peer")
+        if not peer:
+            continue
+        kept = ", ".join(f"`{name}`" for name in peer.get("kept", {}))
+        heads = f", attention heads {peer['heads'][0]} -> {peer['heads'][1]}" if peer.get("heads") else ""
+        off = peer["params"] / peer["target_params"] - 1
+        lines.append(f"{row['label']}: torch-pruning, {peer['importance']} importance, {peer['pruning_ratio']:.1%} of "
+                     f"every prunable group's channels removed{heads}" + (f" (kept whole: {kept})" if kept else "")
+                     + f"; {peer['params']:,} parameters for {peer['matched_to']}'s {peer['target_params']:,} "
+                     f"({off:+.1%}), found in {peer['trials']} trials, {peer['seconds']:.0f} s.")
+    return [""] + lines if lines else []
 
 
 def runtime_heading(model: Mapping) -> str:
@@ -165,7 +183,9 @@ def bench_plot(results: Mapping, path: Path) -> Path:
 
     models = results["models"]
     labels = list(dict.fromkeys(row["label"] for m in models for row in m["rows"]))  # every row, in order
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3 * len(models) + 4), 4.5), sharey=True)
+    peers = {row["label"] for m in models for row in m["rows"] if row.get("peer")}
+    legend_rows = -(-len(labels) // 3)  # the legend goes below the bars, three labels a line
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3 * len(models) + 4), 4.5 + 0.2 * legend_rows), sharey=True)
     width = 0.8 / len(labels)
     for ax, key, title in ((axes[0], "infer_ratio", "inference throughput"),
                            (axes[1], "train_ratio", "training throughput")):
@@ -177,15 +197,17 @@ def bench_plot(results: Mapping, path: Path) -> Path:
                 low.append(spread["median"] - spread["min"] if spread else 0.0)
                 high.append(spread["max"] - spread["median"] if spread else 0.0)
             xs = [m + (i - (len(labels) - 1) / 2) * width for m in range(len(models))]
-            ax.bar(xs, medians, width, yerr=[low, high], capsize=2, label=label)
+            ax.bar(xs, medians, width, yerr=[low, high], capsize=2, label=label,
+                   hatch="//" if label in peers else None)  # a peer's row, not ours
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(models)), [f"{m['name']}\n{runtime_heading(m)}" for m in models])
         ax.set_title(f"{title} / original, same runtime")
     axes[0].set_ylabel("ratio to the original (median, min-max)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"lrdaccel bench, ratio {results['config']['ratio']:g}, {results['machine']['device_name']}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 * legend_rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

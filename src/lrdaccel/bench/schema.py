@@ -2,7 +2,9 @@
 
 Two kinds share a header (format, version, lrdaccel_version, created, machine, config):
 "lrdaccel.bench" (the throughput table: models -> rows, one entry per model and runtime; "best":
-our best against the original's best across runtimes) and "lrdaccel.demo" (the demo run).
+our best against the original's best across runtimes; a peer's row, such as channel pruning at
+LRD's parameters, has the same fields as the others and a "peer" object saying how it was built)
+and "lrdaccel.demo" (the demo run).
 A ratio spread is {"min", "median", "max", "values"} with min <= median <= max. Version 1 files
 (before runtimes) are read as eager throughout.
 """
@@ -26,6 +28,7 @@ HEADER_KEYS = ("format", "version", "lrdaccel_version", "created", "machine", "c
 BENCH_ROW_KEYS = ("variant", "label", "params", "macs", "params_ratio", "macs_ratio", "infer_ratio",
                   "infer_items_per_s")
 TRAIN_ROW_KEYS = ("train_ratio", "train_items_per_s", "train_phases")
+PEER_KEYS = ("kind", "importance", "matched_to", "target_params", "params", "pruning_ratio", "trials", "seconds")
 INFERENCE_ONLY = ("onnxruntime",)
 SPREAD_KEYS = ("min", "median", "max", "values")
 
@@ -86,6 +89,8 @@ def _check_bench(results: Mapping, where: str) -> None:
                 keys += ["train_ratio", "train_items_per_s"]
             for key in keys:
                 check_spread(row[key], f"{row_at}.{key}")
+            if "peer" in row:
+                _check_peer(row["peer"], f"{row_at}.peer")
         base = rows[0]
         for key in ("infer_ratio", "train_ratio") if trains else ("infer_ratio",):
             if any(not math.isclose(v, 1.0) for v in base[key]["values"]):
@@ -96,6 +101,16 @@ def _check_bench(results: Mapping, where: str) -> None:
                 at = f"{where}.best[{i}].{what}"
                 _require(best[what], ("original", "ours", "ratio"), at)
                 check_spread(best[what]["ratio"], f"{at}.ratio")
+
+
+def _check_peer(peer: Any, where: str) -> None:
+    """A peer row's account of how it was built (bench `peers`): matched to which LRD row, at what target."""
+    _require(peer, PEER_KEYS, where)
+    _positive(peer["target_params"], f"{where}.target_params", integer=True)
+    _positive(peer["params"], f"{where}.params", integer=True)
+    ratio = peer["pruning_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"{where}.pruning_ratio: expected a fraction in [0, 1), got {ratio!r}")
 
 
 def _check_demo(results: Mapping, where: str) -> None:

@@ -1,14 +1,15 @@
 """`lrdaccel bench`: the paper's table, measured side by side in one run, under each runtime.
 
 Rows: original, LRD (ratio ranks), LRD + rank optimization, LRD + sequential freezing (rotate),
-LRD + both, LRD + static freezing, LRD + merging (bottleneck models; --variants picks rows). Columns: parameters, MACs, inference throughput, training
-throughput (averaged over the freezing phases), each as a ratio to the original in the same
-runtime, with min/median/max over interleaved repeats (A B A B ...). One table per runtime
-(--runtime eager,compile,onnxruntime; ranks optimized for each unless --rank-runtime; onnxruntime runs
-inference only; --compile-mode reduce-overhead or max-autotune for what GPU users run),
-and one line comparing our best (decomposed, in its fastest runtime) with the original in its
-fastest runtime. Writes results.json, report.md (the tables) and report.png (bar chart) into
---out, and the time-vs-rank staircase of a [512,512,3,3] conv.
+LRD + both, LRD + static freezing, LRD + merging (bottleneck models; --variants picks rows), and
+with --peers prune channel pruning (torch-pruning) at the same parameters. Columns: parameters,
+MACs, inference throughput, training throughput (averaged over the freezing phases), each as a
+ratio to the original in the same runtime, with min/median/max over interleaved repeats (A B A B
+...). One table per runtime (--runtime eager,compile,onnxruntime; ranks optimized for each unless
+--rank-runtime; onnxruntime runs inference only; --compile-mode reduce-overhead or max-autotune for
+what GPU users run), and one line comparing our best (decomposed, in its fastest runtime) with
+the original in its fastest runtime. Writes results.json, report.md (the tables) and report.png
+(bar chart) into --out, and the time-vs-rank staircase of a [512,512,3,3] conv.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from lrdaccel import zoo
-from lrdaccel.bench.config import QUICK_SETTINGS, VARIANT_KEYS, BenchConfig
+from lrdaccel.bench.config import PEERS, QUICK_SETTINGS, VARIANT_KEYS, BenchConfig
 from lrdaccel.bench.paper_table import paper_staircase, run_bench
 from lrdaccel.bench.report import render_markdown, write_report
 from lrdaccel.bench.schema import load_results
@@ -28,6 +29,7 @@ from lrdaccel.cli._config_args import add_config_args, field_help, given
 from lrdaccel.measure.machine import busy_warning, set_threads
 from lrdaccel.measure.runtimes import COMPILE_MODES, RUNTIMES
 from lrdaccel.measure.timer import OBJECTIVES
+from lrdaccel.peers._extra import require_peers
 
 
 ORDER = 80  # place in `lrdaccel --help`: the pipeline's order
@@ -56,6 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=_names("--variants"), default=argparse.SUPPRESS,
                         help=f"comma-separated rows, from {', '.join(VARIANT_KEYS)}: "
                              f"{field_help(BenchConfig)['variants']} (default: all)")
+    parser.add_argument("--peers", type=_names("--peers"), default=argparse.SUPPRESS,
+                        help=f"comma-separated, from {', '.join(PEERS)}: "
+                             f"{field_help(BenchConfig)['peers'].replace('%', '%%')} (default: none)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a fast look: {', '.join(f'{k}={v}' for k, v in QUICK_SETTINGS.items() if k != 'quick')},"
                              f" no staircase; other options still apply")
@@ -90,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {paths['markdown']} and {paths['plot']}")
         return 0
     overrides = given(args, BenchConfig)
+    for kind in set(overrides.get("peers", [])) & set(PEERS):
+        require_peers(kind, f"--peers {kind}")  # one line naming the option, before any work
     config = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
     for message in (set_threads(args.threads), busy_warning()):
         if message:

@@ -19,7 +19,7 @@ from lrdaccel.calibration import corpora
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
-from lrdaccel.training.config import DISTILL_LOSSES, LR_SCHEDULES, OPTIMIZERS, DistillConfig
+from lrdaccel.training.config import AMP_DTYPES, DISTILL_LOSSES, LR_SCHEDULES, OPTIMIZERS, DistillConfig
 from lrdaccel.training.distill import distill
 from lrdaccel.training.distributed import is_main_process, process_group
 from lrdaccel.training.freezer import SCHEDULES
@@ -56,8 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run_group = parser.add_argument_group("training")
     add_config_args(run_group, DistillConfig, ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule",
                                                "warmup_steps", "loss", "temperature", "match_layers", "eval_mode",
-                                               "train_embeddings", "seed", "amp"),
-                    choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "loss": DISTILL_LOSSES})
+                                               "train_embeddings", "seed", "amp", "amp_dtype"),
+                    choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "loss": DISTILL_LOSSES,
+                             "amp_dtype": AMP_DTYPES})
     freeze = parser.add_argument_group("sequential freezing")
     add_config_args(freeze, DistillConfig, ("schedule", "every_epochs", "every_steps", "freeze_undecomposed"),
                     flags={"schedule": "--freeze"}, choices={"schedule": SCHEDULES})

@@ -15,7 +15,7 @@ from lrdaccel import data
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
-from lrdaccel.training.config import LR_SCHEDULES, OPTIMIZERS, FinetuneConfig
+from lrdaccel.training.config import AMP_DTYPES, LR_SCHEDULES, OPTIMIZERS, FinetuneConfig
 from lrdaccel.training.distributed import is_main_process, process_group
 from lrdaccel.training.freezer import SCHEDULES
 from lrdaccel.training.loop import finetune
@@ -38,9 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--no-standardize", action="store_true",
                      help="feed images in [0, 1] as they are (default: standardise by the training set's mean and std)")
     add_config_args(run, FinetuneConfig, ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule",
-                                          "batch_size", "eval_batch_size", "seed", "amp"),
+                                          "batch_size", "eval_batch_size", "seed", "amp", "amp_dtype"),
                     flags={"batch_size": "--train-batch-size"},
-                    choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
+                    choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "amp_dtype": AMP_DTYPES},
                     notes={"batch_size": "--batch-size is the example input's"})
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 

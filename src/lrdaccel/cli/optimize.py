@@ -18,7 +18,7 @@ from lrdaccel.cli._common import (add_model_args, check_outputs, load_model, non
                                    write_output)
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
-from lrdaccel.measure.runtimes import RUNTIMES
+from lrdaccel.measure.runtimes import COMPILE_MODES, RUNTIMES
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.planning import LayerPlan, Plan
 from lrdaccel.rankopt import (SearchSettings, capture_inputs, compare_end_to_end, default_cache_path, measure_staircase,
@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "and the other plan options")
     search = parser.add_argument_group("rank search")
     add_config_args(search, SearchSettings, [f.name for f in dataclasses.fields(SearchSettings)],
-                    choices={"objective": OBJECTIVES, "runtime": RUNTIMES, "rule": RULES})
+                    choices={"objective": OBJECTIVES, "runtime": RUNTIMES, "rule": RULES,
+                             "compile_mode": COMPILE_MODES})
     parser.add_argument("--device", help="where to time, e.g. cpu, cuda, cuda:1 (default: the model's, cpu); the "
                                          "layers are copied there")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         report = compare_end_to_end(
             model, {"ratio ranks": plan, "optimized": optimized}, example, settings.objective,
             device=args.device, dtype=args.dtype, rounds=args.check_rounds, min_run_time=args.check_time,
-            runtime=settings.runtime,
+            runtime=settings.runtime, compile_mode=settings.compile_mode,
         )
         print()
         print(report)
