@@ -22,9 +22,19 @@ def test_demo_on_a_small_slice(tmp_path, capsys):
     results = load_results(out / "results.json")  # the schema check
     assert results["dataset"] == {"name": "mnist5k", "train_size": 128, "test_size": 128}
     assert results["config"]["quick"] and results["config"]["finetune_epochs"] == 2
-    decomposed = results["decomposed"]
-    assert len(decomposed["history"]) == 2
+    decomposed, original = results["decomposed"], results["original"]
+    # the race: both fine-tuned the same steps, evaluated before and twice along the way (quick)
+    steps = [point["step"] for point in decomposed["history"]]
+    assert steps == [point["step"] for point in original["history"]] == [0, 4, 8]
     assert decomposed["accuracy"] == decomposed["history"][-1]["accuracy"]
+    assert original["accuracy"] == original["history"][-1]["accuracy"]
+    assert decomposed["accuracy_before_finetune"] == decomposed["history"][0]["accuracy"]
+    assert original["history"][0]["accuracy"] == results["pretrained"]["accuracy"]  # it starts where training ended
+    race = json.loads((out / "race" / "results.json").read_text())
+    assert [row["name"] for row in race["variants"]] == ["original", "lrd(plan=plan.json)"]
+    seed = race["seeds"][0]["variants"]
+    assert seed[0]["data_order_digest"] == seed[1]["data_order_digest"]
+    assert results["race"]["target_accuracy"] == pytest.approx(original["accuracy"] - 0.005)
     assert results["ratios"]["params"] == decomposed["params"] / results["original"]["params"]
     assert {row["name"] for row in decomposed["layers"]} >= {"stem.0", "classifier"}
     assert next(r for r in decomposed["layers"] if r["name"] == "stem.0")["reason"] == "rejected by filter_fn"
@@ -32,11 +42,11 @@ def test_demo_on_a_small_slice(tmp_path, capsys):
     # The saved model is the fine-tuned one: loaded into a fresh CNN it scores the reported accuracy.
     _, test = standardized_splits("mnist5k", 128, 128)
     model = lrd.load(out / "model", zoo.get("fmnist-cnn").build())
-    assert accuracy(model, test, progress=False) == decomposed["accuracy"]
+    assert accuracy(model, test, progress=False) == pytest.approx(decomposed["accuracy"], abs=1e-12)
     plan = lrd.Plan.load(out / "plan.json")
     assert [row.name for row in plan.decomposed] == [r["name"] for r in decomposed["layers"] if r["kind"] != "keep"]
     if plan.decomposed:  # rank optimization may keep every layer on a noisy machine; then no freezing
-        assert [h["phases"] for h in decomposed["history"]] == [[0], [1]]
+        assert race["variants"][1]["options"]["freeze"] == "rotate"
         assert decomposed["params"] < results["original"]["params"]
 
     printed = capsys.readouterr().out
@@ -59,7 +69,10 @@ def test_demo_without_rank_optimization_freezes_every_decomposed_layer(tmp_path)
     encoder = [r for r in layers if ".layers." in r["name"]]
     assert len(encoder) == 24 and all(r["rank"] == r["ratio_rank"] for r in encoder)
     assert results["throughput"]["decomposed"]["train_phases"] == 1  # static: one phase
-    assert all(h["trainable_share"] < 1 for h in results["decomposed"]["history"])
+    race = json.loads((out / "race" / "results.json").read_text())
+    frozen = race["variants"][1]
+    assert frozen["options"]["freeze"] == "static"
+    assert frozen["trainable_params"] < race["variants"][0]["trainable_params"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

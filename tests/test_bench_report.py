@@ -42,11 +42,15 @@ def test_bench_markdown_table(bench):
 def test_demo_markdown_table(demo):
     text = render_markdown(demo)
     assert "| parameters | 309,162 | 160,000 | 0.518x |" in text
-    assert "| test accuracy | 91.00% | 90.75% (before fine-tuning: 75.00%) | -0.25 points |" in text
+    assert ("| test accuracy after the same fine-tuning | 91.00% | 90.75% (right after decomposition: 75.00%) "
+            "| -0.25 points |") in text
+    assert "original trained 2 epochs (90.50%)" in text
     assert "| inference throughput (batch 128) | 5,000 img/s | 6,500 img/s | 1.30x (1.25-1.35) |" in text
     assert ("| training throughput (batch 128) | 1,500 img/s | 2,250 img/s (mean over 6 freezing phases) "
             "| 1.50x (1.45-1.55) |") in text
-    assert "| 2 | 1 | 75.0% | 0.3000 | 90.50% | 24.0 |" in text
+    assert "| original | 91.00% | 80 (setup 0) | 0 s | 1.00x |" in text  # at the target before any step
+    assert "| lrd(plan=plan.json) | 90.75% | 58 (setup 2) | 58 s | 0.00x |" in text
+    assert "| 235 | 90.80% (40) | 90.00% (30) |" in text
     assert "| blocks.2.conv2 | 77x77 | 64x64 | snapped to the step |" in text
     assert "| classifier | 4 | original | kept: not faster |" in text
 

@@ -202,3 +202,12 @@ def test_a_plan_made_beforehand_and_the_trained_models_handed_back(tmp_path):
         parse_variants(f"original,lrd(plan='{tmp_path / 'plan.json'}',ratio=3)")
     with pytest.raises(FileNotFoundError):
         parse_variants("original,lrd(plan='nowhere.json')")
+
+
+def test_without_matplotlib_the_report_says_the_plot_was_not_drawn(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    race(mlp(), blobs(96, 0), blobs(40, 1), "original", out=tmp_path / "r", progress=False, **QUICK, max_steps=1)
+    assert not (tmp_path / "r" / "race.png").exists()
+    assert "race.png was not drawn: it needs matplotlib" in (tmp_path / "r" / "report.md").read_text()

@@ -2,11 +2,15 @@
 
 Train a CNN on Fashion-MNIST (or MNIST 5k where the Debian dataset is not installed), plan a
 decomposition at ratio 2, optimize the ranks by timing the layers on this machine under the
-runtime it will be served in, decompose, fine-tune with sequential freezing, and measure what
-changed: parameters, MACs, test accuracy, inference and training throughput as ratios to the
-original under each runtime (side by side, interleaved). Then the deploy step: BatchNorm folded,
-exported to ONNX, checked with ONNX Runtime. Writes results.json, report.md, report.png,
-plan.json, the decomposed model and model.onnx.
+runtime it will be served in, then race (lrd.race): the original and the model decomposed at
+those ranks (whitened on training images, sequential freezing) fine-tune the same extra epoch on
+the same batches, side by side, evaluated along the way, so the accuracy each reaches in what
+training time is measured, not assumed (an earlier demo gave only the decomposed model the extra
+epoch). Then measure what changed: parameters, MACs, test accuracy, inference and training
+throughput as ratios to the original under each runtime (side by side, interleaved); and the
+deploy step: BatchNorm folded, exported to ONNX, checked with ONNX Runtime. Writes results.json,
+report.md, report.png, plan.json, race/ (the race's results.json, report.md, race.png), the
+decomposed model and model.onnx.
 
 What every step needs is checked before the first one runs: the dataset (`lrdaccel.data.require`)
 must be there, while a step whose optional extra is missing (the deploy step without
@@ -53,12 +57,16 @@ from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved, ra
 from lrdaccel.planning import Plan
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.rankopt import optimize_ranks
-from lrdaccel.decomposition import decompose
-from lrdaccel.training.evaluate import accuracy
+from lrdaccel.racing.api import race
+from lrdaccel.racing.config import RaceConfig
+from lrdaccel.racing.contestants import VariantSpec
+from lrdaccel.racing.variants import checked_options
 from lrdaccel.training.freezer import SCHEDULES
 from lrdaccel.training.loop import finetune as run_finetune
 
 ONNX_NAME = "model.onnx"
+RACE_DIR = "race"
+DECOMPOSED = "lrd(plan=plan.json)"  # the race's name for the model decomposed at the demo's ranks
 DEMO_MODELS = ("fmnist-cnn-wide", "fmnist-cnn", "fmnist-vit")
 QUICK_SETTINGS = {"model": "fmnist-cnn", "train_limit": 512, "test_limit": 256, "epochs": 1, "finetune_epochs": 2,
                   "batch_size": 64, "repeats": 2, "min_run_time": 0.0, "rank_budget_s": 0.5, "runtime": "eager",
@@ -75,8 +83,8 @@ class DemoConfig:
         model: the model to train: "fmnist-cnn-wide", "fmnist-cnn" or "fmnist-vit".
         ratio: per-layer compression ratio (> 1).
         epochs: epochs to train the original.
-        finetune_epochs: fine-tuning epochs after decomposition, one freezing phase each.
-        schedule: SequentialFreezer schedule while fine-tuning.
+        finetune_epochs: the race: epochs both the original and the decomposed model fine-tune on.
+        schedule: SequentialFreezer schedule of the decomposed model in the race (six phases).
         objective: what rank optimization times per layer: "infer" or "train".
         runtime: what the ranks are optimized for and the headline ratios measured in: "eager",
             "compile" or "onnxruntime" (inference only).
@@ -86,7 +94,7 @@ class DemoConfig:
             ONNX Runtime (skipped, with a note, where it is not installed).
         batch_size: training batch, and the batch of the throughput measurements.
         lr: peak AdamW learning rate training the original (cosine decay over the run).
-        finetune_lr: peak AdamW learning rate while fine-tuning (cosine decay over the run).
+        finetune_lr: peak AdamW learning rate of the race, for both (cosine decay over the run).
         train_limit: use only the first N training images (None: all).
         test_limit: use only the first N test images (None: all).
         repeats: interleaved throughput measurements.
@@ -178,21 +186,32 @@ class _Stages:
         return result
 
 
-def _history(history) -> list[dict]:
-    return [{"epoch": r.epoch + 1, "phases": r.phases, "trainable_share": r.trainable_share, "loss": r.train_loss,
-             "seconds": r.train_seconds, "accuracy": r.test_accuracy} for r in history.epochs]
+def _pretrain(model: nn.Module, train, test, config: DemoConfig, progress: bool) -> list[dict]:
+    """The original from scratch with lrdaccel's fine-tuning loop: AdamW, cosine decay, test
+    accuracy after every epoch."""
+    history = run_finetune(model, train, test, epochs=config.epochs, lr=config.lr, optimizer="adamw",
+                           weight_decay=1e-4, schedule=None, batch_size=config.batch_size, seed=config.seed,
+                           device="cpu", progress=progress)
+    return [{"epoch": r.epoch + 1, "loss": r.train_loss, "seconds": r.train_seconds, "accuracy": r.test_accuracy}
+            for r in history.epochs]
 
 
-def _train(model: nn.Module, train, test, config: DemoConfig, progress: bool, finetune: bool,
-           schedule: str | None = None) -> list[dict]:
-    """The original from scratch, or the decomposed model's fine-tuning under a freezing schedule,
-    with lrdaccel's fine-tuning loop: AdamW, cosine decay, test accuracy after every epoch."""
-    history = run_finetune(
-        model, train, test, epochs=config.finetune_epochs if finetune else config.epochs,
-        lr=config.finetune_lr if finetune else config.lr, optimizer="adamw", weight_decay=1e-4,
-        schedule=schedule, batch_size=config.batch_size,
-        seed=config.seed + int(finetune), device="cpu", progress=progress)
-    return _history(history)
+def _race(original: nn.Module, train, test, plan: Plan, schedule: str | None, config: DemoConfig, out: Path,
+          progress: bool) -> tuple[dict, dict[str, nn.Module]]:
+    """The original and the decomposed model fine-tune `finetune_epochs` more on the same batches
+    (lrd.race): (the race's results, each trained model by name)."""
+    options = checked_options("lrd", {"plan": plan, "freeze": schedule or "none"}, DECOMPOSED)
+    race_config = RaceConfig(
+        budget_epochs=config.finetune_epochs, batch_size=config.batch_size, eval_batch_size=512,
+        lr=config.finetune_lr, lr_schedule="cosine", warmup=0.0, evaluations=2 if config.quick else 8,
+        freeze_embeddings=False, calibration_batches=2 if config.quick else 8, infer_batch_size=config.batch_size,
+        infer_repeats=config.repeats, seed=config.seed)
+    trained: dict[str, nn.Module] = {}
+    results = race(original, train, test, [VariantSpec("original", "original", checked_options("original", {}, "original")),
+                                           VariantSpec(DECOMPOSED, "lrd", options)],
+                   config=race_config, out=out / RACE_DIR, describe={"model": config.model, "task": config.dataset},
+                   progress=progress, trained=trained)
+    return results, trained
 
 
 def _throughput(original: nn.Module, decomposed: nn.Module, inputs: torch.Tensor, config: DemoConfig,
@@ -254,6 +273,11 @@ def _deploy(decomposed: nn.Module, inputs: torch.Tensor, out: Path) -> dict:
             "batchnorm_left": len(report.fused.left), "seconds": round(report.export_seconds, 1)}
 
 
+def _curve(row: dict) -> list[dict]:
+    """A race curve as the demo reports it: accuracy (a fraction) by step and training seconds."""
+    return [{"step": step, "seconds": seconds, "accuracy": accuracy / 100} for seconds, step, accuracy in row["curve"]]
+
+
 def _layer_rows(ratio_plan: Plan, plan: Plan) -> list[dict]:
     return [{"name": row.name, "ratio_rank": base.rank if base.decomposed else None, "kind": row.kind,
              "rank": row.rank, "reason": row.reason, "params_before": row.params_before,
@@ -279,9 +303,7 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
         config.dataset, config.train_limit, config.test_limit))
     spec = zoo.get(config.model)
     original = spec.build()
-    original_history = stages.run("train the original",
-                                  lambda: _train(original, train, test, config, progress, False))
-    original_accuracy = original_history[-1]["accuracy"]
+    pretraining = stages.run("train the original", lambda: _pretrain(original, train, test, config, progress))
 
     inputs = train.tensors[0][:config.batch_size]
     ratio_plan = make_plan(original, ratio=config.ratio, filter_fn=keep_input_layer(spec.input_shape[0]))
@@ -292,19 +314,19 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
             cache=timing_cache_arg(config.timing_cache), budget_s=config.rank_budget_s,
             min_run_time=0.05 if config.quick else 0.1, progress=progress))
     plan.save(out / "plan.json")
-    decomposed = copy.deepcopy(original)
-    stages.run("decompose", lambda: decompose(decomposed, plan, progress=progress))  # with the plan's forms
-    decomposed_accuracy = stages.run("evaluate the decomposed model", lambda: accuracy(decomposed, test, progress=progress))
     schedule = config.schedule
     if not plan.decomposed:
         schedule = None
         notes.append("rank optimization found no layer faster decomposed on this machine, so every layer "
                      "stayed as it was and fine-tuning ran without freezing")
-    finetune_history = stages.run(f"fine-tune ({schedule or 'no'} freezing)",
-                                  lambda: _train(decomposed, train, test, config, progress, True, schedule))
+    raced, trained = stages.run(
+        f"race: the original and the decomposed model ({schedule or 'no'} freezing) fine-tune "
+        f"{config.finetune_epochs} more epoch(s) on the same batches",
+        lambda: _race(original, train, test, plan, schedule, config, out, progress))
+    tuned, decomposed = trained["original"], trained[DECOMPOSED]
     save(decomposed, out / "model")
     throughput = stages.run(f"measure throughput under {', '.join(config.runtimes)} (interleaved)",
-                            lambda: _throughput(original, decomposed, inputs, config, schedule, progress))
+                            lambda: _throughput(tuned, decomposed, inputs, config, schedule, progress))
     headline = throughput[config.runtime]
     deployed = None
     if "deploy" in skipped:
@@ -316,14 +338,21 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
 
     one = inputs[:1]
     counts = {name: {"params": count_params(model), "macs": count_macs(model, one)}
-              for name, model in (("original", original), ("decomposed", decomposed))}
+              for name, model in (("original", tuned), ("decomposed", decomposed))}
+    rows = {row["name"]: row for row in raced["variants"]}
     results.update({
         "dataset": {"name": config.dataset, "train_size": len(train), "test_size": len(test)},
         "model": config.model,
-        "original": {**counts["original"], "accuracy": original_accuracy, "history": original_history},
-        "decomposed": {**counts["decomposed"], "accuracy": finetune_history[-1]["accuracy"],
-                       "accuracy_before_finetune": decomposed_accuracy, "history": finetune_history,
-                       "layers": _layer_rows(ratio_plan, plan)},
+        "pretrained": {"accuracy": pretraining[-1]["accuracy"], "history": pretraining},
+        "original": {**counts["original"], "accuracy": rows["original"]["final_accuracy"] / 100,
+                     "history": _curve(rows["original"])},
+        "decomposed": {**counts["decomposed"], "accuracy": rows[DECOMPOSED]["final_accuracy"] / 100,
+                       "accuracy_before_finetune": rows[DECOMPOSED]["curve"][0][2] / 100,
+                       "history": _curve(rows[DECOMPOSED]), "layers": _layer_rows(ratio_plan, plan)},
+        "race": {"folder": RACE_DIR, "target_accuracy": raced["target_accuracy"] / 100,
+                 "steps": raced["seeds"][0]["steps"],
+                 "variants": [{key: row[key] for key in ("name", "train_seconds", "setup_seconds", "time_to_target_s",
+                                                         "speedup_to_target", "infer_speedup")} for row in raced["variants"]]},
         "ratios": {"params": counts["decomposed"]["params"] / counts["original"]["params"],
                    "macs": counts["decomposed"]["macs"] / counts["original"]["macs"],
                    "infer": headline["infer_ratio"], "train": headline.get("train_ratio")},

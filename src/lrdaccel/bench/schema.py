@@ -114,9 +114,13 @@ def _check_peer(peer: Any, where: str) -> None:
 
 
 def _check_demo(results: Mapping, where: str) -> None:
-    _require(results, ("dataset", "model", "original", "decomposed", "ratios", "throughput", "stages"), where)
+    _require(results, ("dataset", "model", "pretrained", "original", "decomposed", "race", "ratios", "throughput",
+                       "stages"), where)
+    _require(results["race"], ("folder", "target_accuracy", "steps", "variants"), f"{where}.race")
     for side in ("original", "decomposed"):
         _require(results[side], ("params", "macs", "accuracy", "history"), f"{where}.{side}")
+        for i, point in enumerate(results[side]["history"]):
+            _require(point, ("step", "seconds", "accuracy"), f"{where}.{side}.history[{i}]")
         _positive(results[side]["params"], f"{where}.{side}.params", integer=True)
         _positive(results[side]["macs"], f"{where}.{side}.macs", integer=True)
         value = results[side]["accuracy"]

@@ -115,4 +115,5 @@ def _summary(results: dict, out: str) -> None:
                    f"reached at {row['time_to_target_s']:.0f} s ({row['speedup_to_target']:.2f}x the original)")
         print(f"{row['name']}: final {row['final_accuracy']:.2f}%, target {results['target_accuracy']:.2f}% "
               f"{reached}, params {row['params']:.3f}x, inference {row['infer_speedup']:.2f}x")
-    print(f"wrote {out}/results.json, report.md, race.png")
+    drawn = ", race.png" if (Path(out) / "race.png").is_file() else " (no race.png: matplotlib is not installed)"
+    print(f"wrote {out}/results.json, report.md{drawn}")

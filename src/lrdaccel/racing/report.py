@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lrdaccel._extras import install_hint, missing
 from lrdaccel._files import atomic_write
 
 
@@ -94,9 +95,15 @@ def plot_race(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out: Path) -> dict[str, Path]:
-    """report.md and race.png in `out` (results.json is written by the race itself)."""
-    paths = {"report": out / "report.md", "plot": out / "race.png"}
+    """report.md and race.png in `out` (results.json is written by the race itself). Without
+    matplotlib (lrdaccel[plot]) the plot is skipped and report.md says so."""
+    paths = {"report": out / "report.md"}
     text = render_markdown(results)
+    module = missing("plot")
+    if module is None:
+        paths["plot"] = out / "race.png"
+        plot_race(results, paths["plot"])
+    else:
+        text += f"\nrace.png was not drawn: it needs {module}, which is not installed ({install_hint(module)}).\n"
     atomic_write(paths["report"], lambda tmp: Path(tmp).write_text(text))
-    plot_race(results, paths["plot"])
     return paths
