@@ -153,7 +153,8 @@ def test_the_demo_skips_steps_whose_extra_is_missing_with_a_note(tmp_path, capsy
     results = json.loads((out / "results.json").read_text())
     assert "pip install lrdaccel[onnx]" in results["deploy"]["skipped"]
     assert any("report.png needs matplotlib" in note for note in results["notes"])
-    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "plan.json", "model"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "plan.json", "model", "race"}
+    assert {p.name for p in (out / "race").iterdir()} == {"results.json", "report.md"}  # no race.png either
     assert "Skipped: the deploy step needs onnxscript" in (out / "report.md").read_text()
 
 
