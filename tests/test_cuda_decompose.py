@@ -148,7 +148,7 @@ def test_a_bf16_layer_is_factorized_in_high_precision_on_its_device(device):
     assert layer_core.dtype == torch.bfloat16
 
 
-class _Net(nn.Module):
+class StemBottleneckNet(nn.Module):
     """A stem conv, one bottleneck (merge candidate) and a classifier: every method's layer kinds."""
 
     def __init__(self):
@@ -193,7 +193,7 @@ def test_every_method_gives_the_same_model_on_the_gpu_as_on_the_cpu(method, devi
     output by ~1e-3): for them the GPU's decomposition must be as close to the original as the
     CPU's, and its output close to the CPU's."""
     torch.manual_seed(0)
-    original = _Net().eval()
+    original = StemBottleneckNet().eval()
     with torch.no_grad():
         for bn in original.modules():
             if isinstance(bn, nn.BatchNorm2d):

@@ -15,23 +15,11 @@ import lrdaccel as lrd
 from lrdaccel.training.config import FinetuneConfig
 from lrdaccel.training.loop import Run
 from lrdaccel.training.task import LabelledTask
-from test_cuda_decompose import DEVICES
-from test_planning_merging import bottleneck
-
-
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.block = bottleneck(width=16, inner=32)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+from test_cuda_decompose import DEVICES, StemBottleneckNet
 
 
 def _decomposed(device: str) -> nn.Module:
-    model = _Net()
+    model = StemBottleneckNet()
     lrd.decompose(model, ratio=2.0, min_rank=1)
     return model.to(device=device, memory_format=torch.channels_last).train()
 
@@ -97,8 +85,8 @@ def test_amp_dtype_is_checked():
 @pytest.mark.parametrize("device", DEVICES)
 def test_distill_with_amp_on_the_device(device):
     """Unlabeled distillation from the original, bf16 autocast, batches moved to the device."""
-    teacher = _Net().eval()
-    model = _Net()
+    teacher = StemBottleneckNet().eval()
+    model = StemBottleneckNet()
     model.load_state_dict(teacher.state_dict())
     lrd.decompose(model, ratio=2.0, min_rank=1)
     batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]

@@ -57,6 +57,23 @@ def _is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def deduplicated_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the state dict's tensors on the CPU, each stored once; {tied name: the name it is stored
+    under}): tied weights (an embedding read by the output layer) are one tensor, written once and
+    re-tied on load."""
+    tensors, aliases = {}, {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, aliases
+
+
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write `directory/lrdaccel_config.json` and `directory/model.safetensors`.
 
@@ -75,16 +92,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     check_output_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, aliases = {}, {}
-    seen: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
+    tensors, aliases = deduplicated_state(model)
     config = {
         "format": CONFIG_FORMAT,
         "version": CONFIG_VERSION,
@@ -96,7 +104,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
 
     def write_weights(path: str) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
-        config["weights_sha256"] = _sha256(Path(path))
+        config["weights_sha256"] = file_sha256(Path(path))
 
     def write_config(path: str) -> None:
         Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -133,7 +141,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
     plan = Plan.from_dict(config.get("plan"), source=str(directory / CONFIG_NAME))
     model = unwrap(base_model)
     built = build_modules(model, plan, factorize=False)
-    tensors = _read_weights(directory / WEIGHTS_NAME)
+    tensors = read_weights(directory / WEIGHTS_NAME)
     for alias, target in (config.get("aliases") or {}).items():
         if target not in tensors:
             raise ValueError(f"{directory / CONFIG_NAME}: alias {alias!r} points to missing tensor {target!r}")
@@ -151,7 +159,8 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
     return base_model
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (recorded beside the weights, so that a mixed pair is refused on load)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -164,12 +173,17 @@ def _check_pair(directory: Path, config: dict) -> None:
     replacement would leave a new file beside an old one)."""
     expected = config.get("weights_sha256")
     path = directory / WEIGHTS_NAME
-    if expected is not None and path.is_file() and _sha256(path) != expected:
+    if expected is not None and path.is_file() and file_sha256(path) != expected:
         raise ValueError(f"{path} is not the weights file {directory / CONFIG_NAME} was saved with (SHA-256 "
                          f"differs): the directory holds parts of two saves; save the model again")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (nothing is unpickled).
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: not safetensors.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file missing")
     try:

@@ -25,7 +25,7 @@ from lrdaccel._files import check_header, check_output_dir, replace_together
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 # one reader of safetensors files and one digest for every lrdaccel checkpoint
-from lrdaccel.io import _read_weights, _sha256
+from lrdaccel.io import deduplicated_state, file_sha256, read_weights
 from lrdaccel.peers.transformer_heads import set_heads
 
 CONFIG_NAME = "pruned_config.json"
@@ -75,22 +75,14 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     check_output_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, aliases, seen = {}, {}, {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
+    tensors, aliases = deduplicated_state(model)
     layers, heads = describe_widths(model)
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "lrdaccel_version": __version__,
               "model_class": type(model).__name__, "layers": layers, "attention_heads": heads, "aliases": aliases}
 
     def write_weights(path: str) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
-        config["weights_sha256"] = _sha256(Path(path))
+        config["weights_sha256"] = file_sha256(Path(path))
 
     def write_config(path: str) -> None:
         Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -110,8 +102,8 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module) -> nn.Modul
     """
     directory = Path(directory)
     config = _read_config(directory / CONFIG_NAME)
-    tensors = _read_weights(directory / WEIGHTS_NAME)
-    if _sha256(directory / WEIGHTS_NAME) != config.get("weights_sha256"):
+    tensors = read_weights(directory / WEIGHTS_NAME)
+    if file_sha256(directory / WEIGHTS_NAME) != config.get("weights_sha256"):
         raise ValueError(f"{directory / WEIGHTS_NAME} is not the weights file {CONFIG_NAME} was saved with "
                          f"(SHA-256 differs); save the model again")
     for alias, target in config["aliases"].items():
