@@ -26,17 +26,17 @@ RACES = {
     "minilm": [
         "--model", "minilm", "--task", "wordnet-supersense", "--train-limit", "40000", "--batch-size", "32",
         "--lr", "1e-4", "--evaluations", "10",
-        "--variants", "original,lrd,prune,lora",
+        "--variants", "original,original(lr=2),lrd,prune,lora",
     ],
     "effnet": [
         "--model", "efficientnet-lite0", "--task", "fashion-mnist", "--image-size", "48", "--train-limit", "20000",
         "--eval-limit", "2000", "--batch-size", "64", "--lr", "1e-3", "--evaluations", "10",
-        "--variants", "original,lrd,prune,lora",
+        "--variants", "original,lrd,lrd(optimize=train),prune,lora",
     ],
     "cnn": [
         "--model", "fmnist-cnn-wide", "--task", "fashion-mnist", "--train-limit", "30000", "--batch-size", "128",
         "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup", "0", "--evaluations", "10",
-        "--variants", "original,lrd,prune",
+        "--variants", "original,lrd,lrd(lr=1),lrd(optimize=train),prune",
     ],
 }
 CNN_START = {"model": "fmnist-cnn-wide", "epochs": 2, "train_limit": 30000}

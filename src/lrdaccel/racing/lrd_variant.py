@@ -30,7 +30,7 @@ from lrdaccel.training.freezer import SCHEDULES, SequentialFreezer
 FREEZES = ("none", *SCHEDULES)
 LRD_DEFAULTS: dict[str, Any] = {
     "ratio": 2.0, "method": "whiten", "sequential": False, "allocate": "none", "calibration": 16,
-    "optimize": "none", "merge": False, "freeze": "none", "every_steps": 0, "lr": 1.0, "kd": 0.0,
+    "optimize": "none", "merge": False, "freeze": "none", "every_steps": 0, "lr": 2.0, "kd": 0.0,
     "exclude": "", "plan": "",
 }
 LRD_CHOICES = {"method": ("svd", "whiten"), "allocate": ("none", "sensitivity"),

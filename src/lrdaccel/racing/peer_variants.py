@@ -25,7 +25,7 @@ from lrdaccel.peers import labelled_loss, lora, merge_lora, prune, require_peers
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.racing.contestants import BuildContext, Built
 
-PRUNE_DEFAULTS: dict[str, Any] = {"params": "lrd", "importance": "magnitude", "lr": 1.0, "kd": 0.0}
+PRUNE_DEFAULTS: dict[str, Any] = {"params": "lrd", "importance": "magnitude", "lr": 2.0, "kd": 0.0}
 LORA_DEFAULTS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "ratio": 2.0, "lr": 10.0, "kd": 0.0}
 
 
