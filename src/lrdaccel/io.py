@@ -102,6 +102,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
         "plan": plan_of(model).to_dict(),
     }
 
+    write_checkpoint(tensors, directory / WEIGHTS_NAME, config, directory / CONFIG_NAME)
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], weights_path: Path, config: dict, config_path: Path) -> None:
+    """Writes the weights (safetensors) and the config (JSON, with the weights' SHA-256) as one
+    pair: the old pair or the new one survives a failure, never a mix (`replace_together`)."""
+
     def write_weights(path: str) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
         config["weights_sha256"] = file_sha256(Path(path))
@@ -109,7 +116,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     def write_config(path: str) -> None:
         Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    replace_together({directory / WEIGHTS_NAME: write_weights, directory / CONFIG_NAME: write_config})
+    replace_together({weights_path: write_weights, config_path: write_config})
 
 
 def read_config(directory: str | os.PathLike) -> dict:

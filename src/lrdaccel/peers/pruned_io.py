@@ -18,14 +18,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lrdaccel._files import check_header, check_output_dir, replace_together
+from lrdaccel._files import check_header, check_output_dir
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 # one reader of safetensors files and one digest for every lrdaccel checkpoint
-from lrdaccel.io import deduplicated_state, file_sha256, read_weights
+from lrdaccel.io import deduplicated_state, file_sha256, read_weights, write_checkpoint
 from lrdaccel.peers.transformer_heads import set_heads
 
 CONFIG_NAME = "pruned_config.json"
@@ -80,14 +79,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike) -> None:
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "lrdaccel_version": __version__,
               "model_class": type(model).__name__, "layers": layers, "attention_heads": heads, "aliases": aliases}
 
-    def write_weights(path: str) -> None:
-        save_file(tensors, path, metadata={"format": "pt"})
-        config["weights_sha256"] = file_sha256(Path(path))
-
-    def write_config(path: str) -> None:
-        Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    replace_together({directory / WEIGHTS_NAME: write_weights, directory / CONFIG_NAME: write_config})
+    write_checkpoint(tensors, directory / WEIGHTS_NAME, config, directory / CONFIG_NAME)
 
 
 def load_pruned(directory: str | os.PathLike, base_model: nn.Module) -> nn.Module:
