@@ -179,3 +179,47 @@ def test_minilm_lora_trains_only_adapters_and_the_head_and_merges():
     tuned.eval()
     with torch.no_grad():
         torch.testing.assert_close(peers.merge_lora(tuned)(**batch), tuned(**batch), atol=1e-5, rtol=1e-5)
+
+
+class SmallCnn(nn.Module):
+    """A stem, a strided 3x3 conv, a 1x1 conv, a depthwise conv (LRD and PEFT leave it) and a new head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.point = nn.Conv2d(32, 48, 1)
+        self.depthwise = nn.Conv2d(48, 48, 3, padding=1, groups=48)
+        self.head = nn.Linear(48, 3)
+
+    def forward(self, x):
+        for layer in (self.stem, self.conv, self.point, self.depthwise):
+            x = torch.relu(layer(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_lora_on_a_cnn_adapts_the_plans_ungrouped_convs_trains_only_them_and_merges_exactly():
+    torch.manual_seed(0)
+    model = SmallCnn()
+    plan = lrd.plan(model, ratio=2.0, exclude=["head"])
+    decomposed = {row.name for row in plan.layers if row.kind != "keep"}
+    tuned, report = peers.lora(model, plan, r=4, trainable=["head"])
+    assert {"conv", "point"} <= decomposed and "depthwise" not in decomposed
+    assert report.targets == [name for name in ("stem", "conv", "point") if name in decomposed]
+    shapes = {"stem": 4 * 3 * 9 + 32 * 4, "conv": 4 * 32 * 9 + 32 * 4, "point": 4 * 32 + 48 * 4}  # A: kxk to r, B: 1x1
+    assert report.adapter_params == sum(shapes[name] for name in report.targets)
+    x, labels = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 1])
+    start = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(tuned(x), labels).backward()
+        optimizer.step()
+    moved = {n for n, p in tuned.named_parameters() if not torch.equal(p, start[n])}
+    assert moved and all(".lora_" in n or ".head." in n for n in moved)
+    assert any(".lora_B." in n for n in moved)
+    tuned.eval()
+    merged = peers.merge_lora(tuned)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in model.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), tuned(x), atol=1e-5, rtol=1e-5)

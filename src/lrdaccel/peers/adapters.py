@@ -6,8 +6,9 @@
     ...                                   # train: only adapters and the classifier move
     served = peers.merge_lora(tuned)      # the original architecture, adapters folded in
 
-Targets are the rows of an LRD plan decomposed by SVD on nn.Linear / Hugging Face Conv1D (or
-names given outright), so LoRA and LRD change the same layers. Modules in `trainable` (a new
+Targets are the layers an LRD plan decomposes, where PEFT can adapt them: nn.Linear, Hugging
+Face Conv1D and ungrouped nn.Conv2d (or names given outright), so LoRA and LRD change the same
+layers. Modules in `trainable` (a new
 classification head) are left trainable with plain requires_grad rather than PEFT's
 `modules_to_save`, which would train a copy of the head beside a frozen original, rename its
 state-dict keys, and cannot reach a head outside the wrapped model. `lora` returns a copy: the
@@ -75,19 +76,19 @@ class LoraReport:
 
 
 def lora_targets(model: nn.Module, targets: Any) -> list[str]:
-    """Names of the nn.Linear / Conv1D layers to adapt.
+    """Names of the nn.Linear / Conv1D / Conv2d layers to adapt.
 
-    `targets` is an lrd Plan (its "svd" rows on Linear / Conv1D layers), a regex, a list of names
+    `targets` is an lrd Plan (its decomposed rows on such layers), a regex, a list of names
     or dotted suffixes, or a callable (module, name) -> bool, as lrd.plan's include takes.
 
     Raises:
-        ValueError: a pattern matching no Linear/Conv1D layer, a plan naming a layer the model does
-            not have or one that is not Linear/Conv1D, or no target at all.
+        ValueError: a pattern matching no adaptable layer, a plan naming a layer the model does
+            not have, or no target at all.
     """
     modules = dict(model.named_modules())
     candidates = [name for name, module in modules.items() if name and _adaptable(module)]
     if isinstance(targets, Plan):
-        rows = [row.name for row in targets.layers if row.kind == "svd"]
+        rows = [row.name for row in targets.layers if row.kind != "keep"]
         missing = [name for name in rows if name not in modules]
         if missing:
             raise ValueError(f"the plan names layers this model does not have: {missing[:5]}")
@@ -98,7 +99,7 @@ def lora_targets(model: nn.Module, targets: Any) -> list[str]:
             raise ValueError("lora needs targets: an lrd Plan, layer names, a regex or a callable")
         chosen = [name for name in candidates if select(modules[name], name)]
     if not chosen:
-        raise ValueError(f"no nn.Linear / Conv1D layer to adapt among the targets {targets!r}")
+        raise ValueError(f"no nn.Linear / Conv1D / Conv2d (groups=1) layer to adapt among the targets {targets!r}")
     return chosen
 
 
@@ -188,4 +189,6 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    """Layers PEFT's LoRA adapts: Linear, Conv1D, and ungrouped Conv2d (adapter: a kxk conv to r
+    channels with the layer's stride and padding, then a 1x1 conv back)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or (isinstance(module, nn.Conv2d) and module.groups == 1)

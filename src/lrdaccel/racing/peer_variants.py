@@ -4,8 +4,8 @@
   as the original is. `params=lrd` (default) matches the whole-model parameters of the race's
   first `lrd` variant; a number in (0, 1) is a fraction of the original's. `importance`:
   magnitude or taylor (on the race's calibration batches and labels).
-- `lora`: PEFT LoRA adapters (rank `rank`, scale `alpha`) on the Linear layers LRD decomposes at
-  `ratio`, the new head trained in full; served merged, so it serves as fast as the original.
+- `lora`: PEFT LoRA adapters (rank `rank`, scale `alpha`) on the layers LRD decomposes at
+  `ratio` (Linear, Conv1D, ungrouped Conv2d), the new head trained in full; served merged, so it serves as fast as the original.
   Its `lr` multiplier defaults to 10 (5e-4 at the race's default 5e-5): adapters start at zero
   and LoRA is run at such rates; at the full model's rate it barely moves.
 
