@@ -18,8 +18,10 @@ runs must differ in nothing else) and writes the medians over them.
 Variants: `original` (the reference, always raced), `lrd` (lrdaccel's best pipeline), and
 `lrd(option=value,...)` selecting its parts: ratio, method (svd|whiten), sequential, allocate
 (none|sensitivity), calibration, optimize (none|infer|train), merge, freeze
-(none|rotate|static|freeze_one), every_steps, lr (multiplier), kd, exclude; `lr` and `kd` apply to
-every kind.
+(none|rotate|static|freeze_one), every_steps, lr (multiplier), kd, exclude. With lrdaccel[peers]:
+`prune(params=lrd|fraction,importance=magnitude|taylor)` (structured channel pruning to the first
+lrd variant's parameters, then fine-tuned) and `lora(rank,alpha,ratio)` (LoRA on the layers LRD
+decomposes, served merged). `lr` and `kd` apply to every kind.
 """
 
 from __future__ import annotations
