@@ -24,8 +24,8 @@ from lrdaccel.cli import main  # noqa: E402
 # Every setting of each headline race; what the variants mean is in README (lrd.race).
 RACES = {
     "minilm": [
-        "--model", "minilm", "--task", "wordnet-supersense", "--train-limit", "40000", "--batch-size", "32",
-        "--lr", "1e-4", "--evaluations", "10",
+        "--model", "minilm", "--task", "wordnet-supersense", "--train-limit", "20000", "--batch-size", "32",
+        "--lr", "1e-4", "--evaluations", "8",
         "--variants", "original,original(lr=2),lrd,prune,lora",
     ],
     "effnet": [
