@@ -43,3 +43,27 @@ def test_speedup_is_the_original_time_over_the_variant_time():
     assert speedup_to_target(None, 200.0) is None
     assert speedup_to_target(300.0, 0.0) == math.inf  # at the target before any training
     assert speedup_to_target(0.0, 0.0) == 1.0
+
+
+def _seed(time_s, speedup, accuracy=85.0):
+    """One seed's results as combine() reads them: the original and one variant."""
+    def row(name, time_s, speedup):
+        return {"name": name, "kind": name, "options": {}, "param_count": 10, "trainable_params": 10, "notes": [],
+                "final_accuracy": accuracy, "train_seconds": 100.0, "setup_seconds": 0.0, "infer_speedup": 1.0,
+                "params": 1.0, "time_to_target_s": time_s, "speedup_to_target": speedup,
+                "curve": [[0.0, 0, 10.0], [100.0, 10, accuracy]]}
+    return {"target_accuracy": 84.5, "variants": [row("original", 100.0, 1.0), row("lrd", time_s, speedup)]}
+
+
+@pytest.mark.parametrize("seeds, time_s, speedup", [
+    ([(50.0, 2.0), (None, None)], None, None),                  # one seed never: no 1.0x "median"
+    ([(50.0, 2.0), (100.0, 1.0)], 75.0, 1.5),                   # both reached: the usual median
+    ([(50.0, 2.0), (None, None), (100.0, 1.0)], 100.0, 1.0),    # odd count: the middle seed
+    ([(None, None), (None, None), (100.0, 1.0)], None, None),   # most never: never
+])
+def test_pooled_seeds_never_average_a_never_into_a_speedup(seeds, time_s, speedup):
+    from lrdaccel.racing.results import combine
+
+    pooled = combine([_seed(*s) for s in seeds], header={})["variants"][1]
+    assert pooled["time_to_target_s"] == time_s and pooled["speedup_to_target"] == speedup
+    assert pooled["reached_target"] == sum(s[0] is not None for s in seeds)

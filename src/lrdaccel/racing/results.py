@@ -44,8 +44,15 @@ def combine(seeds: Sequence[dict], header: dict) -> dict:
 
 
 def _median_or_none(values: list[float | None], never: float) -> float | None:
-    median = statistics.median(never if v is None else v for v in values)
-    return None if median == never or (isinstance(median, float) and math.isinf(median)) else median
+    """The median over the seeds, where a seed that never reached the target sorts as `never`
+    (inf for a time, 0 for a speed-up). With an even count the median is the mean of the two
+    middle values; if either is a never, so is the median: one seed's 0.98x and another's
+    never are no 0.49x."""
+    ordered = sorted(never if v is None else v for v in values)
+    middle = ordered[(len(ordered) - 1) // 2: len(ordered) // 2 + 1]
+    if any(v == never for v in middle):
+        return None
+    return statistics.median(ordered)
 
 
 def _spread(values: list[float | None]) -> dict:
