@@ -12,8 +12,8 @@ point is at least as fast and as accurate, and better in one.
 Target: on each task no pruning point is both faster and more accurate than LRD's points.
 
     python benchmarks/peers_pareto.py --task fmnist-cnn --threads 1          # ~20 min (+3 to train the CNN once)
-    python benchmarks/peers_pareto.py --task efficientnet-lite0 --threads 1  # ~1 h (estimate)
-    python benchmarks/peers_pareto.py --task minilm --threads 1              # ~1 h (estimate)
+    python benchmarks/peers_pareto.py --task efficientnet-lite0 --threads 1  # 19 min
+    python benchmarks/peers_pareto.py --task minilm --threads 1              # 28 min
     python benchmarks/peers_pareto.py --task minilm --quick --threads 1      # a few steps: the path works
     python benchmarks/peers_pareto.py --task fmnist-cnn --render            # redraw from results.json
 
