@@ -1,4 +1,5 @@
-"""race/scoring.py: the target, the first time a curve reaches it, and the speed-up over the original."""
+"""racing/scoring.py: the target, the first time a curve reaches it, and the speed-up over the original;
+and racing/results.py pooling those over seeds."""
 
 import math
 
