@@ -6,7 +6,8 @@ missing folders are made when it is written), and with a versioned header (`form
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,15 +25,36 @@ def make_parents(target: str | os.PathLike) -> None:
         raise OSError(error.errno, f"cannot create the folder for {target} ({error.strerror})") from None
 
 
+def _create_temporary(target: Path, tag: str = "") -> str:
+    """A new empty file beside `target` under a unique hidden name, created with mode 0o666 so
+    that the umask applies exactly as for a plain open(): tempfile.mkstemp creates 0600, which
+    left every output unreadable by a serving process or a colleague once renamed into place."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{tag}{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(path)
+    raise FileExistsError(f"cannot find a free temporary name beside {target}")
+
+
+def _write(temporary: str, write: Callable[[str], object]) -> None:
+    """write(temporary), then give the file back the mode it was created with: a writer that
+    renames its own temporary over ours (safetensors does, with mode 0600) would undo the umask."""
+    mode = stat.S_IMODE(os.stat(temporary).st_mode)
+    write(temporary)
+    os.chmod(temporary, mode)
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call write(temporary_path) beside target (its folders created), then rename: readers never
     see half a file. An OSError names `target`, never the hidden temporary file."""
     target = Path(target)
     make_parents(target)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+    temporary = _create_temporary(target)
     try:
-        write(temporary)
+        _write(temporary, write)
         os.replace(temporary, target)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -57,14 +79,12 @@ def replace_together(files: dict[Path, Callable[[str], object]]) -> None:
     try:
         for target, write in files.items():
             make_parents(target)
-            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.new.")
-            os.close(fd)
+            temporary = _create_temporary(target, "new.")
             staged[target] = Path(temporary)
-            write(temporary)
+            _write(temporary, write)
         for target in list(staged):
             if target.exists():
-                fd, backup = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.old.")
-                os.close(fd)
+                backup = _create_temporary(target, "old.")
                 try:
                     os.replace(target, backup)  # the old file keeps its content under the backup name
                 except BaseException:
