@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -154,3 +155,26 @@ def check_header(data: Any, formats: str | tuple[str, ...], max_version: int, so
     if version > max_version:
         raise ValueError(f"{source}: {what} version {version} is newer than this lrdaccel reads "
                          f"({max_version}); upgrade lrdaccel")
+
+
+def warn_unknown_fields(data: Mapping, known: set[str], source: str, what: str) -> None:
+    """Warn once about fields this lrdaccel does not know: a newer one wrote them, and what they
+    say (a setting the weights depend on, perhaps) is ignored here."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown {what} fields {unknown} (written by a newer lrdaccel? upgrade)",
+                      stacklevel=3)
+
+
+def check_model_class(saved: Any, model: Any, source: str) -> None:
+    """The model a checkpoint is loaded onto must be of the class it was saved from (by name, the
+    one thing the file records): a subclass with another forward takes the same tensors and
+    silently computes something else.
+
+    Raises:
+        ValueError: naming both classes and `source`.
+    """
+    mine = type(model).__name__
+    if saved is not None and saved != mine:
+        raise ValueError(f"{source}: model_class is {saved!r} but the model given is a {mine!r}; "
+                         f"load it onto a {saved}")
