@@ -159,11 +159,12 @@ def check_header(data: Any, formats: str | tuple[str, ...], max_version: int, so
 
 def warn_unknown_fields(data: Mapping, known: set[str], source: str, what: str) -> None:
     """Warn once about fields this lrdaccel does not know: a newer one wrote them, and what they
-    say (a setting the weights depend on, perhaps) is ignored here."""
+    say (a setting the weights depend on, perhaps) is ignored here. Called by a config reader that
+    a loader calls: the warning points at the loader's caller."""
     unknown = sorted(set(data) - known)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown {what} fields {unknown} (written by a newer lrdaccel? upgrade)",
-                      stacklevel=3)
+                      stacklevel=4)
 
 
 def check_model_class(saved: Any, model: Any, source: str) -> None:
