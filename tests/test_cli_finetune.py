@@ -80,3 +80,14 @@ def test_amp_dtype_reaches_the_run(tmp_path, capsys):
     assert state["config"]["amp_dtype"] == "float16" and state["scaler"]  # the scaler float16 needs ran
     assert main(["finetune", "--model", FACTORY, "--amp-dtype", "float8", *COMMON]) == 2
     assert "--amp-dtype: invalid choice 'float8' (choose from bfloat16, float16)" in capsys.readouterr().err
+
+
+def test_amp_dtype_without_amp_is_refused(tmp_path, capsys):
+    """0.3.0 ran in float32 without a word: --amp-dtype only chooses the dtype --amp autocasts in."""
+    checkpoints = tmp_path / "ckpt"
+    code = main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--min-rank", "1", "--amp-dtype", "float16",
+                 "--checkpoint-dir", str(checkpoints), *COMMON])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1
+    assert "--amp-dtype float16 has no effect without --amp: add --amp to autocast in float16" in error
+    assert not checkpoints.exists()  # refused before any work
