@@ -22,7 +22,7 @@ from lrdaccel.racing.contestants import BuildContext
 from lrdaccel.racing.lrd_variant import LRD_DEFAULTS, build_lrd, check_lrd_options
 from lrdaccel.tasks.classifier import make_classifier
 from lrdaccel.tasks.data import RaceData
-from lrdaccel.tasks.registry import check_task_model, load_task, task_kind
+from lrdaccel.tasks.registry import MAX_LENGTH, check_task_model, load_task, task_kind
 from lrdaccel.tasks.saved import load_classifier, save_classifier
 from lrdaccel.training.config import FinetuneConfig
 
@@ -43,6 +43,8 @@ def check_task_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--task needs a zoo model (e.g. minilm), not the factory {args.model!r}: the task's "
                          f"data are prepared for a zoo model's inputs")
     check_task_model(args.task, zoo.get(args.model))
+    if args.no_standardize:
+        raise ValueError("--no-standardize applies to --dataset runs; a --task is prepared for its model")
     if getattr(args, "min_rank", None) is not None:
         raise ValueError("--min-rank applies to --dataset runs; with --task, --ratio plans as the race's lrd variant")
     if args.distill and not args.source:
@@ -50,6 +52,11 @@ def check_task_args(args: argparse.Namespace) -> None:
                          "decomposition would be the pretrained model with an untrained head")
     if args.ratio or args.plan:
         check_lrd_options(lrd_options(args))  # the ratio, and the plan file read
+
+
+def max_length(args: argparse.Namespace) -> int:
+    """--max-length, or load_task's default."""
+    return args.max_length or MAX_LENGTH
 
 
 def lrd_options(args: argparse.Namespace) -> dict:
@@ -67,7 +74,7 @@ def task_model(args: argparse.Namespace, config: FinetuneConfig) -> tuple[nn.Mod
                                                                            list[str]]:
     """(the classifier to train, the teacher or None, the task's data, the head's module names)."""
     spec = zoo.get(args.model)
-    data = load_task(args.task, spec, max_length=args.max_length, train_limit=args.train_limit,
+    data = load_task(args.task, spec, max_length=max_length(args), train_limit=args.train_limit,
                      eval_limit=args.test_limit)
     if data.overlap is not None and data.overlap.count:
         print(f"task {args.task}: {data.overlap}")
@@ -104,4 +111,4 @@ def _compress(classifier: nn.Module, data: RaceData, head: list[str], args: argp
 def save_task_run(model: nn.Module, data: RaceData, head: list[str], args: argparse.Namespace) -> None:
     """`save_classifier` with what rebuilds the classifier: the zoo model, the task, max_length."""
     save_classifier(model, args.output, classes=data.classes, head=head, model=args.model, task=args.task,
-                    max_length=args.max_length)
+                    max_length=max_length(args))

@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--task", help=f"instead of --dataset, a race task for a zoo model: {', '.join(TASKS)}, or a "
                                     "JSONL file with one {\"text\": ..., \"label\": ..., \"split\": \"train\"|\"eval\"} "
                                     "per line (see `lrdaccel race --help`); the model gets a new head for its classes")
-    run.add_argument("--max-length", type=positive_int, default=128,
+    run.add_argument("--max-length", type=positive_int,
                      help="with a text --task: tokens kept per text (default 128)")
     run.add_argument("--train-limit", type=positive_int, help="use only the first N training items")
     run.add_argument("--test-limit", type=positive_int, help="use only the first N test (eval) items")
@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                          f"--from DIR (a model saved by `lrdaccel compress`), or --freeze none")
     if args.task:
         return _run_task(args, config)
+    if args.max_length is not None:
+        raise ValueError(f"--max-length {args.max_length} applies to a text --task, not to --dataset")
     args.dataset = args.dataset or "fashion-mnist"
     require_data("--dataset", args.dataset)  # before any work
     if ":" in args.model and args.input_shape is None:

@@ -30,6 +30,7 @@ from lrdaccel.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 TEXT_TASKS: dict[str, Callable[[], TextSplits]] = {"wordnet-supersense": wordnet_supersense}
 IMAGE_TASKS = ("fashion-mnist",)
 TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
+MAX_LENGTH = 128  # tokens kept per text by default
 
 
 def is_task_file(task: str) -> bool:
@@ -73,7 +74,7 @@ def check_task_model(task: str, spec: ModelSpec) -> None:
         raise ValueError(f"task {task!r} is images: it needs an image model, not {spec.name!r}")
 
 
-def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: int = 128,
+def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: int = MAX_LENGTH,
               train_limit: int | None = None, eval_limit: int | None = None) -> RaceData:
     """The task's data, ready for the model `spec` describes.
 
