@@ -76,8 +76,6 @@ def task_model(args: argparse.Namespace, config: FinetuneConfig) -> tuple[nn.Mod
     spec = zoo.get(args.model)
     data = load_task(args.task, spec, max_length=max_length(args), train_limit=args.train_limit,
                      eval_limit=args.test_limit)
-    if data.overlap is not None and data.overlap.count:
-        print(f"task {args.task}: {data.overlap}")
     base, _ = load_model(args)
     example, _ = data.batch("train", list(range(min(4, data.size("train")))))
     if args.source:

@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plan and (args.ratio or "min_rank" in given(args, PlanConfig)):
         raise ValueError(f"--plan {args.plan} gives the ranks: leave out {'--ratio' if args.ratio else '--min-rank'}")
     if config.schedule is not None and not decomposed:
-        raise ValueError(f"--freeze {config.schedule} needs a decomposed model: give --ratio R (decompose here) or "
-                         f"--from DIR (a model saved by `lrdaccel compress`), or --freeze none")
+        raise ValueError(f"--freeze {config.schedule} needs a decomposed model: give --ratio R or --plan FILE (decompose "
+                         f"here) or --from DIR (a model saved by `lrdaccel compress`), or --freeze none")
     if args.task:
         return _run_task(args, config)
     if args.max_length is not None:
