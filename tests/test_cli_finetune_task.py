@@ -123,7 +123,8 @@ def test_finetune_a_registry_task_by_name(tmp_path, tiny_minilm):
     (["--task", "T", "--ratio", "2", "--min-rank", "4"], "--min-rank applies to --dataset runs"),
     (["--task", "T", "--ratio", "2", "--distill"], "--distill with --task needs --from DIR"),
     (["--task", "T", "--plan", "P"], "P"),  # not a plan file
-    (["--task", "T", "--ratio", "1"], "ratio"),
+    (["--task", "T", "--ratio", "1"], "ratio must be a finite number > 1, got 1"),
+    (["--task", "T", "--ratio", "0"], "ratio must be a finite number > 1, got 0"),
 ])
 def test_bad_task_runs_exit_2_in_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, arguments, message):
     def unloadable(*_):

@@ -50,7 +50,7 @@ def check_task_args(args: argparse.Namespace) -> None:
     if args.distill and not args.source:
         raise ValueError("--distill with --task needs --from DIR (a trained classifier): the model before "
                          "decomposition would be the pretrained model with an untrained head")
-    if args.ratio or args.plan:
+    if args.ratio is not None or args.plan:
         check_lrd_options(lrd_options(args))  # the ratio, and the plan file read
 
 
@@ -61,7 +61,7 @@ def max_length(args: argparse.Namespace) -> int:
 
 def lrd_options(args: argparse.Namespace) -> dict:
     """The race's `lrd` variant's options: its defaults, with --ratio or --plan."""
-    return {**LRD_DEFAULTS, **({"ratio": args.ratio} if args.ratio else {}), "plan": args.plan or ""}
+    return {**LRD_DEFAULTS, **({"ratio": args.ratio} if args.ratio is not None else {}), "plan": args.plan or ""}
 
 
 def task_config(options: dict, task: str) -> dict:
@@ -87,7 +87,7 @@ def task_model(args: argparse.Namespace, config: FinetuneConfig) -> tuple[nn.Mod
     else:
         classifier, head = make_classifier(base, example, len(data.classes), seed=config.seed)
     teacher = copy.deepcopy(classifier).eval() if args.distill else None
-    if args.ratio or args.plan:
+    if args.ratio is not None or args.plan:
         _compress(classifier, data, head, args, config)
     return classifier, teacher, data, head
 

@@ -42,7 +42,7 @@ def decompose_from_args(model: nn.Module, args: argparse.Namespace) -> None:
         load(args.source, model)
     elif getattr(args, "plan", None):
         decompose(model, Plan.load(args.plan))
-    elif args.ratio:
+    elif args.ratio is not None:
         decompose(model, **given(args, PlanConfig))
 
 

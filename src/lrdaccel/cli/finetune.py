@@ -88,15 +88,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"give --task or --dataset, not both (--task {args.task}, --dataset {args.dataset})")
     if args.task:
         options = task_config(options, args.task)
-    decomposed = bool(args.source or args.ratio or args.plan)
+    decomposed = bool(args.source or args.ratio is not None or args.plan)
     if "schedule" not in options and not decomposed:
         options["schedule"] = None  # nothing decomposed, nothing to rotate: a plain fine-tune
     config = FinetuneConfig(**options)
     check_outputs(dirs={"--output": args.output, "--checkpoint-dir": config.checkpoint_dir})
-    if args.source and (args.ratio or args.plan):
-        raise ValueError(f"give --from DIR or {'--ratio' if args.ratio else '--plan'}, not both")
-    if args.plan and (args.ratio or "min_rank" in given(args, PlanConfig)):
-        raise ValueError(f"--plan {args.plan} gives the ranks: leave out {'--ratio' if args.ratio else '--min-rank'}")
+    ratio = args.ratio is not None
+    if args.source and (ratio or args.plan):
+        raise ValueError(f"give --from DIR or {'--ratio' if ratio else '--plan'}, not both")
+    if args.plan and (ratio or "min_rank" in given(args, PlanConfig)):
+        raise ValueError(f"--plan {args.plan} gives the ranks: leave out {'--ratio' if ratio else '--min-rank'}")
     if config.schedule is not None and not decomposed:
         raise ValueError(f"--freeze {config.schedule} needs a decomposed model: give --ratio R or --plan FILE (decompose "
                          f"here) or --from DIR (a model saved by `lrdaccel compress`), or --freeze none")
