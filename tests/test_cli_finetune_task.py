@@ -103,6 +103,45 @@ def test_finetune_from_a_saved_classifier_continues_it(tmp_path, tiny_minilm, ca
     assert "a classifier for classes ['negative', 'positive'], but task" in capsys.readouterr().err
 
 
+def test_a_plan_made_for_the_zoo_model_decomposes_the_classifier(tmp_path, tiny_minilm, capsys):
+    """`lrdaccel plan --model minilm -o plan.json` names the encoder's layers; the classifier holds
+    them under `encoder.`: before, the run failed after loading ("the model has no such module")."""
+    task = write_task(tmp_path / "sentiment.jsonl", sentiment())
+    plan = lrd.plan(tiny_bert(), ratio=2.0)
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", "minilm", "--task", task, "--plan", str(tmp_path / "plan.json"),
+                 "--max-steps", "1", "--train-batch-size", "8", "--no-progress", "-o", str(out)]) == 0
+    planned = {row.name: row.rank for row in plan.changed}
+    assert f"decomposed {len(planned)} layers by {tmp_path / 'plan.json'}" in capsys.readouterr().out
+    saved = json.loads((out / "lrdaccel_config.json").read_text())["plan"]["layers"]
+    assert {row["name"]: row["rank"] for row in saved} == {f"encoder.{name}": rank for name, rank in planned.items()}
+
+
+def test_from_a_full_classifier_with_a_ratio_decomposes_it_and_distils_from_it(tmp_path, tiny_minilm, capsys):
+    """The path --distill names: train the classifier whole, then decompose it and distil from it.
+    Before, `--from` with `--ratio` was refused, so --distill with --task distilled a model into
+    itself; and `--from` a whole classifier failed after loading (nothing to freeze in turn)."""
+    task = write_task(tmp_path / "sentiment.jsonl", sentiment())
+    common = ["finetune", "--model", "minilm", "--task", task, "--train-batch-size", "8", "--max-steps", "2",
+              "--no-progress"]
+    assert main([*common, "-o", str(tmp_path / "full")]) == 0
+    assert json.loads((tmp_path / "full" / "lrdaccel_config.json").read_text())["plan"]["layers"] == []
+    assert main([*common[:-3], "--epochs", "1", "--no-progress", "--from", str(tmp_path / "full"), "-o",
+                 str(tmp_path / "more")]) == 0
+    history = json.loads((tmp_path / "more" / "history.json").read_text())
+    assert [e["trainable_share"] for e in history["epochs"]] == [1.0]  # nothing decomposed: nothing frozen
+    assert main([*common, "--from", str(tmp_path / "full"), "--ratio", "2", "--distill", "-o",
+                 str(tmp_path / "small")]) == 0
+    assert "decomposed 13 layers at ratio 2.0" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "small" / "lrdaccel_config.json").read_text())["plan"]["layers"]) == 13
+    assert main([*common, "--from", str(tmp_path / "small"), "--ratio", "2", "-o", str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err == (f"lrdaccel finetune: error: --from {tmp_path / 'small'} is decomposed already "
+                                       f"(13 layers): fine-tune it without --ratio / --plan, or give the classifier "
+                                       f"before decomposition\n")
+    assert not (tmp_path / "again").exists()
+
+
 @pytest.mark.skipif(not (WORDNET_DIR / "data.noun").is_file(), reason="Debian's wordnet-base is not installed")
 def test_finetune_a_registry_task_by_name(tmp_path, tiny_minilm):
     out = tmp_path / "out"
@@ -121,7 +160,13 @@ def test_finetune_a_registry_task_by_name(tmp_path, tiny_minilm):
     (["--task", "DIR"], "is a directory: give a JSONL file"),
     (["--task", "T", "--ratio", "2", "--plan", "P"], "gives the ranks: leave out --ratio"),
     (["--task", "T", "--ratio", "2", "--min-rank", "4"], "--min-rank applies to --dataset runs"),
-    (["--task", "T", "--ratio", "2", "--distill"], "--distill with --task needs --from DIR"),
+    (["--task", "T", "--ratio", "2", "--distill"], "--distill with --task distils from the classifier before"),
+    (["--task", "T", "--from", "PLAIN", "--distill"], "give --from DIR (a classifier trained by `finetune --task`) "
+                                                    "and --ratio or --plan"),
+    (["--task", "T", "--from", "PLAIN"], "--from <PLAIN>: no classifier.json: with --task, give a classifier saved"),
+    (["--task", "T", "--from", "DIR"], "<DIR>/lrdaccel_config.json: no lrdaccel config here"),
+    (["--task", "fashion-mnist", "--model", "fmnist-cnn", "--max-length", "8"],
+     "--max-length 8 applies to a text --task, not to fashion-mnist"),
     (["--task", "T", "--plan", "P"], "P"),  # not a plan file
     (["--task", "T", "--ratio", "1"], "ratio must be a finite number > 1, got 1"),
     (["--task", "T", "--ratio", "0"], "ratio must be a finite number > 1, got 0"),
@@ -134,10 +179,13 @@ def test_bad_task_runs_exit_2_in_one_line_before_the_model_loads(tmp_path, capsy
     monkeypatch.setattr(zoo, "get", lambda name: dataclasses.replace(real(name), build=unloadable))
     (tmp_path / "dir").mkdir()
     (tmp_path / "plan.json").write_text("{}")
+    lrd.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "plain")  # lrd.save, no classifier.json
     paths = {"T": write_task(tmp_path / "t.jsonl", sentiment()), "DIR": str(tmp_path / "dir"),
-             "P": str(tmp_path / "plan.json")}
+             "P": str(tmp_path / "plan.json"), "PLAIN": str(tmp_path / "plain")}
     arguments = [paths.get(a, a) for a in arguments]
     message = paths.get(message, message)
+    for name in ("DIR", "PLAIN"):
+        message = message.replace(f"<{name}>", paths[name])
     model = [] if "--model" in arguments else ["--model", "minilm"]
     code = main(["finetune", *model, *arguments, "--no-progress", "-o", str(tmp_path / "out")])
     error = capsys.readouterr().err

@@ -17,13 +17,15 @@ from torch import nn
 
 from lrdaccel import zoo
 from lrdaccel.cli._common import load_model
+from lrdaccel.cli._training import saved_layers
+from lrdaccel.planning import Plan
 from lrdaccel.racing.config import RaceConfig
 from lrdaccel.racing.contestants import BuildContext
 from lrdaccel.racing.lrd_variant import LRD_DEFAULTS, build_lrd, check_lrd_options
-from lrdaccel.tasks.classifier import make_classifier
+from lrdaccel.tasks.classifier import classifier_plan, make_classifier
 from lrdaccel.tasks.data import RaceData
 from lrdaccel.tasks.registry import MAX_LENGTH, check_task_model, load_task, task_kind
-from lrdaccel.tasks.saved import load_classifier, save_classifier
+from lrdaccel.tasks.saved import CLASSIFIER_NAME, load_classifier, read_classifier_info, save_classifier
 from lrdaccel.training.config import FinetuneConfig
 
 # A text task trains as the race trains it unless the user says otherwise (SGD at 0.01 would wreck
@@ -37,7 +39,9 @@ def check_task_args(args: argparse.Namespace) -> None:
 
     Raises:
         ValueError: a factory model, an unknown task or one the model cannot take, a bad --plan
-            file, --min-rank (the race's planning has no minimum rank), --distill without --from.
+            file, --min-rank (the race's planning has no minimum rank), --max-length for images,
+            --distill without --from and --ratio / --plan, a --from DIR that is no classifier (or
+            is decomposed already where --ratio / --plan would decompose it).
     """
     if ":" in args.model:
         raise ValueError(f"--task needs a zoo model (e.g. minilm), not the factory {args.model!r}: the task's "
@@ -47,11 +51,27 @@ def check_task_args(args: argparse.Namespace) -> None:
         raise ValueError("--no-standardize applies to --dataset runs; a --task is prepared for its model")
     if getattr(args, "min_rank", None) is not None:
         raise ValueError("--min-rank applies to --dataset runs; with --task, --ratio plans as the race's lrd variant")
-    if args.distill and not args.source:
-        raise ValueError("--distill with --task needs --from DIR (a trained classifier): the model before "
-                         "decomposition would be the pretrained model with an untrained head")
-    if args.ratio is not None or args.plan:
+    if args.max_length is not None and task_kind(args.task) != "text":
+        raise ValueError(f"--max-length {args.max_length} applies to a text --task, not to {args.task}")
+    compress = args.ratio is not None or bool(args.plan)
+    if args.distill and not (args.source and compress):
+        raise ValueError("--distill with --task distils from the classifier before decomposition: give --from DIR "
+                         "(a classifier trained by `finetune --task`) and --ratio or --plan (decompose it here)")
+    if compress:
         check_lrd_options(lrd_options(args))  # the ratio, and the plan file read
+    if args.source:
+        _check_source(args.source, compress)
+
+
+def _check_source(source: str, compress: bool) -> None:
+    """--from DIR is a saved classifier, not decomposed yet where --ratio or --plan decomposes it."""
+    if read_classifier_info(source) is None:
+        raise ValueError(f"--from {source}: no {CLASSIFIER_NAME}: with --task, give a classifier saved by "
+                         f"`lrdaccel finetune --task ... -o DIR`")
+    layers = saved_layers(source)
+    if compress and layers:
+        raise ValueError(f"--from {source} is decomposed already ({layers} layers): fine-tune it without "
+                         f"--ratio / --plan, or give the classifier before decomposition")
 
 
 def max_length(args: argparse.Namespace) -> int:
@@ -97,6 +117,8 @@ def _compress(classifier: nn.Module, data: RaceData, head: list[str], args: argp
     """The race's `lrd` variant with its defaults, at --ratio or by --plan, calibrated on the first
     training batches of the run's seed."""
     options = lrd_options(args)
+    if args.plan:  # a plan made for the zoo model (`lrdaccel plan --model minilm`) names its layers
+        options["plan"] = classifier_plan(Plan.load(args.plan), classifier)
     batches = data.shuffled_batches(config.batch_size, options["calibration"], config.seed)
     inputs, labels = zip(*(data.batch("train", indices) for indices in batches))
     context = BuildContext(list(inputs), list(labels), inputs[0], head, steps=0)

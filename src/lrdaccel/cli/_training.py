@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from lrdaccel.cli._config_args import add_config_args, given
-from lrdaccel.io import load, save
+from lrdaccel.io import CONFIG_NAME, load, read_config, save
 from lrdaccel.planning import Plan, PlanConfig
 from lrdaccel.decomposition import decompose
 from lrdaccel.training.distributed import is_main_process
@@ -44,6 +44,17 @@ def decompose_from_args(model: nn.Module, args: argparse.Namespace) -> None:
         decompose(model, Plan.load(args.plan))
     elif args.ratio is not None:
         decompose(model, **given(args, PlanConfig))
+
+
+def saved_layers(directory: str) -> int:
+    """How many layers the model `lrd.save` wrote to `directory` has decomposed (or merged): a
+    classifier fine-tuned whole has none, and nothing to freeze in turn.
+
+    Raises:
+        FileNotFoundError / ValueError: no lrdaccel config there, or not one of ours (naming it).
+    """
+    config = read_config(directory)
+    return len(Plan.from_dict(config.get("plan"), source=str(Path(directory) / CONFIG_NAME)).changed)
 
 
 def check_amp(options: dict) -> None:

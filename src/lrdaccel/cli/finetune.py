@@ -10,10 +10,14 @@ With --task (a race task: wordnet-supersense, or your own JSONL file) the zoo mo
 classifier for the task's classes (a new head, as `lrdaccel race` makes it), is compressed with
 --ratio / --plan as the race's `lrd` variant compresses it (whitened SVD calibrated on the task's
 training texts, the head kept whole), trains on the task's training split and is scored on its
-eval split; -o saves it for `lrd.load` (plus classifier.json) and `lrdaccel export --from`:
+eval split; -o saves it for `lrd.load` (plus classifier.json) and `lrdaccel export --from`. With
+--task, --from DIR continues a classifier saved so, and with --ratio / --plan decomposes it first
+(--distill then distils from it as it was):
 
     lrdaccel finetune --model minilm --task my.jsonl --ratio 2 --epochs 3 -o my_model/
     lrdaccel export --model minilm --from my_model/ -o my_model.onnx
+    lrdaccel finetune --model minilm --task my.jsonl -o full/ && lrdaccel finetune --model minilm \
+        --task my.jsonl --from full/ --ratio 2 --distill -o small/
 
 A text task trains with the race's defaults (AdamW, lr 5e-5, weight decay 0.01, batch 32) where
 the options are not given. Without --ratio, --plan or --from there is no freezing by default.
@@ -29,7 +33,7 @@ from lrdaccel.cli._common import add_model_args, check_outputs, load_model, posi
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli._finetune_task import check_task_args, save_task_run, task_config, task_model
 from lrdaccel.cli._training import (HISTORY_NAME, add_source_args, check_amp, decompose_from_args, save_history,
-                                    save_run)
+                                    save_run, saved_layers)
 from lrdaccel.training.config import AMP_DTYPES, LR_SCHEDULES, OPTIMIZERS, FinetuneConfig
 from lrdaccel.training.distributed import is_main_process, process_group
 from lrdaccel.training.freezer import SCHEDULES
@@ -88,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"give --task or --dataset, not both (--task {args.task}, --dataset {args.dataset})")
     if args.task:
         options = task_config(options, args.task)
-    decomposed = bool(args.source or args.ratio is not None or args.plan)
+    # --from a classifier fine-tuned whole (finetune --task) has nothing decomposed either
+    decomposed = bool(args.ratio is not None or args.plan or (args.source and saved_layers(args.source)))
     if "schedule" not in options and not decomposed:
         options["schedule"] = None  # nothing decomposed, nothing to rotate: a plain fine-tune
     config = FinetuneConfig(**options)
     check_outputs(dirs={"--output": args.output, "--checkpoint-dir": config.checkpoint_dir})
     ratio = args.ratio is not None
-    if args.source and (ratio or args.plan):
+    if args.source and (ratio or args.plan) and not args.task:  # with --task, --from a classifier to decompose
         raise ValueError(f"give --from DIR or {'--ratio' if ratio else '--plan'}, not both")
     if args.plan and (ratio or "min_rank" in given(args, PlanConfig)):
         raise ValueError(f"--plan {args.plan} gives the ranks: leave out {'--ratio' if ratio else '--min-rank'}")
