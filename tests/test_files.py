@@ -1,5 +1,6 @@
 """Files written through a temporary file get the mode a plain open() would give them
-(0o666 & ~umask), not tempfile's private 0600: a serving process or a colleague must read them."""
+(0o666 & ~umask, or an existing file's own mode), not tempfile's private 0600: a serving process
+or a colleague must read them, and a file its owner made private stays private."""
 
 from __future__ import annotations
 
@@ -49,6 +50,29 @@ def test_atomic_write_and_replace_together_give_the_plain_write_mode(tmp_path, u
     written = [tmp_path / "deep" / "one.json", tmp_path / "a.bin", tmp_path / "b.json"]
     assert {path.name: oct(mode(path)) for path in written} == {path.name: oct(expected) for path in written}
     assert sorted(p.name for p in tmp_path.rglob(".*")) == []  # no temporary or backup left behind
+
+
+@pytest.mark.parametrize("existing", [0o600, 0o640, 0o664])
+def test_a_file_written_over_keeps_its_own_mode_as_a_plain_write_does(tmp_path, umask, existing):
+    """A results or plan file its owner chmod-ed 0600 became 0644 when lrdaccel wrote it again."""
+    reference = tmp_path / "plain.txt"
+    reference.write_text("old")
+    reference.chmod(existing)
+    reference.write_text("new")
+    assert mode(reference) == existing  # what a plain write does: the umask applies only to new files
+    one, pair = tmp_path / "one.json", {tmp_path / "a.bin": lambda tmp: Path(tmp).write_bytes(b"a")}
+    for path in (one, *pair):
+        path.write_text("old")
+        path.chmod(existing)
+    atomic_write(one, lambda tmp: Path(tmp).write_text("new"))
+    replace_together(pair)
+    assert {p.name: oct(mode(p)) for p in (one, *pair)} == {"one.json": oct(existing), "a.bin": oct(existing)}
+    assert one.read_text() == "new" and (tmp_path / "a.bin").read_bytes() == b"a"
+    lrd.save(nn.Sequential(nn.Linear(4, 2)), tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.chmod(existing)
+    lrd.save(nn.Sequential(nn.Linear(4, 2)), tmp_path / "model")  # safetensors renames its own 0600 temporary
+    assert mode(weights) == existing
 
 
 def test_the_library_s_writers_give_the_plain_write_mode(tmp_path, umask):

@@ -1,7 +1,8 @@
 """The files lrdaccel writes: atomically (a reader never sees half of one), into parent folders
 created on the way (an output path is checked before any work, `check_output_path`, and its
-missing folders are made when it is written), and with a versioned header (`format`,
-`version`) that every reader checks before trusting anything else."""
+missing folders are made when it is written), with the mode a plain write would give them (the
+umask's, or an existing file's own), and with a versioned header (`format`, `version`) that every
+reader checks before trusting anything else."""
 
 from __future__ import annotations
 
@@ -40,10 +41,15 @@ def _create_temporary(target: Path, tag: str = "") -> str:
     raise FileExistsError(f"cannot find a free temporary name beside {target}")
 
 
-def _write(temporary: str, write: Callable[[str], object]) -> None:
-    """write(temporary), then give the file back the mode it was created with: a writer that
-    renames its own temporary over ours (safetensors does, with mode 0600) would undo the umask."""
-    mode = stat.S_IMODE(os.stat(temporary).st_mode)
+def _write(temporary: str, write: Callable[[str], object], target: Path) -> None:
+    """write(temporary), then give it the mode a plain open(target, "w") would leave: an existing
+    target's own mode (a file its owner made private stays private), else the mode the temporary
+    was created with. Set after writing: a writer that renames its own temporary over ours
+    (safetensors does, with mode 0600) would undo it."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
     write(temporary)
     os.chmod(temporary, mode)
 
@@ -55,7 +61,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
     make_parents(target)
     temporary = _create_temporary(target)
     try:
-        _write(temporary, write)
+        _write(temporary, write, target)
         os.replace(temporary, target)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -82,7 +88,7 @@ def replace_together(files: dict[Path, Callable[[str], object]]) -> None:
             make_parents(target)
             temporary = _create_temporary(target, "new.")
             staged[target] = Path(temporary)
-            _write(temporary, write)
+            _write(temporary, write, target)
         for target in list(staged):
             if target.exists():
                 backup = _create_temporary(target, "old.")
