@@ -66,7 +66,8 @@ def test_jsonl_without_split_holds_out_one_in_ten_by_hash(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ([{"label": "a"}, {"text": "x", "label": "b"}], r"line 1: no \"text\""),
     ([{"text": "x", "label": "a"}, {"text": "y"}], r"line 2: no \"label\""),
-    ([{"text": "x", "label": "a"}, {"text": "  ", "label": "b"}], r"line 2: no \"text\""),
+    ([{"text": "x", "label": "a"}, {"text": "  ", "label": "b"}], r"line 2: \"text\" must be a non-empty string, "
+                                                                  r"got \"  \""),
     (["[1, 2]"], "line 1: expected an object"),
     (["{not json"], "line 1: not valid JSON"),
     ([{"text": "x", "label": "a", "split": "test"}], r"line 1: \"split\" must be one of"),

@@ -54,15 +54,34 @@ def test_labels_are_stripped_strings(tmp_path):
 @pytest.mark.parametrize("label, name", [
     (1, "1"), (1.0, "1"), ("1", "1"), (" 1.0 ", "1"), ("1e2", "100"), (-0.0, "0"), (0.5, "0.5"), ("0.50", "0.5"),
     (12345678901234567890, "12345678901234567890"), ("01", "01"), ("+1", "+1"), ("Pos", "Pos"), (" pos ", "pos"),
-    ("", None), ("  ", None), (True, None), (None, None), ([1], None), (float("nan"), None), (float("inf"), None),
+    ("", None), ("  ", None), (True, "true"), (False, "false"), ("true", "true"), ("1e0", "1"), ("-0", "0"),
+    ("9" * 5000, "9" * 5000), (None, None), ([1], None), ({"a": 1}, None), (float("nan"), None), (float("inf"), None),
 ])
 def test_canonical_label(label, name):
     assert canonical_label(label) == name
 
 
-def test_a_nan_label_is_refused_naming_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", ['{"text": "a", "label": 1}', '{"text": "b", "label": NaN}'])
-    with pytest.raises(ValueError, match=r"t.jsonl, line 2: no \"label\" \(a non-empty string or a finite number\)"):
+@pytest.mark.parametrize("value", ["NaN", '{"a": 1}', "[1, 2]", "null", '"  "'])
+def test_a_label_that_is_no_label_is_refused_naming_the_line_and_the_value(tmp_path, value):
+    """0.3.0's message said there was "no label" where there was one, of the wrong kind."""
+    path = write_jsonl(tmp_path / "t.jsonl", ['{"text": "a", "label": 1}', f'{{"text": "b", "label": {value}}}'])
+    with pytest.raises(ValueError) as info:
+        jsonl_task(path)
+    assert str(info.value) == (f"{path}, line 2: \"label\" must be a non-empty string, a finite number or a bool, "
+                               f"got {json.dumps(json.loads(value)) if value != 'NaN' else 'NaN'}")
+
+
+def test_json_bools_are_the_labels_true_and_false(tmp_path):
+    """0.3.0 refused a JSON true / false ("no label"): a binary task labelled with bools is common."""
+    rows = [{"text": f"spam {i}", "label": True, "split": "train"} for i in range(2)]
+    rows += [{"text": "ham", "label": False, "split": "train"}, {"text": "more spam", "label": "true", "split": "eval"}]
+    task = jsonl_task(write_jsonl(tmp_path / "t.jsonl", rows))
+    assert task.classes == ["false", "true"] and sorted(task.train_labels) == [0, 1, 1] and task.eval_labels == [1]
+
+
+def test_an_integer_too_long_for_python_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", ['{"text": "a", "label": 1}', '{"text": "b", "label": ' + "9" * 5000 + "}"])
+    with pytest.raises(ValueError, match=r"t.jsonl, line 2: not valid JSON \(Exceeds the limit \(4300 digits\)"):
         jsonl_task(path)
 
 

@@ -16,7 +16,8 @@ whitespace made one space. The rules that keep a user's file from silently becom
   a string that reads as a JSON number are written in one canonical form (an integral value as an
   integer, another as Python's shortest float), so 1, 1.0, "1" and " 1.0 " are all the class "1"
   and 0.5 and "0.50" are "0.5". Other strings are compared exactly after strip: "pos" and "pos "
-  are one class, "Pos" another. NaN and infinite labels are refused.
+  are one class, "Pos" another. A JSON true / false is the label "true" / "false". NaN and
+  infinite labels, objects and lists are refused, naming the line and the value.
 - A text that occurs with two or more labels (within a split or across the two) is dropped, every
   line of it, as wordnet-supersense drops such glosses: its label is not a function of the text.
   How many is warned once (`TextSplits.conflicts`).
@@ -141,7 +142,7 @@ def jsonl_task(path: str | Path) -> TextSplits:
     Raises:
         FileNotFoundError: no such file; IsADirectoryError: a directory.
         ValueError: a line that is not UTF-8, not a JSON object with a non-empty "text" and a
-            "label" (a string or a finite number), a "split" other than train/eval, a split with
+            "label" (a string, a finite number or a bool), a "split" other than train/eval, a split with
             no texts, or fewer than two labels; the message names the file and the line.
     """
     path = Path(path)
@@ -188,16 +189,16 @@ def _row(line: str, where: str) -> tuple[str, str, bool]:
     """(normalised text, canonical label, held out) of one JSONL line."""
     try:
         item = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+    except ValueError as error:  # JSONDecodeError, or an integer too long for Python to convert
+        raise ValueError(f"{where}: not valid JSON ({getattr(error, 'msg', error)})") from None
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object with \"text\" and \"label\", got {type(item).__name__}")
     text = item.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: no \"text\" (a non-empty string) in {_preview(item)}")
+        raise ValueError(f"{where}: {_field_error(item, 'text', 'a non-empty string')}")
     label = canonical_label(item.get("label"))
     if label is None:
-        raise ValueError(f"{where}: no \"label\" (a non-empty string or a finite number) in {_preview(item)}")
+        raise ValueError(f"{where}: {_field_error(item, 'label', 'a non-empty string, a finite number or a bool')}")
     split = item.get("split")
     if split is None:
         held_out = _digest(text)[0] % JSONL_EVAL_BUCKETS == 0
@@ -208,17 +209,26 @@ def _row(line: str, where: str) -> tuple[str, str, bool]:
     return _normalised(text), label, held_out
 
 
+def _field_error(item: dict, field: str, expected: str) -> str:
+    """What is wrong with `item[field]`: missing, or not `expected` (its JSON value named)."""
+    if field not in item:
+        return f"no \"{field}\" in {_preview(item)}"
+    return f"\"{field}\" must be {expected}, got {_clip(json.dumps(item[field], ensure_ascii=False))}"
+
+
 def canonical_label(label: object) -> str | None:
     """A JSONL label as its class name (see the module docstring), or None where it is no label
-    (missing, empty after strip, a bool, an object, a list, NaN or infinite)."""
+    (missing, empty after strip, an object, a list, NaN or infinite)."""
+    if isinstance(label, bool):  # before numbers: True is an int to Python
+        return "true" if label else "false"
     if isinstance(label, str):
         label = label.strip()
-        if _JSON_INTEGER.fullmatch(label):
-            return str(int(label))
+        if _JSON_INTEGER.fullmatch(label):  # already canonical (no leading zeros), but for "-0"
+            return "0" if label == "-0" else label
         if not _JSON_NUMBER.fullmatch(label):
             return label or None
         label = float(label)
-    if isinstance(label, bool) or not isinstance(label, (int, float)):
+    if not isinstance(label, (int, float)):
         return None
     if isinstance(label, float):
         if not math.isfinite(label):
