@@ -19,12 +19,14 @@ def write_jsonl(path, rows):
 
 
 class WordTokenizer:
-    """A tokenizer as load_task calls one: a token id per word, offline and instant."""
+    """A tokenizer as load_task calls one: a token id per word, case folded as MiniLM's uncased
+    tokenizer folds it; offline and instant."""
 
     pad_token_id = 0
 
     def __call__(self, texts, truncation, max_length):
-        return {"input_ids": [[1 + len(word) for word in text.split()][:max_length] for text in texts]}
+        return {"input_ids": [[1 + int.from_bytes(word.lower().encode(), "big") % 1_000_003 for word in text.split()]
+                              [:max_length] for text in texts]}
 
 
 TOY = ModelSpec("toy", "a token model for tests", build=lambda: torch.nn.Identity(), input_shape=(8,),
@@ -122,6 +124,24 @@ def test_overlap_is_that_of_the_items_a_limited_run_uses(tmp_path):
         assert load_task(str(path), TOY).overlap == Overlap(10, 10)
     with pytest.warns(UserWarning, match=r"4 of 4 eval texts \(100.0%\)"):
         assert load_task(str(path), TOY, eval_limit=4).overlap == Overlap(4, 4)
+
+
+def test_overlap_is_counted_as_the_model_reads_the_texts(tmp_path):
+    """An uncased tokenizer reads "Great" as "great", and max_length cuts what follows: those eval
+    texts are training inputs to the model, though their texts differ (before, not counted)."""
+    rows = [{"text": f"Great film number {i} of the year", "label": i % 2, "split": "train"} for i in range(6)]
+    rows += [{"text": f"great FILM number {i} of the year", "label": i % 2, "split": "eval"} for i in range(2)]
+    rows += [{"text": f"Great film number {i} of another year", "label": i % 2, "split": "eval"} for i in (2, 3)]
+    rows += [{"text": f"new {i}", "label": i % 2, "split": "eval"} for i in range(4)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert jsonl_task(path).overlap == Overlap(0, 8)  # as texts, none is a training text
+    with pytest.warns(UserWarning) as caught:
+        assert load_task(str(path), TOY).overlap == Overlap(2, 8)  # case folded
+    assert [str(w.message) for w in caught] == [
+        f"task {path}: 2 of 8 eval texts (25.0%) also occur among the training texts as the model reads them "
+        f"(tokenized, at most 128 tokens): accuracy on them measures memory, not generalisation"]
+    with pytest.warns(UserWarning, match=r"4 of 8 eval texts \(50.0%\) .* at most 5 tokens"):
+        assert load_task(str(path), TOY, max_length=5).overlap == Overlap(4, 8)  # and cut at 5 words
 
 
 def test_no_overlap_no_warning(tmp_path):

@@ -31,8 +31,8 @@ class RaceData:
     """Labelled items of two splits, fetched as batches; `classes` names the labels.
 
     Attributes:
-        overlap: for a text task, the evaluation items whose text is also a training text (count
-            and share; None where not measured, as for images).
+        overlap: for a text task, the evaluation items the model reads as a training item (the
+            same token ids; count and share; None where not measured, as for images).
         conflicts: texts dropped from a text task because they occur with two or more labels.
     """
 

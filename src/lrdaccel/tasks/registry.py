@@ -79,7 +79,8 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
     """The task's data, ready for the model `spec` describes.
 
     For a text task, `overlap` on the result counts the evaluation texts (after the limits) that
-    are also training texts, warned once where there are any; `conflicts` the texts dropped for
+    the model reads as a training text (the same token ids: case folded by an uncased tokenizer,
+    cut at `max_length`), warned once where there are any; `conflicts` the texts dropped for
     having two labels (lrdaccel.tasks.text).
 
     Args:
@@ -102,11 +103,13 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
         splits = TEXT_TASKS[task]() if task in TEXT_TASKS else jsonl_task(task)
         texts = {"train": splits.train_texts[:train_limit], "eval": splits.eval_texts[:eval_limit]}
         labels = {"train": splits.train_labels[:train_limit], "eval": splits.eval_labels[:eval_limit]}
-        overlap = text_overlap(texts["train"], texts["eval"])
-        if overlap.count:
-            warnings.warn(f"task {task}: {overlap}: accuracy on them measures memory, not generalisation",
-                          stacklevel=2)
         data = TokenData.tokenize(spec.tokenizer(), texts, labels, splits.classes, max_length)
+        # compared as the model reads them: an uncased tokenizer makes "Great" and "great" one input,
+        # and texts that agree in their first max_length tokens are one input too
+        overlap = text_overlap(*([tuple(ids) for ids in data.ids[split]] for split in ("train", "eval")))
+        if overlap.count:
+            warnings.warn(f"task {task}: {overlap} as the model reads them (tokenized, at most {max_length} "
+                          f"tokens): accuracy on them measures memory, not generalisation", stacklevel=2)
         data.overlap, data.conflicts = overlap, splits.conflicts
         return data
     return _fashion_mnist(spec, image_size, train_limit, eval_limit)

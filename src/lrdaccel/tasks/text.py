@@ -22,8 +22,9 @@ whitespace made one space. The rules that keep a user's file from silently becom
   line of it, as wordnet-supersense drops such glosses: its label is not a function of the text.
   How many is warned once (`TextSplits.conflicts`).
 - Evaluation texts that also occur among the training texts are counted (`overlap`): accuracy on
-  them measures memory. `lrdaccel.tasks.registry.load_task` warns once and keeps the count on the
-  loaded data for the race's report.
+  them measures memory. `lrdaccel.tasks.registry.load_task` counts them again as the model reads
+  them (token ids: "Great" and "great" are one input to an uncased tokenizer), warns once and
+  keeps the count on the loaded data for the race's report.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Hashable, Sequence
 
 from lrdaccel.calibration.corpora import WORDNET_DIR
 
@@ -70,9 +72,10 @@ class Overlap:
         return f"{self.count} of {self.eval_items} eval texts ({100 * self.share:.1f}%) also occur among the training texts"
 
 
-def text_overlap(train_texts: list[str], eval_texts: list[str]) -> Overlap:
+def text_overlap(train_texts: Sequence[Hashable], eval_texts: Sequence[Hashable]) -> Overlap:
     """How many of `eval_texts` (each item, duplicates counted) occur in `train_texts`, compared
-    as given (both normalised by this module)."""
+    as given: texts normalised by this module (`TextSplits.overlap`), or their token ids as a
+    model reads them (`load_task`)."""
     seen = set(train_texts)
     return Overlap(sum(text in seen for text in eval_texts), len(eval_texts))
 
