@@ -104,6 +104,17 @@ def test_a_text_with_two_labels_is_dropped_and_counted(tmp_path):
     assert sorted(task.train_texts) == ["awful", "great"] and sorted(task.eval_texts) == ["dire", "lovely"]
 
 
+def test_a_split_emptied_by_the_conflicts_says_so(tmp_path):
+    """Every eval text also occurs in train with another label: "no eval texts (give some lines
+    "split": "eval" ...)" alone blamed a file that has them."""
+    rows = [{"text": f"text {i}", "label": i % 2, "split": "train"} for i in range(6)]
+    rows += [{"text": f"text {i}", "label": 1 - i % 2, "split": "eval"} for i in range(2)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.warns(UserWarning, match="2 text"), pytest.raises(ValueError) as info:
+        jsonl_task(path)
+    assert str(info.value).startswith(f"{path}: no eval texts once 2 text(s) with two labels are dropped (give")
+
+
 def test_overlap_counts_eval_texts_also_in_train(tmp_path):
     rows = [{"text": f"text {i}", "label": i % 2, "split": "train"} for i in range(10)]
     rows += [{"text": f"text  {i}", "label": i % 2, "split": "eval"} for i in range(3)]  # leaked (normalised)

@@ -162,16 +162,17 @@ def jsonl_task(path: str | Path) -> TextSplits:
             if line.strip():
                 rows.append(_row(line, where))
     rows, conflicts = _drop_conflicts(rows, path)
+    dropped = f" once {conflicts} text(s) with two labels are dropped" if conflicts else ""
     classes = sorted({label for _, label, _ in rows})
     if len(classes) < 2:
         raise ValueError(f"{path}: a classification task needs at least two labels, found "
-                         f"{len(classes)}{' (' + classes[0] + ')' if classes else ''}")
+                         f"{len(classes)}{' (' + classes[0] + ')' if classes else ''}{dropped}")
     index = {label: i for i, label in enumerate(classes)}
     splits = _splits(classes, [(text, index[label], held_out) for text, label, held_out in rows])
     splits.conflicts = conflicts
     for name, texts in (("train", splits.train_texts), ("eval", splits.eval_texts)):
         if not texts:
-            raise ValueError(f"{path}: no {name} texts (give some lines \"split\": \"{name}\", or leave "
+            raise ValueError(f"{path}: no {name} texts{dropped} (give some lines \"split\": \"{name}\", or leave "
                              f"\"split\" out so that 1 in {JSONL_EVAL_BUCKETS} is held out)")
     return splits
 
