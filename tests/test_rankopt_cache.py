@@ -113,6 +113,10 @@ def test_saves_merge_with_what_another_process_wrote(tmp_path):
     ('{"format": "something-else"}', "not an lrdaccel timing cache"),
     ('{"format": "lrdaccel.timings", "version": 99, "entries": {}}', "upgrade lrdaccel"),
     ('{"format": "lrdaccel.timings", "version": 1, "entries": {"k": {"ms": "x"}}}', "malformed"),
+    # 0.3.x read these as 5 ms and 1 ms
+    ('{"format": "lrdaccel.timings", "version": 1, "entries": {"k": {"ms": "5", "cost_s": 0.1}}}', "malformed"),
+    ('{"format": "lrdaccel.timings", "version": 1, "entries": {"k": {"ms": true, "cost_s": 0.1}}}', "malformed"),
+    ('{"format": "lrdaccel.timings", "version": 1, "entries": [1, 2]}', "\"entries\" must be an object, got list"),
 ])
 def test_a_file_that_is_not_ours_is_a_clear_error_and_left_alone(tmp_path, content, message):
     path = tmp_path / "timings.json"

@@ -46,7 +46,8 @@ class TimingCache:
         path: the JSON file; None keeps times in memory only (still shared by identical layers).
 
     Raises:
-        ValueError: the file exists but is not an lrdaccel timing cache, or is newer than this reads.
+        ValueError: the file exists but is not an lrdaccel timing cache, is newer than this reads,
+            or has a malformed entry (a time or cost that is not a JSON number: "5", true, null).
 
     Entries whose time is not a positive finite number (zero, negative, NaN, infinite: a broken
     timer or a hand-edited file) would choose ranks by nonsense; they are dropped when the file is
@@ -113,17 +114,33 @@ def _read(path: Path) -> tuple[dict[str, CachedTime], int]:
         raise ValueError(f"timing cache {path}: cannot read it as JSON ({error}); "
                          f"delete it or pass another path") from None
     check_header(data, CACHE_FORMAT, CACHE_VERSION, f"timing cache {path}", "timing cache")
+    raw = data.get("entries") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"timing cache {path}: \"entries\" must be an object, got {type(raw).__name__}; "
+                         f"delete it or pass another path")
     entries, dropped = {}, 0
-    for key, value in (data.get("entries") or {}).items():
+    for key, value in raw.items():
         try:
-            entry = CachedTime(float(value["ms"]), float(value["cost_s"]))
-        except (TypeError, KeyError, ValueError):
+            entry = CachedTime(_number(value["ms"]), _number(value["cost_s"]))
+        except (TypeError, KeyError):
             raise ValueError(f"timing cache {path}: entry {key!r} is malformed: {value!r}") from None
         if _usable(entry):
             entries[key] = entry
         else:
             dropped += 1
     return entries, dropped
+
+
+def _number(value: object) -> float:
+    """A JSON number as a float. The cache writes numbers only: a string ("5", "1_000") or a bool
+    (true, which float() reads as 1 ms) is an edit or a corruption, not a time.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return float(value)
 
 
 def _usable(entry: CachedTime) -> bool:
