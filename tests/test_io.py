@@ -260,5 +260,6 @@ def test_unknown_config_fields_warn_that_a_newer_lrdaccel_wrote_them(saved):
     assert [str(w.message) for w in caught] == [
         f"{out / CONFIG_NAME}: ignoring unknown model config fields ['quantization', 'zz_new'] "
         f"(written by a newer lrdaccel? upgrade)"]
+    assert caught[0].filename == __file__  # the caller's line, not lrdaccel's
     x = torch.randn(2, 3, 24, 24)
     assert torch.equal(_outputs(loaded, x), _outputs(model, x))

@@ -135,7 +135,8 @@ def test_unknown_config_fields_warn_that_a_newer_lrdaccel_wrote_them(pruned_cnn,
     config["sparsity"] = 0.5
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.warns(UserWarning, match=r"ignoring unknown pruned-model config fields \['sparsity'\] "
-                                         r"\(written by a newer lrdaccel\? upgrade\)"):
+                                         r"\(written by a newer lrdaccel\? upgrade\)") as caught:
         loaded = peers.load_pruned(tmp_path, zoo.get("fmnist-cnn").build().eval())
+    assert [w.filename for w in caught if "sparsity" in str(w.message)] == [__file__]  # the caller's line
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
