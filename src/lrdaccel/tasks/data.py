@@ -10,8 +10,8 @@ not one per variant.
 - `TokenData`: texts tokenized once up front, padded per batch to its longest text (dynamic
   padding: a batch of short glosses carries no 128-token padding).
 
-`split(name)` is one split as a dataset `lrd.finetune` takes (`len` and `batch(indices)`), so the
-training loop fetches the same padded batches the race does.
+`split(name)` is one split as a dataset `lrd.finetune` takes (`len` and `fetch_batch(indices)`),
+so the training loop fetches the same padded batches the race does.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class RaceData:
 
 @dataclass(frozen=True)
 class SplitView:
-    """A split of `data` as `lrd.finetune` reads a dataset: its size, and `batch(indices)` giving
-    (inputs, labels) ready for the model (texts padded per batch)."""
+    """A split of `data` as `lrd.finetune` reads a dataset: its size, and `fetch_batch(indices)`
+    giving (inputs, labels) ready for the model (texts padded per batch)."""
 
     data: RaceData
     name: str
@@ -82,7 +82,7 @@ class SplitView:
     def __len__(self) -> int:
         return self.data.size(self.name)
 
-    def batch(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
+    def fetch_batch(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
         return self.data.batch(self.name, indices)
 
 

@@ -124,11 +124,13 @@ def needs_grad_scaler(config) -> bool:
 
 
 def fetch_items(dataset: Dataset, indices: list[int]):
-    """A batch: the dataset's own `batch(indices)` where it has one (lrdaccel.tasks' splits, whose
-    texts are padded per batch), one indexing call on a TensorDataset, else the default collate of
-    the items."""
-    if callable(getattr(dataset, "batch", None)):
-        return dataset.batch(indices)
+    """A batch: the dataset's own `fetch_batch(indices)` where it has one (lrdaccel.tasks' splits,
+    whose texts are padded per batch), one indexing call on a TensorDataset, else the default
+    collate of the items. Not a method named `batch`: a Hugging Face dataset has one, which groups
+    the whole dataset into batches of a size."""
+    fetch = getattr(dataset, "fetch_batch", None)
+    if callable(fetch):
+        return fetch(indices)
     if isinstance(dataset, TensorDataset):
         # The indices live with the data (a TensorDataset may be on the GPU already).
         return dataset[torch.as_tensor(indices, dtype=torch.long, device=dataset.tensors[0].device)]
