@@ -54,9 +54,13 @@ def test_a_plain_saved_model_loads_as_lrd_load_does(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not a classifier description"),
-    (json.dumps({"format": "other"}), "format 'lrdaccel.classifier' expected"),
-    (json.dumps({"format": "lrdaccel.classifier", "version": 9, "classes": ["a", "b"]}), "version 9"),
+    (json.dumps({"format": "other"}), "not an lrdaccel classifier description \\(missing format='lrdaccel.classifier'"),
+    (json.dumps({"format": "lrdaccel.classifier", "version": 9, "classes": ["a", "b"]}),
+     "version 9 is newer than this lrdaccel reads \\(1\\); upgrade lrdaccel"),
     (json.dumps({"format": "lrdaccel.classifier", "version": 1, "classes": ["a"]}), "at least two class names"),
+    # list("head") would have kept modules "h", "e", "a", "d" whole, and decomposed the head
+    (json.dumps({"format": "lrdaccel.classifier", "version": 1, "classes": ["a", "b"], "head": "head"}),
+     "\"head\" must list module names, got 'head'"),
 ])
 def test_a_classifier_json_that_is_not_ours_is_refused(tmp_path, content, message):
     (tmp_path / "classifier.json").write_text(content)

@@ -92,7 +92,7 @@ class WithBatchMethod(torch.utils.data.Dataset):
 
 
 def test_a_dataset_with_its_own_batch_method_is_read_item_by_item(original, digits):
-    """0.4's loop called any `batch` method with a list of indices, taking it for lrdaccel.tasks'."""
+    """Before, the loop called any `batch` method with a list of indices, taking it for lrdaccel.tasks'."""
     plain = finetune(copy.deepcopy(original), *digits, epochs=1, schedule=None, batch_size=32, progress=False)
     wrapped = finetune(copy.deepcopy(original), *(WithBatchMethod(d) for d in digits), epochs=1, schedule=None,
                        batch_size=32, progress=False)

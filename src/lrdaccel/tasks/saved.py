@@ -18,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from lrdaccel._files import check_header
 from lrdaccel.io import load, save
 from lrdaccel.tasks.classifier import make_classifier
 
@@ -43,7 +44,8 @@ def read_classifier_info(directory: str | os.PathLike) -> dict | None:
     """`classifier.json` of a saved classifier, or None where the directory has none.
 
     Raises:
-        ValueError: the file is not ours, or has no list of at least two classes.
+        ValueError: the file is not ours (or newer than this lrdaccel reads), has no list of at
+            least two classes, or a "head" that is not a list of module names.
     """
     path = Path(directory) / CLASSIFIER_NAME
     if not path.is_file():
@@ -52,13 +54,14 @@ def read_classifier_info(directory: str | os.PathLike) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a classifier description ({error})") from None
-    if not isinstance(info, dict) or info.get("format") != CLASSIFIER_FORMAT:
-        raise ValueError(f"{path}: not a classifier description (format {CLASSIFIER_FORMAT!r} expected)")
-    if info.get("version") != CLASSIFIER_VERSION:
-        raise ValueError(f"{path}: version {info.get('version')!r}; this lrdaccel reads version {CLASSIFIER_VERSION}")
+    check_header(info, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, str(path), "classifier description")
     classes = info.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: \"classes\" must list at least two class names, got {classes!r}")
+    head = info.get("head", [])
+    if not isinstance(head, list) or not all(isinstance(name, str) for name in head):
+        # the head is kept whole when the classifier is decomposed: a wrong list would decompose it
+        raise ValueError(f"{path}: \"head\" must list module names, got {head!r}")
     return info
 
 
