@@ -52,6 +52,23 @@ def test_a_plain_saved_model_loads_as_lrd_load_does(tmp_path):
         load_classifier(tmp_path, encoder(), EXAMPLE)
 
 
+def test_a_plain_model_saved_over_a_classifier_is_not_taken_for_one(tmp_path):
+    """Before, the classifier.json left behind made load_saved (and `lrdaccel export --from`) build
+    a classifier for a plain model, refused as "model_class is 'Encoder' but the model given is a
+    'EncoderClassifier'"."""
+    classifier, head = make_classifier(encoder(), EXAMPLE, 3, seed=7)
+    save_classifier(classifier, tmp_path, classes=["a", "b", "c"], head=head)
+    model = encoder()
+    lrd.decompose(model, ratio=2.0, min_rank=1)
+    lrd.save(model, tmp_path)
+    with pytest.warns(UserWarning, match="classifier.json describes an earlier save to .*: ignored, the directory "
+                                         "holds a plain lrd.save model"):
+        loaded = load_saved(tmp_path, encoder(), EXAMPLE)
+    assert torch.equal(loaded(**EXAMPLE), model(**EXAMPLE))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no classifier.json"):
+        load_classifier(tmp_path, encoder(), EXAMPLE)
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not a classifier description"),
     (json.dumps({"format": "other"}), "not an lrdaccel classifier description \\(missing format='lrdaccel.classifier'"),

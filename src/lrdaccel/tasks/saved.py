@@ -5,13 +5,16 @@ A classifier is a zoo model with a head for a task's classes (lrdaccel.tasks.cla
 weights alone do not say how to rebuild it: `load_classifier` builds the head again on the base
 model (`make_classifier`, from the classes recorded here) and then `lrd.load` rebuilds the
 decomposition and loads every weight, the head's included, checking names and shapes. A
-directory without `classifier.json` is a plain `lrd.save` directory (`load_saved` loads either).
+directory without `classifier.json` is a plain `lrd.save` directory (`load_saved` loads either);
+so is one whose `classifier.json` records other weights than the directory's (a plain model saved
+there since).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lrdaccel._files import check_header
-from lrdaccel.io import load, save
+from lrdaccel.io import CONFIG_NAME, load, read_config, save
 from lrdaccel.tasks.classifier import make_classifier
 
 CLASSIFIER_NAME = "classifier.json"
@@ -36,12 +39,13 @@ def save_classifier(classifier: nn.Module, directory: str | os.PathLike, *, clas
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     info = {"format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION, "classes": list(classes),
-            "head": list(head), **describe}
+            "head": list(head), **describe, "weights_sha256": read_config(directory)["weights_sha256"]}
     (Path(directory) / CLASSIFIER_NAME).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def read_classifier_info(directory: str | os.PathLike) -> dict | None:
-    """`classifier.json` of a saved classifier, or None where the directory has none.
+    """`classifier.json` of a saved classifier, or None where the directory has none, or has one
+    that an `lrd.save` since has made stale (its weights_sha256 is not the config's; warned).
 
     Raises:
         ValueError: the file is not ours (or newer than this lrdaccel reads), has no list of at
@@ -62,6 +66,11 @@ def read_classifier_info(directory: str | os.PathLike) -> dict | None:
     if not isinstance(head, list) or not all(isinstance(name, str) for name in head):
         # the head is kept whole when the classifier is decomposed: a wrong list would decompose it
         raise ValueError(f"{path}: \"head\" must list module names, got {head!r}")
+    weights = read_config(directory).get("weights_sha256")
+    if info.get("weights_sha256", weights) != weights:
+        warnings.warn(f"{path} describes an earlier save to {directory} (its weights_sha256 is not {CONFIG_NAME}'s): "
+                      f"ignored, the directory holds a plain lrd.save model", stacklevel=2)
+        return None
     return info
 
 
