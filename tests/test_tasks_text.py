@@ -187,3 +187,14 @@ def test_a_directory_is_said_to_be_a_directory(tmp_path):
     for call in (lambda: check_task(str(folder)), lambda: check_task(str(tmp_path)), lambda: jsonl_task(folder)):
         with pytest.raises(IsADirectoryError, match="is a directory: give a JSONL file"):
             call()
+
+
+def test_a_file_in_the_current_folder_is_a_task_file_whatever_its_name(tmp_path, monkeypatch):
+    """Before, `--task data.json` was an "unknown task" unless it ended in .jsonl or had a folder."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": "good", "label": "pos", "split": "train"}, {"text": "bad", "label": "neg", "split": "eval"}]
+    write_jsonl(tmp_path / "data.json", rows)
+    check_task("data.json")
+    assert jsonl_task("data.json").classes == ["neg", "pos"]
+    with pytest.raises(ValueError, match="unknown task 'nothing.json'; known: wordnet-supersense"):
+        check_task("nothing.json")

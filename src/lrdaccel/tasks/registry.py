@@ -34,7 +34,9 @@ MAX_LENGTH = 128  # tokens kept per text by default
 
 
 def is_task_file(task: str) -> bool:
-    return task.endswith(".jsonl") or os.sep in task
+    """A path, not a task name: it ends in .jsonl, has a folder in it, or names something that
+    exists (`data.json` in the current folder is a file, not an unknown task)."""
+    return task.endswith(".jsonl") or os.sep in task or Path(task).exists()
 
 
 def check_task(task: str) -> None:
@@ -46,7 +48,7 @@ def check_task(task: str) -> None:
     """
     if task in TASKS:
         return
-    if is_task_file(task) or Path(task).is_dir():
+    if is_task_file(task):
         check_task_file(Path(task))
         return
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}, or a path to a JSONL file "
