@@ -28,8 +28,9 @@ from lrdaccel.tasks.registry import MAX_LENGTH, check_task_model, load_task, tas
 from lrdaccel.tasks.saved import CLASSIFIER_NAME, load_classifier, read_classifier_info, save_classifier
 from lrdaccel.training.config import FinetuneConfig
 
-# A text task trains as the race trains it unless the user says otherwise (SGD at 0.01 would wreck
-# a pretrained transformer): these FinetuneConfig fields take RaceConfig's values.
+# A text task takes the race's optimizer unless the user says otherwise (SGD at 0.01 would wreck a
+# pretrained transformer): AdamW, and these fields at RaceConfig's values. The rest stays
+# finetune's own, unlike the race: a cosine schedule without warm-up, the embeddings trained.
 TEXT_DEFAULTS = {"optimizer": "adamw", **{f.name: f.default for f in fields(RaceConfig)
                                            if f.name in ("lr", "weight_decay", "batch_size", "eval_batch_size")}}
 
