@@ -155,6 +155,26 @@ def test_overlap_is_counted_as_the_model_reads_the_texts(tmp_path):
         assert load_task(str(path), TOY, max_length=5).overlap == Overlap(4, 8)  # and cut at 5 words
 
 
+def test_inputs_the_model_reads_alike_with_two_labels_are_dropped(tmp_path):
+    """"Good" labelled pos and "good" labelled neg are one input to an uncased tokenizer (before,
+    both were kept: the model taught one input as two classes)."""
+    rows = [{"text": "Good film", "label": "pos", "split": "train"}, {"text": "good FILM", "label": "neg", "split": "eval"},
+            {"text": "good film", "label": "pos", "split": "train"}]
+    rows += [{"text": f"fine {i}", "label": "pos", "split": "train"} for i in range(3)]
+    rows += [{"text": f"dull {i}", "label": "neg", "split": split} for i in range(2) for split in ("train",)]
+    rows += [{"text": "lovely", "label": "pos", "split": "eval"}, {"text": "dire", "label": "neg", "split": "eval"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert jsonl_task(path).conflicts == 0  # as texts, no text has two labels
+    with pytest.warns(UserWarning) as caught:
+        data = load_task(str(path), TOY)
+    assert [str(w.message) for w in caught] == [
+        f"task {path}: 1 input(s) occur with two or more labels as the model reads them (tokenized, at most 128 "
+        f"tokens: e.g. texts that differ only in case); dropped their 3 items"]
+    assert (data.size("train"), data.size("eval"), data.conflicts) == (5, 2, 1)
+    assert data.overlap == Overlap(0, 2)
+    assert sorted(data.labels("train").tolist()) == [0, 0, 1, 1, 1]
+
+
 def test_no_overlap_no_warning(tmp_path):
     rows = [{"text": f"text {i}", "label": i % 2, "split": "train"} for i in range(6)]
     rows += [{"text": f"new {i}", "label": i % 2, "split": "eval"} for i in range(4)]

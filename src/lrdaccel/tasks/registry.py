@@ -83,7 +83,8 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
     For a text task, `overlap` on the result counts the evaluation texts (after the limits) that
     the model reads as a training text (the same token ids: case folded by an uncased tokenizer,
     cut at `max_length`), warned once where there are any; `conflicts` the texts dropped for
-    having two labels (lrdaccel.tasks.text).
+    having two labels (lrdaccel.tasks.text), and the inputs dropped for the same reason once
+    tokenized (texts that differ only in case, or in what `max_length` cuts off), warned once.
 
     Args:
         task: a name of TASKS or a JSONL path.
@@ -94,7 +95,8 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
 
     Raises:
         ValueError: a task the model cannot take (text for an image model, a token model
-            without a tokenizer), an unknown task, a bad limit.
+            without a tokenizer), an unknown task, a bad limit, a split that dropping the
+            conflicting inputs empties.
     """
     check_int("image_size", image_size, 8)
     check_int("max_length", max_length, 2)
@@ -108,13 +110,44 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
         data = TokenData.tokenize(spec.tokenizer(), texts, labels, splits.classes, max_length)
         # compared as the model reads them: an uncased tokenizer makes "Great" and "great" one input,
         # and texts that agree in their first max_length tokens are one input too
+        read_alike = _drop_conflicting_inputs(data, task, max_length)
         overlap = text_overlap(*([tuple(ids) for ids in data.ids[split]] for split in ("train", "eval")))
         if overlap.count:
             warnings.warn(f"task {task}: {overlap} as the model reads them (tokenized, at most {max_length} "
                           f"tokens): accuracy on them measures memory, not generalisation", stacklevel=2)
-        data.overlap, data.conflicts = overlap, splits.conflicts
+        data.overlap, data.conflicts = overlap, splits.conflicts + read_alike
         return data
     return _fashion_mnist(spec, image_size, train_limit, eval_limit)
+
+
+def _drop_conflicting_inputs(data: TokenData, task: str, max_length: int) -> int:
+    """Drop the items whose token ids (the text as the model reads it) occur with two or more
+    labels, as lrdaccel.tasks.text drops texts with two labels: "Good" labelled pos and "good"
+    labelled neg are one input to an uncased tokenizer. Returns how many inputs (warned once).
+
+    Raises:
+        ValueError: a split left with no items.
+    """
+    labels: dict[tuple, set[int]] = {}
+    for split in ("train", "eval"):
+        for ids, label in zip(data.ids[split], data.targets[split].tolist()):
+            labels.setdefault(tuple(ids), set()).add(label)
+    conflicting = {ids for ids, found in labels.items() if len(found) > 1}
+    if not conflicting:
+        return 0
+    dropped = 0
+    for split in ("train", "eval"):
+        keep = [i for i, ids in enumerate(data.ids[split]) if tuple(ids) not in conflicting]
+        dropped += len(data.ids[split]) - len(keep)
+        if not keep:
+            raise ValueError(f"task {task}: no {split} texts once the {len(conflicting)} input(s) that the model reads "
+                             f"alike with two labels are dropped")
+        data.ids[split] = [data.ids[split][i] for i in keep]
+        data.targets[split] = data.targets[split][keep]
+    warnings.warn(f"task {task}: {len(conflicting)} input(s) occur with two or more labels as the model reads them "
+                  f"(tokenized, at most {max_length} tokens: e.g. texts that differ only in case); dropped their "
+                  f"{dropped} items", stacklevel=3)
+    return len(conflicting)
 
 
 def _fashion_mnist(spec: ModelSpec, image_size: int, train_limit: int | None, eval_limit: int | None) -> TensorData:
