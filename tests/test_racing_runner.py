@@ -213,9 +213,10 @@ def test_without_matplotlib_the_report_says_the_plot_was_not_drawn(tmp_path, mon
     assert "race.png was not drawn: it needs matplotlib" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_a_race_from_a_trained_original_says_its_speedups_to_target_are_about_zero(tmp_path):
-    """Decompose-and-recover races start from a model already at the target: the report says why
-    every speed-up to the target is about 0, where a race from an untrained head says nothing."""
+def test_a_race_from_a_trained_original_gives_no_speedup_and_says_at_start(tmp_path):
+    """Decompose-and-recover races start from a model already at the target: no speed-up is given
+    (each would read 0.00x), the reference's row says "at start" and the report says why; a race
+    from an untrained head says nothing of it."""
     trained = mlp()
     optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
     inputs, labels = blobs(96, 0).tensors
@@ -226,9 +227,13 @@ def test_a_race_from_a_trained_original_says_its_speedups_to_target_are_about_ze
     results = race(trained, blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,ratio=3)", out=tmp_path / "r",
                    progress=False, **{**QUICK, "lr": 1e-4}, max_steps=2)
     original = results["variants"][0]
-    assert original["curve"][0][2] >= results["target_accuracy"] and original["speedup_to_target"] == 1.0
-    assert "already trained for this task" in (tmp_path / "r" / "report.md").read_text()
+    assert original["curve"][0][2] >= results["target_accuracy"] and results["reference_at_start"]
+    assert [row["speedup_to_target"] for row in results["variants"]] == [None, None]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| original | 1 | 1.000x |" in report and "| at start | - |" in report and "0.00x" not in report
+    assert "original is at the target at its first evaluation, before any step" in report
     untrained = race(mlp(), blobs(96, 0), blobs(40, 1), "original", out=tmp_path / "u", progress=False, **QUICK,
                      max_steps=2)
     assert untrained["variants"][0]["curve"][0][2] < untrained["target_accuracy"]
-    assert "already trained" not in (tmp_path / "u" / "report.md").read_text()
+    assert not untrained["reference_at_start"] and untrained["variants"][0]["speedup_to_target"] == 1.0
+    assert "at its first evaluation" not in (tmp_path / "u" / "report.md").read_text()

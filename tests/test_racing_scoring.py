@@ -46,14 +46,20 @@ def test_speedup_is_the_original_time_over_the_variant_time():
     assert speedup_to_target(0.0, 0.0) == 1.0
 
 
-def _seed(time_s, speedup, accuracy=85.0):
-    """One seed's results as combine() reads them: the original and one variant."""
-    def row(name, time_s, speedup):
-        return {"name": name, "kind": name, "options": {}, "param_count": 10, "trainable_params": 10, "notes": [],
-                "final_accuracy": accuracy, "train_seconds": 100.0, "setup_seconds": 0.0, "infer_speedup": 1.0,
-                "params": 1.0, "time_to_target_s": time_s, "speedup_to_target": speedup,
-                "curve": [[0.0, 0, 10.0], [100.0, 10, accuracy]]}
-    return {"target_accuracy": 84.5, "variants": [row("original", 100.0, 1.0), row("lrd", time_s, speedup)]}
+def _row(name, kind, time_s, speedup, accuracy=85.0):
+    return {"name": name, "kind": kind, "options": {"kd": 0.0}, "lr_multiplier": 1.0, "param_count": 10,
+            "trainable_params": 10, "notes": [], "final_accuracy": accuracy, "train_seconds": 100.0,
+            "setup_seconds": 0.0, "infer_speedup": 1.0, "params": 1.0, "time_to_target_s": time_s,
+            "time_to_target_interval_s": None if time_s is None else [0.0, time_s], "speedup_to_target": speedup,
+            "curve": [[0.0, 0, 10.0], [100.0, 10, accuracy]]}
+
+
+def _seed(time_s, speedup, accuracy=85.0, number=0):
+    """One seed's results as combine() reads them (scored): the original and one variant."""
+    return {"seed": number, "target_accuracy": 84.5, "chance_accuracy": 25.0, "reference": "original",
+            "best_original": "original", "reference_at_start": False, "no_target": None, "eval_items": 400,
+            "variants": [_row("original", "original", 100.0, 1.0, accuracy), _row("lrd", "lrd", time_s, speedup,
+                                                                                  accuracy)]}
 
 
 @pytest.mark.parametrize("seeds, time_s, speedup", [
