@@ -103,7 +103,10 @@ def test_results_hold_every_field_and_the_lrd_variant_is_smaller(tmp_path):
     assert original["time_to_target_s"] <= original["train_seconds"]
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"results.json", "report.md", "race.png"}
     report = (tmp_path / "r" / "report.md").read_text()
-    assert "| lrd(method=svd,ratio=2) |" in report and f"{results['target_accuracy']:.2f}%" in report
+    assert "| lrd(method=svd,ratio=2) | 1 |" in report and f"{results['target_accuracy']:.2f}%" in report
+    assert results["reference"] == "original" and [r["lr_multiplier"] for r in results["variants"]] == [1.0, 1.0]
+    assert report.splitlines()[2:4] == [f"- {row['verdict']}" for row in results["variants"]]
+    assert "embeddings" not in report  # no nn.Embedding in this model: nothing said of them
 
 
 def _decomposed_like(ratio: float) -> nn.Module:
@@ -153,6 +156,8 @@ def test_kd_distils_from_the_starting_model():
     ("original,pruning", {}, "unknown variant 'pruning'"),
     ("original", {"budget_epochs": 0}, "budget_epochs must be a finite number > 0, got 0"),
     ("original", {"seeds": 0}, "seeds"),
+    ("original", {"budget_epochs": 1e308}, "budget_epochs 1e\\+308 is over 10,000,000 steps"),
+    ("original", {"budget_epochs": 2e6, "batch_size": 1}, "is 1.92e\\+08 steps of batch 1 on 96 items"),
 ])
 def test_bad_races_fail_before_any_work(variants, settings, message):
     model = mlp()
@@ -232,8 +237,54 @@ def test_a_race_from_a_trained_original_gives_no_speedup_and_says_at_start(tmp_p
     report = (tmp_path / "r" / "report.md").read_text()
     assert "| original | 1 | 1.000x |" in report and "| at start | - |" in report and "0.00x" not in report
     assert "original is at the target at its first evaluation, before any step" in report
+    assert "Budget 2 steps of batch 16 (0.333 epoch(s) of 96 items; max_steps 2 cut the 1-epoch budget)" in report
     untrained = race(mlp(), blobs(96, 0), blobs(40, 1), "original", out=tmp_path / "u", progress=False, **QUICK,
                      max_steps=2)
     assert untrained["variants"][0]["curve"][0][2] < untrained["target_accuracy"]
     assert not untrained["reference_at_start"] and untrained["variants"][0]["speedup_to_target"] == 1.0
     assert "at its first evaluation" not in (tmp_path / "u" / "report.md").read_text()
+
+
+class Bag(nn.Module):
+    """Token ids -> mean of their embeddings -> logits: a model with an nn.Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_the_report_speaks_of_embeddings_only_where_the_model_has_them(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (48, 5), generator=generator)
+    tokens = TensorDataset(ids, (ids[:, 0] < 10).long())
+    torch.manual_seed(0)
+    race(Bag(), tokens, tokens, "original", out=tmp_path / "r", **{**QUICK, "freeze_embeddings": True}, max_steps=1,
+         progress=False)
+    assert "embeddings frozen in every variant" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_progress_shows_every_variant_by_its_full_name(capsys):
+    name = "lrd(method=svd,ratio=1.5,freeze=static,every_steps=1)"
+    race(mlp(), blobs(96, 0), blobs(40, 1), f"original,{name}", progress=True, **QUICK, max_steps=3)
+    assert f"{name}=" in capsys.readouterr().err
+
+
+def test_an_unreachable_pruning_budget_is_refused_before_any_variant_is_built(monkeypatch):
+    """Issue 30 item 10: pruning this MLP as far as it goes leaves about 0.05x of its parameters;
+    params=0.01 was tried only after the variants before it were built."""
+    pytest.importorskip("torch_pruning")
+    built = []
+    real = runner.build_variant
+    monkeypatch.setattr(runner, "build_variant", lambda spec, *a: built.append(spec.name) or real(spec, *a))
+    with pytest.raises(ValueError, match=r"variant 'prune\(params=0.01\)': params=0.01 asks for 65 of 6,532 "
+                                         r"parameters, .* give params >= 0.0"):
+        race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd),prune(params=0.01)", progress=False,
+             **QUICK, max_steps=1)
+    assert built == []
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,prune(params=0.3)", progress=False, **QUICK,
+                   max_steps=1)
+    assert results["variants"][1]["params"] == pytest.approx(0.3, abs=0.01)
