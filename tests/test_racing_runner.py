@@ -288,3 +288,18 @@ def test_an_unreachable_pruning_budget_is_refused_before_any_variant_is_built(mo
     results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,prune(params=0.3)", progress=False, **QUICK,
                    max_steps=1)
     assert results["variants"][1]["params"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_race_whose_best_original_is_at_chance_has_no_target(tmp_path):
+    """Issue 30 item 6: every evaluation input is the same, so any model answers one label for all
+    of them and scores at most chance; no target, no speed-up, and the report says so."""
+    labels = torch.arange(40) % 4
+    same = TensorDataset(torch.zeros(40, 32), labels)
+    results = race(mlp(), blobs(96, 0), same, "original,lrd(method=svd)", out=tmp_path / "r", progress=False,
+                   **QUICK, max_steps=2)
+    assert results["target_accuracy"] is None and results["chance_accuracy"] == 25.0
+    assert "at or below chance (25.00%" in results["no_target"] and results["reference"] is None
+    assert all(row["speedup_to_target"] is None and row["time_to_target_s"] is None for row in results["variants"])
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "No target: the best original's final accuracy" in report and "already trained" not in report
+    assert "| no target | - |" in report and "the best original (no reference: no target)" in report

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
                 "nothing was written")
         print(f"lrdaccel race: interrupted; {kept}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # while the model or the data loaded
+        print("lrdaccel race: interrupted before any seed finished: nothing was written", file=sys.stderr)
+        return 130
     _summary(results, args.out)
     return 0
 

@@ -75,7 +75,8 @@ def verdict(row: dict, reference: dict, results: dict, seeds: int) -> str:
     """One line: accuracy against the reference (with its noise), the target, and serving."""
     parts = [row["name"]]
     if row["name"] == reference["name"]:
-        parts.append(f"the reference, final {row['final_accuracy']:.2f}% ± {row['final_accuracy_se']:.2f}")
+        role = "the best original (no reference: no target)" if results.get("no_target") else "the reference"
+        parts.append(f"{role}, final {row['final_accuracy']:.2f}% ± {row['final_accuracy_se']:.2f}")
     else:
         comparison = compare(row, reference)
         parts.append(_accuracy(row, reference, comparison))
