@@ -213,3 +213,23 @@ def test_the_cli_says_where_an_interrupted_race_is_and_exits_130(tmp_path, capsy
     error = capsys.readouterr().err
     assert code == 130 and error.count("\n") == 1
     assert f"seed(s) [0] finished and are in {tmp_path / 'r'}/results.json; race seed(s) [1] with --seed" in error
+
+
+@pytest.mark.slow
+def test_a_pruning_budget_minilm_cannot_reach_is_refused_before_any_variant_is_built(tmp_path, capsys, monkeypatch):
+    """Issue 30 item 10: MiniLM's embeddings alone are over half its parameters; prune(params=0.5)
+    failed only after every variant before it was built."""
+    pytest.importorskip("torch_pruning")
+    from lrdaccel.racing import runner
+
+    def unbuilt(spec, *_):
+        raise AssertionError(f"{spec.name} was built before the budget was checked")
+
+    monkeypatch.setattr(runner, "build_variant", unbuilt)
+    task = write_task(tmp_path / "sentiment.jsonl", sentiment())
+    code = main(["race", "--task", task, "--variants", "original,lrd,prune(params=0.5)", "--max-steps", "1",
+                 "--batch-size", "8", "--out", str(tmp_path / "race"), "--no-progress", "--threads", "1"])
+    error = capsys.readouterr().err.splitlines()[-1]  # above it: transformers' own weight-loading bar
+    assert code == 2 and error.startswith("lrdaccel race: error: variant 'prune(params=0.5)': params=0.5 asks for")
+    assert "give params >= 0.576" in error
+    assert not (tmp_path / "race").exists()
