@@ -64,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              '{"text": ..., "label": ..., "split": "train"|"eval"} per line (split optional: '
                              "then 1 in 10 is held out by a hash of the text)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help=f"comma-separated, e.g. original,lrd,lrd(ratio=1.5,freeze=static) (default {DEFAULT_VARIANTS})")
+                        help="comma-separated, e.g. original,lrd,lrd(ratio=1.5,freeze=static) "
+                             f"(default {DEFAULT_VARIANTS})")
     parser.add_argument("--out", "-o", required=True, help="folder for results.json, report.md and race.png")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="instead of racing: pool the seeds of these race folders (same settings, other seeds)")

@@ -34,7 +34,8 @@ def _budget(results: dict) -> str:
     """The budget as run: the steps, and the epochs they are (a --max-steps cut says so)."""
     config, seed = results["config"], results["seeds"][0]
     steps, per_epoch = seed["steps"], -(-seed["train_items"] // config["batch_size"])
-    text = f"{steps} steps of batch {config['batch_size']} ({steps / per_epoch:.3g} epoch(s) of {seed['train_items']:,} items"
+    text = (f"{steps} steps of batch {config['batch_size']} ({steps / per_epoch:.3g} epoch(s) of "
+            f"{seed['train_items']:,} items")
     if config.get("max_steps") and steps == config["max_steps"] and steps < config["budget_epochs"] * per_epoch:
         text += f"; max_steps {steps} cut the {config['budget_epochs']:g}-epoch budget"
     return text + ")"
@@ -65,7 +66,9 @@ def render_markdown(results: dict) -> str:
     config = results["config"]
     seeds = len(results["seeds"])
     planned = results.get("seeds_planned", seeds)
-    embeddings = results["seeds"][0].get("embedding_params", 0)
+    embeddings = ""  # said only of a model that has embeddings (a CNN has none)
+    if results["seeds"][0].get("embedding_params"):
+        embeddings = f"; embeddings {'frozen' if config['freeze_embeddings'] else 'trained'} in every variant"
     target = ("no target" if results.get("no_target") else
               f"the best original's ({results['best_original']}) final accuracy - {config['margin']:g} points = "
               f"**{results['target_accuracy']:.2f}%** (median over seeds); reference: **{results['reference']}**, "
@@ -77,7 +80,7 @@ def render_markdown(results: dict) -> str:
         "",
         f"Budget {_budget(results)}, AdamW lr {config['lr']:g} ({config['lr_schedule']}) times each variant's "
         f"multiplier, {seeds} seed(s){f' of {planned} planned (interrupted)' if planned > seeds else ''}"
-        f"{'; embeddings ' + ('frozen' if config['freeze_embeddings'] else 'trained') + ' in every variant' if embeddings else ''}"
+        f"{embeddings}"
         f"{', compiled' if config['compile'] else ''}{', bf16 autocast' if config['amp'] else ''}; "
         f"device {config['device']}, {results['machine'].get('torch_threads', '?')} thread(s); "
         f"{results['seeds'][0]['eval_items']:,} evaluation items (chance {results['chance_accuracy']:.2f}%).",

@@ -86,7 +86,8 @@ def _pooled_target(seeds: Sequence[dict], names: list[str]) -> dict:
 def _uncontrolled_lr(variants: list[dict]) -> dict[str, float]:
     """Variants at a learning-rate multiplier no original variant trains at, by name: their
     comparison with the reference mixes the learning rate in."""
-    controlled = {row["lr_multiplier"] for row in variants if row["kind"] == "original" and not row["options"].get("kd")}
+    controlled = {row["lr_multiplier"] for row in variants
+                  if row["kind"] == "original" and not row["options"].get("kd")}
     return {row["name"]: row["lr_multiplier"] for row in variants if row["lr_multiplier"] not in controlled}
 
 
