@@ -59,8 +59,9 @@ def pool_runs(runs: Sequence[dict], sources: Sequence[str]) -> dict:
     return combine(sorted(seeds, key=lambda seed: seed["seed"]), header)
 
 
+# what combine() computes again from the pooled seeds, and the models one run saved in its own folder
 _POOLED = ("target_accuracy", "no_target", "chance_accuracy", "reference", "best_original", "reference_at_start",
-           "uncontrolled_lr")
+           "uncontrolled_lr", "saved")
 
 
 def _differing(key: str, run: dict, first: dict) -> str:
