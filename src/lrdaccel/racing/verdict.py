@@ -63,8 +63,8 @@ def _time(row: dict, reference: dict, results: dict) -> str:
         return ("at the target at start" if row["curve"][0][2] >= results["target_accuracy"] else
                 f"back at the target at {_interval(mine)} (the reference was there at start)")
     if mine[1] <= interval[0] and row["name"] != reference["name"]:
-        return (f"reached the target sooner ({_interval(mine)} vs {_interval(interval)}, "
-                f"{row['speedup_to_target']:.2f}x)")
+        speedup = "" if row["speedup_to_target"] is None else f", {row['speedup_to_target']:.2f}x"
+        return f"reached the target sooner ({_interval(mine)} vs {_interval(interval)}{speedup})"
     if mine[0] >= interval[1] and row["name"] != reference["name"]:
         return f"reached the target later ({_interval(mine)} vs {_interval(interval)})"
     if row["name"] == reference["name"]:
