@@ -55,3 +55,15 @@ def test_a_difference_beyond_noise_is_called_and_a_clear_lead_to_the_target_is_s
 def test_a_miss_by_less_than_noise_says_so():
     results = _race(87.17, None, None)  # target 87.33: missed by 0.16 points, one item in 600
     assert "never reached the target (missed by 0.16 points, within noise)" in results["variants"][1]["verdict"]
+
+
+def test_pooled_seeds_that_disagree_still_give_a_verdict():
+    """Of two seeds the reference reached the target in one: its pooled median is never, and lrd's
+    verdict says what is known instead of failing on the missing interval."""
+    first = _race(88.5, [100.0, 150.0], 355.0 / 150.0)["seeds"][0]
+    second = _race(88.5, [100.0, 150.0], None)["seeds"][0]
+    second["seed"] = 1
+    second["variants"][0].update(time_to_target_s=None, time_to_target_interval_s=None, speedup_to_target=None)
+    pooled = combine([first, second], header={})
+    assert pooled["variants"][0]["time_to_target_interval_s"] is None
+    assert "reached the target at 100-150 s (the reference's median never did)" in pooled["variants"][1]["verdict"]

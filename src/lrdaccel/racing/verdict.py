@@ -62,6 +62,8 @@ def _time(row: dict, reference: dict, results: dict) -> str:
     if results.get("reference_at_start"):
         return ("at the target at start" if row["curve"][0][2] >= results["target_accuracy"] else
                 f"back at the target at {_interval(mine)} (the reference was there at start)")
+    if interval is None:  # pooled: the reference's median over the seeds is never
+        return f"reached the target at {_interval(mine)} (the reference's median never did)"
     if mine[1] <= interval[0] and row["name"] != reference["name"]:
         speedup = "" if row["speedup_to_target"] is None else f", {row['speedup_to_target']:.2f}x"
         return f"reached the target sooner ({_interval(mine)} vs {_interval(interval)}{speedup})"
