@@ -303,3 +303,16 @@ def test_a_race_whose_best_original_is_at_chance_has_no_target(tmp_path):
     report = (tmp_path / "r" / "report.md").read_text()
     assert "No target: the best original's final accuracy" in report and "already trained" not in report
     assert "| no target | - |" in report and "the best original (no reference: no target)" in report
+
+
+def test_a_variant_at_a_rate_no_original_trains_at_is_flagged(tmp_path):
+    """Issue 27 item 2: lr x2 without `original(lr=2)` beside it mixes the learning rate into the
+    comparison; the results and the report say so, and an original at that rate clears it."""
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,lr=2)", out=tmp_path / "r",
+                   progress=False, **QUICK, max_steps=2)
+    assert results["uncontrolled_lr"] == {"lrd(method=svd,lr=2)": 2}
+    assert "race `original(lr=2)` beside it" in (tmp_path / "r" / "report.md").read_text()
+    controlled = race(mlp(), blobs(96, 0), blobs(40, 1), "original,original(lr=2),lrd(method=svd,lr=2)",
+                      progress=False, **QUICK, max_steps=2)
+    assert controlled["uncontrolled_lr"] == {}
+    assert [row["lr_multiplier"] for row in controlled["variants"]] == [1.0, 2, 2]
