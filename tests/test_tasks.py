@@ -99,7 +99,8 @@ def test_a_text_task_needs_a_token_model_with_a_tokenizer(tmp_path):
 def test_text_batches_are_padded_to_their_longest_text(tmp_path):
     rows = [{"text": "a short one", "label": "x"}, {"text": "a much longer sentence with many more words", "label": "y"}]
     path = write_jsonl(tmp_path / "t.jsonl", [dict(r, split="train") for r in rows] + [dict(r, split="eval") for r in rows])
-    data = load_task(str(path), zoo.get("minilm"))
+    with pytest.warns(UserWarning, match="2 of 2 eval texts"):  # the same texts in both splits
+        data = load_task(str(path), zoo.get("minilm"))
     assert isinstance(data, TokenData) and data.classes == ["x", "y"]
     inputs, labels = data.batch("train", [0, 1])
     lengths = inputs["attention_mask"].sum(1)

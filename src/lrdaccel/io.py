@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lrdaccel._files import check_header, check_output_dir, replace_together
+from lrdaccel._files import check_header, check_model_class, check_output_dir, replace_together, warn_unknown_fields
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 from lrdaccel.decomposition.merged_blocks import merged_rows
@@ -31,6 +31,7 @@ CONFIG_NAME = "lrdaccel_config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FORMAT = "lrdaccel.model"
 CONFIG_VERSION = 1
+CONFIG_FIELDS = {"format", "version", "lrdaccel_version", "model_class", "aliases", "plan", "weights_sha256"}
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -128,6 +129,7 @@ def read_config(directory: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     check_header(config, CONFIG_FORMAT, CONFIG_VERSION, str(path), "model config")
+    warn_unknown_fields(config, CONFIG_FIELDS, str(path), "model config")
     aliases = config.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise ValueError(f"{path}: field 'aliases' must be an object of tensor name -> tensor name, got {aliases!r}")
@@ -140,13 +142,15 @@ def read_config(directory: str | os.PathLike) -> dict:
 def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = True) -> nn.Module:
     """Rebuild the saved decomposition on `base_model` (undecomposed, same architecture), load weights.
 
-    Returns `base_model`, changed in place. On any mismatch it raises ValueError naming the
-    tensors or layers that differ and leaves `base_model` as it was.
+    Returns `base_model`, changed in place. On any mismatch (another model class than the saved
+    one, tensors or layers that differ) it raises ValueError naming it and leaves `base_model` as
+    it was. Config fields this version does not know are ignored with a warning.
     """
     directory = Path(directory)
     config = read_config(directory)
     plan = Plan.from_dict(config.get("plan"), source=str(directory / CONFIG_NAME))
     model = unwrap(base_model)
+    check_model_class(config.get("model_class"), model, str(directory / CONFIG_NAME))
     built = build_modules(model, plan, factorize=False)
     tensors = read_weights(directory / WEIGHTS_NAME)
     for alias, target in (config.get("aliases") or {}).items():

@@ -1,8 +1,9 @@
 """`lrdaccel export`: write a model for deployment, checked against PyTorch.
 
 The model is a zoo name or `package.module:factory` (with --weights), as it is or rebuilt from a
-directory written by `lrdaccel compress` (--from). With --fuse each BatchNorm that directly follows
-a conv is folded into it first (exactly; the report lists what stayed unfused and why). The file
+directory written by `lrdaccel compress` (--from), or a classifier saved by `lrdaccel finetune
+--task ... -o DIR` (--from DIR with the --model it was made from: its head is rebuilt too). With
+--fuse each BatchNorm that directly follows a conv is folded into it first (exactly; the report lists what stayed unfused and why). The file
 is run in ONNX Runtime on the example input (--batch-size, --input-shape) and, with a dynamic
 batch, on one more batch size; the largest difference from PyTorch is printed, and a difference
 above --tolerance is an error (no file written). Needs `pip install lrdaccel[onnx]`.
@@ -16,7 +17,7 @@ from lrdaccel.cli._common import add_model_args, check_outputs, load_model
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.deploy import EXPORT_FORMATS, ExportConfig, export_onnx
 from lrdaccel.deploy.onnx_session import onnxruntime
-from lrdaccel.io import load
+from lrdaccel.tasks.saved import load_saved
 
 ORDER = 70  # place in `lrdaccel --help`: the pipeline's order
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     onnxruntime()  # before any work: say how to install it where it is missing
     model, example = load_model(args, check_input=not args.source)
     if args.source:
-        load(args.source, model)
+        model = load_saved(args.source, model, example)
     report = export_onnx(model.eval(), example, args.output, config=config)
     print(report)
     return 0

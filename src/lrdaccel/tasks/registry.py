@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +24,13 @@ from torch.utils.data import TensorDataset
 from lrdaccel import data as datasets
 from lrdaccel._settings import check_int
 from lrdaccel.tasks.data import RaceData, TensorData, TokenData
-from lrdaccel.tasks.text import TextSplits, jsonl_task, wordnet_supersense
+from lrdaccel.tasks.text import TextSplits, check_task_file, jsonl_task, text_overlap, wordnet_supersense
 from lrdaccel.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
 TEXT_TASKS: dict[str, Callable[[], TextSplits]] = {"wordnet-supersense": wordnet_supersense}
 IMAGE_TASKS = ("fashion-mnist",)
 TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
+MAX_LENGTH = 128  # tokens kept per text by default
 
 
 def is_task_file(task: str) -> bool:
@@ -39,13 +41,13 @@ def check_task(task: str) -> None:
     """A known task name or an existing JSONL file, checked before any work.
 
     Raises:
-        ValueError: an unknown name; FileNotFoundError: a JSONL path that does not exist.
+        ValueError: an unknown name; FileNotFoundError: a JSONL path that does not exist;
+        IsADirectoryError: a directory.
     """
     if task in TASKS:
         return
-    if is_task_file(task):
-        if not Path(task).is_file():
-            raise FileNotFoundError(f"task file {task} not found")
+    if is_task_file(task) or Path(task).is_dir():
+        check_task_file(Path(task))
         return
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}, or a path to a JSONL file "
                      f"(one {{\"text\": ..., \"label\": ...}} per line)")
@@ -57,9 +59,28 @@ def task_kind(task: str) -> str:
     return "image" if task in IMAGE_TASKS else "text"
 
 
-def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: int = 128,
+def check_task_model(task: str, spec: ModelSpec) -> None:
+    """The zoo model `spec` can take `task` (checked before the model or the data are loaded).
+
+    Raises:
+        ValueError: text for a model without tokens and a tokenizer, images for a token model, or
+            a bad task (as check_task).
+    """
+    if task_kind(task) == "text":
+        if spec.kind != "tokens" or spec.tokenizer is None:
+            raise ValueError(f"task {task!r} is text: it needs a token model with a tokenizer (e.g. minilm), "
+                             f"not {spec.name!r}")
+    elif spec.kind != "image":
+        raise ValueError(f"task {task!r} is images: it needs an image model, not {spec.name!r}")
+
+
+def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: int = MAX_LENGTH,
               train_limit: int | None = None, eval_limit: int | None = None) -> RaceData:
     """The task's data, ready for the model `spec` describes.
+
+    For a text task, `overlap` on the result counts the evaluation texts (after the limits) that
+    are also training texts, warned once where there are any; `conflicts` the texts dropped for
+    having two labels (lrdaccel.tasks.text).
 
     Args:
         task: a name of TASKS or a JSONL path.
@@ -76,16 +97,18 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
     check_int("max_length", max_length, 2)
     check_int("train_limit", train_limit, 1, optional=True)
     check_int("eval_limit", eval_limit, 1, optional=True)
+    check_task_model(task, spec)
     if task_kind(task) == "text":
-        if spec.kind != "tokens" or spec.tokenizer is None:
-            raise ValueError(f"task {task!r} is text: it needs a token model with a tokenizer (e.g. minilm), "
-                             f"not {spec.name!r}")
         splits = TEXT_TASKS[task]() if task in TEXT_TASKS else jsonl_task(task)
         texts = {"train": splits.train_texts[:train_limit], "eval": splits.eval_texts[:eval_limit]}
         labels = {"train": splits.train_labels[:train_limit], "eval": splits.eval_labels[:eval_limit]}
-        return TokenData.tokenize(spec.tokenizer(), texts, labels, splits.classes, max_length)
-    if spec.kind != "image":
-        raise ValueError(f"task {task!r} is images: it needs an image model, not {spec.name!r}")
+        overlap = text_overlap(texts["train"], texts["eval"])
+        if overlap.count:
+            warnings.warn(f"task {task}: {overlap}: accuracy on them measures memory, not generalisation",
+                          stacklevel=2)
+        data = TokenData.tokenize(spec.tokenizer(), texts, labels, splits.classes, max_length)
+        data.overlap, data.conflicts = overlap, splits.conflicts
+        return data
     return _fashion_mnist(spec, image_size, train_limit, eval_limit)
 
 
