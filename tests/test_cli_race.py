@@ -29,8 +29,7 @@ def test_a_short_race_on_a_user_jsonl_task_saved_and_loaded_back(tmp_path, capsy
     import torch
 
     from lrdaccel import zoo
-    from lrdaccel.racing.saving import load_variant
-    from lrdaccel.tasks.classifier import make_classifier
+    from lrdaccel.tasks.saved import load_classifier
 
     task = write_task(tmp_path / "sentiment.jsonl", sentiment())
     out = tmp_path / "race"
@@ -52,15 +51,17 @@ def test_a_short_race_on_a_user_jsonl_task_saved_and_loaded_back(tmp_path, capsy
     assert results["chance_accuracy"] == 100.0 and results["target_accuracy"] is None
     assert "no target: the best original's final accuracy" in printed
     spec = zoo.get("minilm")
-    start, _ = make_classifier(spec.build(), spec.example_inputs(2), 2)
     rows = [{"text": r["text"], "label": r["label"]} for r in sentiment() if r["split"] == "eval"]
     tokens = spec.tokenizer()([r["text"] for r in rows], padding=True, truncation=True, max_length=128,
                               return_tensors="pt")
     labels = torch.tensor([["negative", "positive"].index(r["label"]) for r in rows])
     for row in results["variants"]:
-        model = load_variant(out / results["saved"][row["name"]], start)
+        # the format `finetune --task` writes: rebuilt from the zoo model alone (as `export --from` does)
+        model, info = load_classifier(out / results["saved"][row["name"]], spec.build(), spec.example_inputs(2))
+        assert (info["classes"], info["head"], info["model"], info["max_length"]) == (
+            ["negative", "positive"], ["head"], "minilm", 128)
         with torch.no_grad():
-            logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            logits = model.eval()(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         assert 100.0 * (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(row["final_accuracy"])
 
 

@@ -316,3 +316,19 @@ def test_a_variant_at_a_rate_no_original_trains_at_is_flagged(tmp_path):
                       progress=False, **QUICK, max_steps=2)
     assert controlled["uncontrolled_lr"] == {}
     assert [row["lr_multiplier"] for row in controlled["variants"]] == [1.0, 2, 2]
+
+
+def test_train_eval_overlap_and_dropped_texts_are_in_the_results_and_the_report(tmp_path):
+    """Issue 30 item 3 (the race's half): a task's overlap (tasks.text.Overlap) and its dropped
+    two-label texts are said in results.json and report.md."""
+    from lrdaccel.tasks import Overlap
+
+    leaky = data()
+    leaky.overlap, leaky.conflicts = Overlap(10, 40), 2
+    results = race(mlp(), leaky, None, "original", out=tmp_path / "r", progress=False, **QUICK, max_steps=1)
+    assert results["overlap"] == {"count": 10, "eval_items": 40, "share": 0.25} and results["conflicts_dropped"] == 2
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Overlap: 10 of 40 evaluation texts (25.0%) also occur among the training texts" in report
+    assert "2 text(s) given two or more labels were dropped" in report
+    clean = race(mlp(), data(), None, "original", out=tmp_path / "c", progress=False, **QUICK, max_steps=1)
+    assert clean["overlap"] is None and "Overlap" not in (tmp_path / "c" / "report.md").read_text()

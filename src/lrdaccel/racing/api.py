@@ -113,7 +113,7 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
         done = [seed["seed"] for seed in seeds]
         raise RaceInterrupted(done, numbers[len(done):], out if done and out is not None else None) from None
     if save:
-        results["saved"] = save_variants(trained, start, data, results, out)
+        results["saved"] = save_variants(trained, start, list(start_keep), data, results, out)
         _write(results, out)
     return results
 
@@ -127,8 +127,11 @@ def _write(results: dict, out: Path) -> None:
 def _data_header(data: RaceData) -> dict:
     """What says which data the race ran on, for pooling only like with like (racing.pooling)."""
     labels = data.labels("eval").to(torch.int64).numpy().tobytes()
+    overlap = data.overlap  # a text task's eval texts that are also training texts: memory, not generalisation
     return {"train_items": data.size("train"), "eval_items": data.size("eval"),
-            "eval_labels_sha256": hashlib.sha256(labels).hexdigest()}
+            "eval_labels_sha256": hashlib.sha256(labels).hexdigest(), "conflicts_dropped": data.conflicts,
+            "overlap": None if overlap is None else {"count": overlap.count, "eval_items": overlap.eval_items,
+                                                     "share": overlap.share}}
 
 
 def _tensor_data(train: Dataset, evaluation: Dataset | None, classes: Sequence[str] | None,

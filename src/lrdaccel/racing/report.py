@@ -42,8 +42,16 @@ def _budget(results: dict) -> str:
 
 
 def _notes(results: dict) -> list[str]:
-    """Why there is no target or no speed-up, and which comparisons mix the learning rate in."""
+    """Train/eval overlap and dropped texts, why there is no target or no speed-up, and which
+    comparisons mix the learning rate in."""
     lines = []
+    overlap = results.get("overlap")
+    if overlap and overlap["count"]:
+        lines.append(f"Overlap: {overlap['count']} of {overlap['eval_items']} evaluation texts "
+                     f"({100 * overlap['share']:.1f}%) also occur among the training texts: accuracy on them "
+                     f"measures memory, not generalisation.")
+    if results.get("conflicts_dropped"):
+        lines.append(f"{results['conflicts_dropped']} text(s) given two or more labels were dropped from the task.")
     if results.get("no_target"):
         lines.append(f"No target: {results['no_target']}. No speed-up to a target is given; compare final "
                      f"accuracies, and train longer or at another learning rate.")

@@ -7,8 +7,11 @@ each folder is the name with every run of other characters than letters, digits,
 name to its folder, and each folder's `race_variant.json` names its variant, how to load it and
 the accuracy the race measured.
 
-- `original`, `lrd` and `lora` (served merged) variants: `lrd.save` (for an undecomposed model, an
-  empty plan), loaded by `lrd.load(folder, starting_classifier)`;
+- `original`, `lrd` and `lora` (served merged) variants: `tasks.saved.save_classifier` (`lrd.save`,
+  for an undecomposed model an empty plan, plus classifier.json: the classes, the head, the zoo
+  model, task and max_length where the race had them), the format `lrdaccel finetune --task`
+  writes: loaded by `lrd.load(folder, starting_classifier)`, or from the zoo model alone by
+  `tasks.saved.load_classifier` and `lrdaccel export --from folder --model <zoo name>`;
 - `prune` variants: `peers.save_pruned`, loaded by `peers.load_pruned(folder, starting_classifier)`.
 
 `load_variant(folder, start)` does either; `start` is the race's starting classifier (same
@@ -25,8 +28,9 @@ from pathlib import Path
 from torch import nn
 
 from lrdaccel._files import atomic_write
-from lrdaccel.io import load, save
+from lrdaccel.io import load
 from lrdaccel.tasks.data import RaceData
+from lrdaccel.tasks.saved import save_classifier
 
 MODELS_DIR = "models"
 VARIANT_FILE = "race_variant.json"
@@ -44,10 +48,12 @@ def folder_names(names: list[str]) -> dict[str, str]:
     return folders
 
 
-def save_variants(trained: dict[str, nn.Module], start: nn.Module, data: RaceData, results: dict,
-                  out: Path) -> dict[str, str]:
+def save_variants(trained: dict[str, nn.Module], start: nn.Module, head: list[str], data: RaceData,
+                  results: dict, out: Path) -> dict[str, str]:
     """Write each served model of `trained` (the last seed's) under out/models/; the mapping
-    variant name -> folder (relative to `out`)."""
+    variant name -> folder (relative to `out`). `head`: the modules the race's classifier added."""
+    rebuild = {"model": results.get("model"), "task": results.get("task"),
+               "max_length": (results.get("data") or {}).get("max_length")}
     rows = {row["name"]: row for row in results["seeds"][-1]["variants"]}
     saved = {}
     for name, folder in folder_names(list(trained)).items():
@@ -58,7 +64,7 @@ def save_variants(trained: dict[str, nn.Module], start: nn.Module, data: RaceDat
 
             save_pruned(trained[name], directory)
         else:
-            save(trained[name], directory)
+            save_classifier(trained[name], directory, classes=list(data.classes), head=list(head), **rebuild)
         record = {"variant": name, "kind": kind, "loader": "lrdaccel.peers.load_pruned" if kind == "prune" else
                   "lrdaccel.load", "seed": results["seeds"][-1]["seed"],
                   "final_accuracy": rows[name]["final_accuracy"], "eval_items": data.size("eval"),

@@ -13,7 +13,7 @@ from lrdaccel._settings import resolve
 from lrdaccel.racing.api import race
 from lrdaccel.tasks.classifier import make_classifier
 from lrdaccel.racing.config import RaceConfig
-from lrdaccel.tasks.registry import check_task, load_task, task_kind
+from lrdaccel.tasks.registry import check_task_model, load_task
 
 
 def race_on_task(model: str, task: str, variants: str = "original,lrd", *, config: RaceConfig | None = None,
@@ -36,11 +36,7 @@ def race_on_task(model: str, task: str, variants: str = "original,lrd", *, confi
             before the model is built.
     """
     spec = zoo.get(model)
-    check_task(task)
-    expected = "tokens" if task_kind(task) == "text" else "image"
-    if spec.kind != expected:
-        raise ValueError(f"task {task!r} needs {'a token' if expected == 'tokens' else 'an image'} model; "
-                         f"{model!r} takes {spec.kind}")
+    check_task_model(task, spec)
     data = load_task(task, spec, image_size=image_size, max_length=max_length, train_limit=train_limit,
                      eval_limit=eval_limit)
     resolve(RaceConfig, config, settings, "race").steps(data.size("train"))  # before the model is built
