@@ -67,3 +67,9 @@ def test_pooled_seeds_that_disagree_still_give_a_verdict():
     pooled = combine([first, second], header={})
     assert pooled["variants"][0]["time_to_target_interval_s"] is None
     assert "reached the target at 100-150 s (the reference's median never did)" in pooled["variants"][1]["verdict"]
+
+
+def test_an_interval_whose_ends_round_alike_reads_once():
+    from lrdaccel.racing.verdict import interval_text
+
+    assert interval_text([3.6, 4.4]) == "4 s" and interval_text([300.0, 345.2]) == "300-345 s"

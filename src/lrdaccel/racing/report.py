@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lrdaccel._extras import install_hint, missing
 from lrdaccel._files import atomic_write
+from lrdaccel.racing.verdict import interval_text
 
 
 def _number(value, fmt: str, none: str = "never") -> str:
@@ -27,7 +28,7 @@ def _reached(row: dict, results: dict) -> str:
         return "never"
     if row["curve"][0][2] >= results["target_accuracy"]:
         return "at start"
-    return f"{interval[1]:.0f} s" if interval[0] == interval[1] else f"{interval[0]:.0f}-{interval[1]:.0f} s"
+    return interval_text(interval)
 
 
 def _budget(results: dict) -> str:

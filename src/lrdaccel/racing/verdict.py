@@ -46,9 +46,10 @@ def _accuracy(row: dict, reference: dict, comparison: dict) -> str:
     return text + (": more accurate" if comparison["difference"] > 0 else ": less accurate")
 
 
-def _interval(interval: Sequence[float]) -> str:
-    low, high = interval
-    return f"{high:.0f} s" if low == high else f"{low:.0f}-{high:.0f} s"
+def interval_text(interval: Sequence[float]) -> str:
+    """"300-345 s", or "345 s" where both ends read the same in whole seconds."""
+    low, high = (f"{end:.0f}" for end in interval)
+    return f"{high} s" if low == high else f"{low}-{high} s"
 
 
 def _time(row: dict, reference: dict, results: dict) -> str:
@@ -61,17 +62,18 @@ def _time(row: dict, reference: dict, results: dict) -> str:
         return f"never reached the target (missed by {gap:.2f} points{', within noise' if near else ''})"
     if results.get("reference_at_start"):
         return ("at the target at start" if row["curve"][0][2] >= results["target_accuracy"] else
-                f"back at the target at {_interval(mine)} (the reference was there at start)")
+                f"back at the target at {interval_text(mine)} (the reference was there at start)")
     if interval is None:  # pooled: the reference's median over the seeds is never
-        return f"reached the target at {_interval(mine)} (the reference's median never did)"
+        return f"reached the target at {interval_text(mine)} (the reference's median never did)"
     if mine[1] <= interval[0] and row["name"] != reference["name"]:
         speedup = "" if row["speedup_to_target"] is None else f", {row['speedup_to_target']:.2f}x"
-        return f"reached the target sooner ({_interval(mine)} vs {_interval(interval)}{speedup})"
+        return f"reached the target sooner ({interval_text(mine)} vs {interval_text(interval)}{speedup})"
     if mine[0] >= interval[1] and row["name"] != reference["name"]:
-        return f"reached the target later ({_interval(mine)} vs {_interval(interval)})"
+        return f"reached the target later ({interval_text(mine)} vs {interval_text(interval)})"
     if row["name"] == reference["name"]:
-        return f"first original at the target ({_interval(mine)})"
-    return f"reached the target about as soon ({_interval(mine)} vs {_interval(interval)}: the evaluations overlap)"
+        return f"first original at the target ({interval_text(mine)})"
+    return (f"reached the target about as soon ({interval_text(mine)} vs {interval_text(interval)}: "
+            f"the evaluations overlap)")
 
 
 def verdict(row: dict, reference: dict, results: dict, seeds: int) -> str:
