@@ -349,7 +349,8 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
         "decomposed": {**counts["decomposed"], "accuracy": rows[DECOMPOSED]["final_accuracy"] / 100,
                        "accuracy_before_finetune": rows[DECOMPOSED]["curve"][0][2] / 100,
                        "history": _curve(rows[DECOMPOSED]), "layers": _layer_rows(ratio_plan, plan)},
-        "race": {"folder": RACE_DIR, "target_accuracy": raced["target_accuracy"] / 100,
+        "race": {"folder": RACE_DIR,  # no target (None) where the original ends at or below chance
+                 "target_accuracy": None if raced["target_accuracy"] is None else raced["target_accuracy"] / 100,
                  "steps": raced["seeds"][0]["steps"],
                  "variants": [{key: row[key] for key in ("name", "train_seconds", "setup_seconds", "time_to_target_s",
                                                          "speedup_to_target", "infer_speedup")} for row in raced["variants"]]},

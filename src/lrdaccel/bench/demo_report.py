@@ -64,7 +64,8 @@ def _race_lines(results: Mapping) -> list[str]:
     lines = ["", "## The race", "",
              f"Both models fine-tuned {race['steps']} steps on the same batches in lockstep (lrd.race); training "
              f"seconds exclude evaluation and include the decomposed model's setup (decomposing, calibrating). "
-             f"Target: the original's final accuracy - 0.5 points = {100 * race['target_accuracy']:.2f}%. "
+             + ("No target: the original ends at or below chance. " if race["target_accuracy"] is None else
+                f"Target: the original's final accuracy - 0.5 points = {100 * race['target_accuracy']:.2f}%. ") +
              f"Details: [{race['folder']}/report.md]({race['folder']}/report.md), "
              f"[{race['folder']}/race.png]({race['folder']}/race.png).", ""]
     lines += table(["model", "test accuracy", "training seconds", "time to target", "speed-up to target"], rows)
@@ -144,8 +145,9 @@ def demo_plot(results: Mapping, path: Path) -> Path:
         history = results[side]["history"]
         right.plot([h["seconds"] for h in history], [100 * h["accuracy"] for h in history], style, markersize=3,
                    label=side)
-    right.axhline(100 * results["race"]["target_accuracy"], color="grey", linestyle="--", linewidth=1,
-                  label="target (original's final - 0.5)")
+    if results["race"]["target_accuracy"] is not None:
+        right.axhline(100 * results["race"]["target_accuracy"], color="grey", linestyle="--", linewidth=1,
+                      label="target (original's final - 0.5)")
     low = min(100 * h["accuracy"] for side in ("original", "decomposed") for h in results[side]["history"][1:] or
               results[side]["history"])
     right.set_ylim(low - 0.5, 100 * max(results["original"]["accuracy"], results["decomposed"]["accuracy"]) + 0.5)

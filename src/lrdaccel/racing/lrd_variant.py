@@ -1,7 +1,8 @@
 """The `lrd` contestant: lrdaccel's pipeline applied to the starting classifier.
 
 Its defaults (`LRD_DEFAULTS`) are the best pipeline the race benchmarks found
-(benchmarks/BENCHMARKS.md, "Time to accuracy"); each option selects a part: ratio, method
+(benchmarks/BENCHMARKS.md, "Time to accuracy"), at the race's own learning rate (lr x2 gained
+the original as much: BENCHMARKS 10b, 1.01x; and lost on the CNN, 10d); each option selects a part: ratio, method
 (svd / whiten), sequential, allocate (sensitivity), calibration (batches), optimize (rank search
 for "infer" / "train" on this machine), merge (CNN bottlenecks), freeze (rotate / static /
 freeze_one / none) with every_steps (default: six phases over the race), lr (a multiplier of the
@@ -30,7 +31,7 @@ from lrdaccel.training.freezer import SCHEDULES, SequentialFreezer
 FREEZES = ("none", *SCHEDULES)
 LRD_DEFAULTS: dict[str, Any] = {
     "ratio": 2.0, "method": "whiten", "sequential": False, "allocate": "none", "calibration": 16,
-    "optimize": "none", "merge": False, "freeze": "none", "every_steps": 0, "lr": 2.0, "kd": 0.0,
+    "optimize": "none", "merge": False, "freeze": "none", "every_steps": 0, "lr": 1.0, "kd": 0.0,
     "exclude": "", "plan": "",
 }
 LRD_CHOICES = {"method": ("svd", "whiten"), "allocate": ("none", "sensitivity"),
