@@ -91,6 +91,20 @@ def test_the_summary_judges_the_targets_from_the_gpu_numbers(tmp_path):
     assert "| vit-b16 eager b256 lrd_both train >= 1.30x | - | not measured |" in text
 
 
+def test_the_summary_of_a_race_without_a_target_says_so(tmp_path):
+    from gpu_summary import race_lines
+
+    race = {"model": "minilm", "task": "wordnet-supersense", "target_accuracy": None,
+            "no_target": "the best original (3.50%) is at or below chance (4.10%)",
+            "variants": [{"name": "original", "final_accuracy": 3.5, "time_to_target_s": None,
+                          "speedup_to_target": None, "params": 1.0, "infer_speedup": 1.0}]}
+    (tmp_path / "race").mkdir()
+    (tmp_path / "race" / "results.json").write_text(json.dumps(race))
+    text = "\n".join(race_lines(tmp_path))
+    assert "no target (the best original (3.50%) is at or below chance (4.10%))" in text
+    assert "| original | 3.50% | never | - | 1.000x | 1.00x |" in text
+
+
 def test_without_a_gpu_the_gpu_run_refuses_and_points_to_the_smoke_run(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
