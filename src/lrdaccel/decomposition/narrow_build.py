@@ -1,0 +1,101 @@
+"""Building narrowed layers: the producer becomes an ordinary layer with k outputs, the consumer an
+ordinary layer with k inputs, refitted (the math is lrdaccel.factorize.narrow).
+
+Rows are applied in sequence (lrdaccel.decomposition.narrow_apply), each on the partly narrowed
+model: the consumer's inputs (the
+activations after the producer) are gathered on the calibration batches with every earlier width
+already narrowed, the k channels kept are chosen on them, the producer keeps its rows of those
+channels (exact: selection commutes with the elementwise activation) and the consumer is refitted
+by ridge least squares to what the original consumer gives on those same inputs. So each refit
+sees the inputs it will get when serving, as the sequential whitened factorization does.
+
+A narrowed layer is a plain `nn.Linear` (an HF Conv1D becomes one too: its forward is a
+Linear's). It carries its plan row as the attribute `lrd_narrow`, so that `lrd.save` writes the
+row (`narrowed_rows`) and `lrd.load` rebuilds the shapes from the plan (`narrowed_like`). An HF
+config whose FFN width all narrow rows shrink alike gets the new width (`narrow_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrdaccel.calibration.statistics import InputStats
+from lrdaccel.factorize.narrow import refit_consumer, relative_output_error, select_channels
+from lrdaccel.layers.svd import dense_linear_weight
+from lrdaccel.planning.rows import LayerPlan, Plan
+
+MARK = "lrd_narrow"
+# HF config fields that hold the FFN width, with the field counting the layers that have one.
+CONFIG_WIDTHS = (("intermediate_size", "num_hidden_layers"), ("n_inner", "n_layer"))
+
+
+def narrowed_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
+    """{producer: nn.Linear with `row.rank` outputs, consumer: nn.Linear with `row.rank` inputs},
+    default-initialised on the originals' device and dtype (for loading weights into, or filling)."""
+    producer, consumer = model.get_submodule(row.name), model.get_submodule(row.narrow.consumer)
+    width = row.rank
+    new_producer = _linear(producer, dense_linear_weight(producer).shape[1], width)
+    new_consumer = _linear(consumer, width, dense_linear_weight(consumer).shape[0])
+    setattr(new_producer, MARK, dataclasses.replace(row, reason="saved"))
+    return {row.name: new_producer, row.narrow.consumer: new_consumer}
+
+
+def _linear(like: nn.Module, in_features: int, out_features: int) -> nn.Linear:
+    weight = like.weight
+    return nn.Linear(in_features, out_features, bias=like.bias is not None, device=weight.device, dtype=weight.dtype)
+
+
+@torch.no_grad()
+def fill_narrowed(model: nn.Module, row: LayerPlan, stats: InputStats, selection: str) -> tuple[dict, float]:
+    """The row's two new layers filled from the model's current ones (untouched) and the consumer's
+    input statistics; with the relative error of the consumer's output on those inputs."""
+    producer, consumer = model.get_submodule(row.name), model.get_submodule(row.narrow.consumer)
+    consumer_weight = dense_linear_weight(consumer).detach().double()
+    consumer_bias = None if consumer.bias is None else consumer.bias.detach().double()
+    gram = stats.covariance()
+    if consumer_bias is not None:  # the constant channel: the bias absorbs the dropped channels' means
+        mean = stats.mean()
+        gram = torch.cat([torch.cat([gram, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
+    kept = select_channels(gram, row.rank, selection, weight=consumer_weight, constant=consumer_bias is not None)
+    new_weight, new_bias = refit_consumer(consumer_weight, consumer_bias, gram, kept)
+    error = relative_output_error(consumer_weight, consumer_bias, gram, kept, new_weight, new_bias)
+    built = narrowed_like(model, row)
+    index = torch.as_tensor(kept, device=producer.weight.device)
+    new_producer, new_consumer = built[row.name], built[row.narrow.consumer]
+    new_producer.weight.copy_(dense_linear_weight(producer).detach()[index])
+    if producer.bias is not None:
+        new_producer.bias.copy_(producer.bias.detach()[index])
+    new_consumer.weight.copy_(new_weight.to(new_consumer.weight))
+    if new_bias is not None:
+        new_consumer.bias.copy_(new_bias.to(new_consumer.bias))
+    return built, error
+
+
+def narrowed_rows(model: nn.Module) -> list[LayerPlan]:
+    """The narrow rows of a narrowed model, read off its marked producers (for `lrd.save`)."""
+    return [getattr(module, MARK) for _, module in model.named_modules() if isinstance(getattr(module, MARK, None),
+                                                                                          LayerPlan)]
+
+
+def narrow_config(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    """Set an HF config's FFN width to the narrowed one where every FFN of the model narrows to
+    the same width (so that `save_pretrained` / `from_pretrained` rebuild the narrowed shapes);
+    otherwise leave the config alone: the plan, saved by `lrd.save`, is then the record of each
+    layer's width. Returns {field: the old value} of what changed (empty if nothing)."""
+    rows, config = plan.narrowed, getattr(model, "config", None)
+    if not rows or config is None or len({row.rank for row in rows}) != 1:
+        return {}
+    for field, layers in CONFIG_WIDTHS:
+        width = getattr(config, field, None)
+        if field == "n_inner" and hasattr(config, field) and width is None:
+            width = 4 * getattr(config, "n_embd", 0)  # GPT-2's default FFN width
+        if width is not None and getattr(config, layers, None) == len(rows) and all(
+                row.shape["out"] == width for row in rows):
+            old = getattr(config, field)
+            setattr(config, field, rows[0].rank)
+            return {field: old}
+    return {}

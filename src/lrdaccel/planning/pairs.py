@@ -1,0 +1,44 @@
+"""The record a "narrow" plan row keeps of its consumer, and the row's counts.
+
+A narrow row is named by the producer (the layer whose outputs shrink); its rank is the kept
+width k. The consumer (the layer that reads that width through an elementwise activation) gets no
+row of its own: `NarrowPair` names it with its geometry before narrowing, so that the plan alone
+rebuilds the narrowed shapes on an unchanged model (lrd.load) and checks they fit. The kept
+channels' indices are not stored: the narrowed weights carry them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NarrowPair:
+    """The consumer of a narrowed width, by qualified module name.
+
+    Attributes:
+        consumer: the layer that reads the width (its inputs shrink to the kept channels).
+        consumer_type: its class name before narrowing (Linear, Conv1D, Conv2d).
+        consumer_shape: its {"out", "in", "kernel"} before narrowing.
+        norm: a BatchNorm between producer and activation, resized with the width, or None.
+    """
+
+    consumer: str
+    consumer_type: str
+    consumer_shape: dict
+    norm: str | None = None
+
+    def module_names(self) -> list[str]:
+        """Every module the narrowing replaces besides the row's own producer."""
+        return [self.consumer, *([self.norm] if self.norm else [])]
+
+
+def narrow_cost(shape: dict, pair: NarrowPair, width: int | None) -> tuple[int, int, int, int]:
+    """(params_before, macs_before, params_after, macs_after) of producer and consumer together:
+    weights (biases excluded) and MACs per position (both layers run at the same positions)."""
+    producer_area, consumer_area = math.prod(shape["kernel"]), math.prod(pair.consumer_shape["kernel"])
+    per_channel = shape["in"] * producer_area + pair.consumer_shape["out"] * consumer_area
+    before = shape["out"] * per_channel
+    after = before if width is None else width * per_channel
+    return before, before, after, after

@@ -1,0 +1,126 @@
+"""Applying narrow rows: exactness at full width, lossless dropping of duplicates, the HF config,
+mixed plans through JSON and save/load, and bad input refused before any change."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import lrdaccel as lrd
+from lrdaccel.planning import Plan
+from test_decomposition_apply import snapshot, unchanged
+from test_planning_narrow import tiny_bert, tiny_gpt2
+
+
+def token_batches(count=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 50, (4, 8), generator=generator)} for _ in range(count)]
+
+
+def hidden(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_full_width_reproduces_the_model(make):
+    torch.manual_seed(0)
+    model = make()
+    batches = token_batches()
+    reference = hidden(model, batches[0])
+    plan = lrd.plan(model, ranks="full", form="narrow", example_inputs=batches[0])
+    lrd.decompose(model, plan, calibration=batches)
+    assert all(type(model.get_submodule(row.name)) is nn.Linear for row in plan.narrowed)
+    torch.testing.assert_close(hidden(model, batches[0]), reference, rtol=0, atol=1e-5)
+
+
+def test_dropping_duplicated_neurons_loses_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():  # neurons 8..15 copy neurons 0..7
+        model[0].weight[8:] = model[0].weight[:8]
+        model[0].bias[8:] = model[0].bias[:8]
+    batches = [torch.randn(32, 8) for _ in range(4)]
+    test = torch.randn(64, 8)
+    reference = model(test)
+    plan = lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=batches[0])
+    report = lrd.decompose(model, plan, calibration=batches)
+    assert (model[0].out_features, model[2].in_features) == (8, 8)
+    torch.testing.assert_close(model(test), reference, rtol=0, atol=1e-5)
+    assert report.layers[0].kind == "narrow" and report.layers[0].relative_error < 1e-5
+    assert report.model_params_after == 8 * 8 + 8 + 4 * 8 + 4
+
+
+def test_half_width_is_close_and_the_hf_config_matches_the_shapes():
+    torch.manual_seed(0)
+    model = tiny_bert()
+    batches = token_batches()
+    reference = hidden(model, batches[0])
+    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=batches[0])
+    report = lrd.decompose(model, plan, calibration=batches)
+    assert [layer.relative_error for layer in report.layers] == pytest.approx([0.05, 0.05], abs=0.05)
+    out = hidden(model, batches[0])
+    assert torch.nn.functional.cosine_similarity(out.flatten(1), reference.flatten(1)).min() > 0.99
+    assert model.config.intermediate_size == 32
+    rebuilt = transformers.BertModel(model.config).eval()  # what from_pretrained would build
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(hidden(rebuilt, batches[0]), out)
+
+
+def test_unequal_widths_leave_the_config_and_the_plan_records_them():
+    model = tiny_bert()
+    batches = token_batches()
+    plan = lrd.plan(model, ranks={"encoder.layer.0.intermediate.dense": 20, "encoder.layer.1.intermediate.dense": 40},
+                    form="narrow", example_inputs=batches[0])
+    lrd.decompose(model, plan, calibration=batches)
+    assert model.config.intermediate_size == 64
+    assert model.encoder.layer[0].output.dense.in_features == 20
+    assert [row.rank for row in lrd.io.plan_of(model).narrowed] == [20, 40]
+
+
+def mixed_plan(model, batch):
+    """Narrow FFNs, SVD queries, everything else kept."""
+    narrow = lrd.plan(model, ratio=2, form="narrow", example_inputs=batch)
+    factor = lrd.plan(model, ratio=2)
+    rows = [factor[row.name] if row.name.endswith("attention.self.query") else row for row in narrow]
+    return Plan(rows, ratio=2.0)
+
+
+def test_a_mixed_plan_round_trips_through_json_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    original = tiny_bert()
+    batches = token_batches()
+    plan = Plan.from_json(mixed_plan(original, batches[0]).to_json())
+    assert sorted({row.kind for row in plan}) == ["keep", "narrow", "svd"]
+    model = copy.deepcopy(original)
+    lrd.decompose(model, plan, calibration=batches)
+    lrd.save(model, tmp_path / "out")
+    base = copy.deepcopy(original)
+    lrd.load(tmp_path / "out", base)
+    assert torch.equal(hidden(base, batches[1]), hidden(model, batches[1]))
+    assert base.config.intermediate_size == 32
+    saved = lrd.io.plan_of(base)
+    assert [(row.name, row.kind, row.rank) for row in saved] == [
+        (row.name, row.kind, row.rank) for row in plan if row.kind != "keep"]
+
+
+def test_bad_input_is_refused_before_any_change():
+    model = tiny_bert()
+    batches = token_batches()
+    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=batches[0])
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"narrow rows \['encoder.layer.0.intermediate.dense', 'encoder.layer.1."
+                                         r"intermediate.dense'\] choose their channels on calibration"):
+        lrd.decompose(model, plan)
+    row = plan.narrowed[1]
+    for width in (0, 65):
+        with pytest.raises(ValueError, match=rf"narrow width must be in \[1, 64\].*got {width}"):
+            lrd.decompose(model, plan.replace(row.with_rank(width, row.reason)), calibration=batches)
+    broken = batches[:2] + [{"input_ids": torch.full((2, 4), 999)}]  # out of the vocabulary
+    with pytest.raises(ValueError, match="calibration batch 2"):
+        lrd.decompose(model, plan, calibration=broken)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        lrd.decompose(model, plan, calibration=batches, selection="random")
+    assert unchanged(model, snap) and model.config.intermediate_size == 64
