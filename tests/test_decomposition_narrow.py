@@ -124,3 +124,45 @@ def test_bad_input_is_refused_before_any_change():
     with pytest.raises(ValueError, match="selection must be one of"):
         lrd.decompose(model, plan, calibration=batches, selection="random")
     assert unchanged(model, snap) and model.config.intermediate_size == 64
+
+
+def test_conv_chain_at_full_width_is_exact_and_narrowed_keeps_working(tmp_path):
+    from test_planning_narrow import BasicBlock, conv_chain
+    torch.manual_seed(0)
+    model = conv_chain()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    x = torch.randn(2, 3, 8, 8)
+    reference = copy.deepcopy(model)
+    lrd.recalibrate_batchnorm(reference, batches)  # decompose re-estimates every BatchNorm after narrowing
+    full = copy.deepcopy(model)
+    lrd.decompose(full, lrd.plan(model, ranks="full", form="narrow", example_inputs=x), calibration=batches)
+    torch.testing.assert_close(full(x), reference(x), rtol=0, atol=1e-5)
+    narrowed = copy.deepcopy(model)
+    plan = lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=x)
+    lrd.decompose(narrowed, plan, calibration=batches)
+    assert (narrowed[0].out_channels, narrowed[1].num_features, narrowed[3].in_channels) == (8, 8, 8)
+    assert not narrowed.training and not narrowed[1].training
+    lrd.save(narrowed, tmp_path / "cnn")
+    loaded = lrd.load(tmp_path / "cnn", copy.deepcopy(model))
+    assert torch.equal(loaded(x), narrowed(x))
+    block = BasicBlock().eval()
+    lrd.decompose(block, lrd.plan(block, ratio=2, min_rank=1, form="narrow", example_inputs=x[:, :1].expand(2, 16, 8, 8)),
+                  calibration=[torch.randn(4, 16, 8, 8) for _ in range(3)])
+    assert (block.conv1.out_channels, block.bn1.num_features, block.conv2.in_channels) == (8, 8, 8)
+
+
+def test_dropping_duplicated_conv_channels_loses_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.Conv2d(12, 5, 3, padding=1)).eval()
+    with torch.no_grad():  # channels 6..11 copy channels 0..5, their BatchNorm too
+        model[0].weight[6:], model[0].bias[6:] = model[0].weight[:6], model[0].bias[:6]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(model[1], name)[6:] = getattr(model[1], name)[:6]
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    reference = copy.deepcopy(model)
+    lrd.recalibrate_batchnorm(reference, batches)
+    x = torch.randn(4, 3, 8, 8)
+    lrd.decompose(model, lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=x), calibration=batches)
+    assert model[3].in_channels == 6
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-4)

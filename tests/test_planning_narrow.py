@@ -133,3 +133,50 @@ def test_validation_refuses_a_width_above_the_original_or_a_wrong_consumer():
     other = tiny_bert(layers=1)
     with pytest.raises(ValueError, match="no such module"):
         validate_plan(other, plan)
+
+
+def conv_chain(groups=1):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> max pool -> conv (grouped if asked)."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(24, 8, 3, padding=1, groups=groups)).eval()
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block: the inner width narrows, the output width carries the residual add."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def test_conv_chains_narrow_with_their_batchnorm_and_near_misses_say_why():
+    plan = lrd.plan(conv_chain(groups=2), ratio=2, min_rank=1, form="narrow", example_inputs=torch.randn(1, 3, 8, 8))
+    row = plan["0"]
+    assert (row.kind, row.rank, row.narrow.consumer, row.narrow.norm) == ("narrow", 8, "3", "1")
+    assert row.params_before == 16 * 27 + 24 * 16 * 9 and row.params_after == 8 * 27 + 24 * 8 * 9
+    assert plan["7"].reason == "form 'narrow' changes only the width between a layer and its consumer" or \
+        plan["7"].kind == "keep"
+    block = lrd.plan(BasicBlock(), ratio=2, min_rank=1, form="narrow", example_inputs=torch.randn(1, 16, 8, 8))
+    assert (block["conv1"].kind, block["conv1"].narrow.norm) == ("narrow", "bn1")
+    grouped = [c for c in find_narrow_candidates(conv_chain(groups=2), torch.randn(1, 3, 8, 8)) if c.producer == "3"]
+    assert grouped[0].reason == "its consumer 7 is a grouped conv (groups=2)"
+
+
+def test_a_residual_add_on_the_width_keeps_the_chain_with_its_reason():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.a(x)) + x)
+            return self.b(h)
+
+    plan = lrd.plan(Chain().eval(), ratio=2, min_rank=1, form="narrow", example_inputs=torch.randn(1, 8, 4, 4))
+    assert plan["a"].kind == "keep" and plan["a"].reason.startswith("not narrowed: the activation after a is "
+                                                                     "combined with ")

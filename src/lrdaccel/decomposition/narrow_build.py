@@ -10,7 +10,8 @@ by ridge least squares to what the original consumer gives on those same inputs.
 sees the inputs it will get when serving, as the sequential whitened factorization does.
 
 A narrowed layer is a plain `nn.Linear` (an HF Conv1D becomes one too: its forward is a
-Linear's). It carries its plan row as the attribute `lrd_narrow`, so that `lrd.save` writes the
+Linear's) or `nn.Conv2d`; a BatchNorm between two convs keeps its kept channels' parameters and
+statistics (exact), and `decompose` then re-estimates every BatchNorm's statistics. It carries its plan row as the attribute `lrd_narrow`, so that `lrd.save` writes the
 row (`narrowed_rows`) and `lrd.load` rebuilds the shapes from the plan (`narrowed_like`). An HF
 config whose FFN width all narrow rows shrink alike gets the new width (`narrow_config`).
 """
@@ -34,44 +35,67 @@ CONFIG_WIDTHS = (("intermediate_size", "num_hidden_layers"), ("n_inner", "n_laye
 
 
 def narrowed_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
-    """{producer: nn.Linear with `row.rank` outputs, consumer: nn.Linear with `row.rank` inputs},
-    default-initialised on the originals' device and dtype (for loading weights into, or filling)."""
-    producer, consumer = model.get_submodule(row.name), model.get_submodule(row.narrow.consumer)
-    width = row.rank
-    new_producer = _linear(producer, dense_linear_weight(producer).shape[1], width)
-    new_consumer = _linear(consumer, width, dense_linear_weight(consumer).shape[0])
-    setattr(new_producer, MARK, dataclasses.replace(row, reason="saved"))
-    return {row.name: new_producer, row.narrow.consumer: new_consumer}
+    """{producer: a layer with `row.rank` outputs, consumer: one with `row.rank` inputs[, norm: a
+    BatchNorm2d over `row.rank` channels]}, default-initialised on the originals' device and dtype
+    (for loading weights into, or filling). Linear / Conv1D become nn.Linear, Conv2d stays Conv2d."""
+    pair, width = row.narrow, row.rank
+    producer, consumer = model.get_submodule(row.name), model.get_submodule(pair.consumer)
+    built = {row.name: _resized(producer, out=width), pair.consumer: _resized(consumer, into=width)}
+    if pair.norm is not None:
+        norm = model.get_submodule(pair.norm)
+        built[pair.norm] = nn.BatchNorm2d(width, norm.eps, norm.momentum, device=norm.weight.device,
+                                          dtype=norm.weight.dtype)
+    for name, module in built.items():  # new modules start in training mode: take the originals' flag
+        module.train(model.get_submodule(name).training)
+    setattr(built[row.name], MARK, dataclasses.replace(row, reason="saved"))
+    return built
 
 
-def _linear(like: nn.Module, in_features: int, out_features: int) -> nn.Linear:
-    weight = like.weight
-    return nn.Linear(in_features, out_features, bias=like.bias is not None, device=weight.device, dtype=weight.dtype)
+def _resized(like: nn.Module, out: int | None = None, into: int | None = None) -> nn.Module:
+    weight, bias = like.weight, like.bias is not None
+    if isinstance(like, nn.Conv2d):
+        return nn.Conv2d(into or like.in_channels, out or like.out_channels, like.kernel_size, like.stride,
+                         like.padding, like.dilation, 1, bias, like.padding_mode, device=weight.device,
+                         dtype=weight.dtype)
+    out_features, in_features = dense_linear_weight(like).shape
+    return nn.Linear(into or in_features, out or out_features, bias=bias, device=weight.device, dtype=weight.dtype)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """[out, in, *kernel] of a Linear, Conv1D or Conv2d."""
+    return module.weight if isinstance(module, nn.Conv2d) else dense_linear_weight(module)
 
 
 @torch.no_grad()
 def fill_narrowed(model: nn.Module, row: LayerPlan, stats: InputStats, selection: str) -> tuple[dict, float]:
-    """The row's two new layers filled from the model's current ones (untouched) and the consumer's
+    """The row's new layers filled from the model's current ones (untouched) and the consumer's
     input statistics; with the relative error of the consumer's output on those inputs."""
-    producer, consumer = model.get_submodule(row.name), model.get_submodule(row.narrow.consumer)
-    consumer_weight = dense_linear_weight(consumer).detach().double()
+    pair = row.narrow
+    producer, consumer = model.get_submodule(row.name), model.get_submodule(pair.consumer)
+    consumer_weight = _weight(consumer).detach().double()
     consumer_bias = None if consumer.bias is None else consumer.bias.detach().double()
     gram = stats.covariance()
     if consumer_bias is not None:  # the constant channel: the bias absorbs the dropped channels' means
         mean = stats.mean()
         gram = torch.cat([torch.cat([gram, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
-    kept = select_channels(gram, row.rank, selection, weight=consumer_weight, constant=consumer_bias is not None)
+    readout = consumer_weight.movedim(1, -1).reshape(-1, consumer_weight.shape[1])  # taps as outputs
+    kept = select_channels(gram, row.rank, selection, weight=readout, constant=consumer_bias is not None)
     new_weight, new_bias = refit_consumer(consumer_weight, consumer_bias, gram, kept)
     error = relative_output_error(consumer_weight, consumer_bias, gram, kept, new_weight, new_bias)
     built = narrowed_like(model, row)
     index = torch.as_tensor(kept, device=producer.weight.device)
-    new_producer, new_consumer = built[row.name], built[row.narrow.consumer]
-    new_producer.weight.copy_(dense_linear_weight(producer).detach()[index])
+    new_producer, new_consumer = built[row.name], built[pair.consumer]
+    new_producer.weight.copy_(_weight(producer).detach()[index])
     if producer.bias is not None:
         new_producer.bias.copy_(producer.bias.detach()[index])
     new_consumer.weight.copy_(new_weight.to(new_consumer.weight))
     if new_bias is not None:
         new_consumer.bias.copy_(new_bias.to(new_consumer.bias))
+    if pair.norm is not None:  # the kept channels' BatchNorm: an exact sub-BatchNorm
+        norm, new_norm = model.get_submodule(pair.norm), built[pair.norm]
+        for attribute in ("weight", "bias", "running_mean", "running_var"):
+            getattr(new_norm, attribute).copy_(getattr(norm, attribute).detach()[index])
+        new_norm.num_batches_tracked.copy_(norm.num_batches_tracked)
     return built, error
 
 

@@ -86,48 +86,71 @@ def select_channels(gram: torch.Tensor, count: int, method: str = "qr",
     return sorted(greedy_select(gram, readout, count, forced=(n,) if augmented else ()))
 
 
+def interpolation(gram: torch.Tensor, kept: list[int], constant: bool, ridge: float = RIDGE) -> torch.Tensor:
+    """P [n - k, k (+1)]: the dropped channels predicted from the kept ones (and the constant),
+    a_rest ~= P (a_K; 1), by ridge least squares on the Gram: P = G[rest, K'] (G[K', K'] + lambda I)^-1."""
+    n = gram.shape[0] - int(constant)
+    columns = list(kept) + ([n] if constant else [])
+    rest = [j for j in range(n) if j not in set(kept)]
+    block = gram[columns][:, columns]
+    load = ridge * block.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(len(columns), dtype=torch.float64, device=block.device)
+    return torch.linalg.solve(block + load * eye, gram[columns][:, rest]).T
+
+
 def refit_consumer(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, kept: list[int],
                    ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The consumer reading only the `kept` channels that best reproduces it (ridge least squares).
 
+    For a Linear consumer this is W' = (W G[:, K] + lambda W_K)(G[K, K] + lambda I)^-1, written in its
+    interpolative form W' = W_K + W_rest P (the two are equal): each dropped channel's weights move
+    onto the kept channels that predict it. A conv consumer [out, n, kh, kw] gets the same per tap
+    (the dropped channel predicted pixel by pixel from the kept ones at the same pixel).
+
     Args:
-        weight: the consumer W [out, n]; bias: its bias [out] or None.
+        weight: the consumer W [out, n] or [out, n, kh, kw]; bias: its bias [out] or None.
         gram: E[a a^T] [n, n] without a bias, the augmented E[(a;1)(a;1)^T] [n+1, n+1] with one
             (the bias then absorbs the dropped channels' means).
         kept: the channels kept (sorted).
         ridge: lambda relative to the mean diagonal of G[K, K] (towards W's kept columns).
 
     Returns:
-        (W' [out, k], bias' [out] or None), float64: W' a_K + bias' ~= W a + bias.
+        (W' [out, k, ...], bias' [out] or None), float64: W' a_K + bias' ~= W a + bias.
     """
     w = weight.double()
-    n = w.shape[1]
-    if bias is not None:
-        w = torch.cat([w, bias.double()[:, None]], 1)
-    columns = list(kept) + ([n] if bias is not None else [])
-    gram = gram.double()
-    block = gram[columns][:, columns]
-    load = ridge * block.diagonal().mean().clamp_min(1e-30)
-    target = w @ gram[:, columns] + load * w[:, columns]  # E[(W a) a_K^T] + lambda W_K
-    eye = torch.eye(len(columns), dtype=torch.float64, device=block.device)
-    solved = torch.linalg.solve(block + load * eye, target.T).T
-    if bias is None:
-        return solved, None
-    return solved[:, :-1], solved[:, -1]
+    n, k = w.shape[1], len(kept)
+    rest = [j for j in range(n) if j not in set(kept)]
+    new_weight = w[:, kept].clone()
+    new_bias = None if bias is None else bias.double().clone()
+    if rest:
+        predict = interpolation(gram.double(), kept, bias is not None, ridge)  # [n - k, k (+1)]
+        moved = torch.einsum("oj...,jk->ok...", w[:, rest], predict)
+        new_weight += moved[:, :k]
+        if bias is not None:  # the constant's share: summed over the kernel taps
+            new_bias += moved[:, k].reshape(w.shape[0], -1).sum(1)
+    return new_weight, new_bias
 
 
 def relative_output_error(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, kept: list[int],
                           new_weight: torch.Tensor, new_bias: torch.Tensor | None) -> float:
-    """sqrt(E||W a + b - W' a_K - b'||^2 / E||W a + b||^2) under the Gram's distribution."""
-    w = weight.double()
+    """sqrt(E||W a + b - W' a_K - b'||^2 / E||W a + b||^2) under the Gram's distribution; for a conv
+    consumer each kernel tap is taken as a separate output (the taps' inputs as independent)."""
+    w = _rows(weight.double())
     n = w.shape[1]
     difference = -w.clone()
-    difference[:, kept] += new_weight.double()
+    difference[:, kept] += _rows(new_weight.double())
     if bias is not None:
-        difference = torch.cat([difference, (new_bias.double() - bias.double())[:, None]], 1)
-        w = torch.cat([w, bias.double()[:, None]], 1)
+        taps = w.shape[0] // bias.shape[0]
+        shift = ((new_bias.double() - bias.double()) / taps).repeat_interleave(taps)
+        difference = torch.cat([difference, shift[:, None]], 1)
+        w = torch.cat([w, (bias.double() / taps).repeat_interleave(taps)[:, None]], 1)
     size = difference.shape[1]
     g = gram.double()[:size, :size]
     energy = torch.einsum("oi,ij,oj->", w, g, w)
     error = torch.einsum("oi,ij,oj->", difference, g, difference).clamp_min(0)
     return float((error / energy).sqrt()) if energy > 0 else float(error.sqrt())
+
+
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """[out, n, *kernel] -> [out * taps, n] (a Linear's [out, n] unchanged)."""
+    return weight.movedim(1, -1).reshape(-1, weight.shape[1])

@@ -1,5 +1,7 @@
 """Finding narrowable widths: `producer -> elementwise activation -> consumer` in the data flow of
-one recorded forward (lrdaccel.planning.dataflow), and why each near miss cannot narrow.
+one recorded forward (lrdaccel.planning.dataflow), and why each near miss cannot narrow. The
+producer and consumer are both Linear / HF Conv1D, or both Conv2d; between two convs the region
+may also hold one BatchNorm (resized with the width) and per-channel pooling.
 
 Keeping k of the n channels between two layers and refitting the consumer (the narrow form,
 lrdaccel.factorize.narrow) is exact for the producer only if every op between them acts on each
@@ -10,7 +12,9 @@ and views that keep the channel as the last dimension form the region; a Linear 
 reads the region is the consumer. A region with an activation is a candidate, whatever its
 modules are called; it narrows only if nothing else reads the producer's output or the region
 (a residual add, a second head, an op that mixes channels), exactly one layer of the width's size
-reads it, and neither layer is called twice. Otherwise `reason` says which rule failed.
+reads it (for convs: not a grouped one), and neither layer nor the BatchNorm is called twice.
+Otherwise `reason` says which rule failed (its activation read elsewhere, a residual add on the
+width, a grouped consumer, ...).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ ELEMENTWISE = ACTIVATIONS | PASS_THROUGH | frozenset({
     "mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_", "pow", "neg", "erf", "exp", "sqrt", "abs",
     "clamp", "clamp_", "clamp_min", "softplus", "__mul__", "__rmul__", "__add__", "__radd__", "__sub__",
     "__rsub__", "__truediv__", "__pow__", "to", "float", "type_as", "view", "reshape"})
+POOLS = frozenset({"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices"})
 MAX_REGION = 64  # ops walked from one producer
 
 
@@ -46,6 +51,7 @@ class NarrowCandidate:
         producer / consumer: the layers whose outputs / inputs shrink (consumer None if none was found).
         width: the producer's output width n.
         activation: the names of the region's ops, in execution order ("gelu"; "mul, pow, ... tanh").
+        norm: the BatchNorm in the region (between convs), or None.
         reason: None if the width can narrow as far as the structure goes, else why not.
     """
 
@@ -53,6 +59,7 @@ class NarrowCandidate:
     consumer: str | None
     width: int
     activation: str
+    norm: str | None = None
     reason: str | None = None
 
 
@@ -68,27 +75,32 @@ def find_narrow_candidates(model: nn.Module, example_inputs: Any) -> list[Narrow
     calls = Counter(op.module for op in ops if op.module is not None)
     found = []
     for op in ops:
-        producer = modules.get(op.module) if op.kind == "linear" else None
+        producer = modules.get(op.module) if op.kind in ("linear", "conv") else None
         if producer is None or entry_for(producer) is None:
             continue
-        candidate = _walk(ops, op, dense_shape(producer)["out"])
+        candidate = _walk(ops, op, dense_shape(producer)["out"], op.kind)
         if candidate is not None:
             candidate.reason = candidate.reason or _module_reason(candidate, modules, calls)
             found.append(candidate)
     return found
 
 
-def _walk(ops: list[Op], start: Op, width: int) -> NarrowCandidate | None:
+def _walk(ops: list[Op], start: Op, width: int, kind: str) -> NarrowCandidate | None:
     """The region after `start` and what reads it; None where no activation lies on the way."""
     region, queue, consumers, outside = {start.index}, [start], [], []
+    per_channel = ELEMENTWISE | (POOLS if kind == "conv" else frozenset())
+
+    def channels(op: Op) -> int | None:
+        return op.shape[-1] if kind == "linear" and op.shape else (op.shape[1] if len(op.shape) == 4 else None)
+
     while queue and len(region) < MAX_REGION:
         node = queue.pop(0)
         for reader in (ops[i] for i in node.readers):
             if reader.index in region:
                 continue
-            if reader.kind == "linear" and reader.inputs == [node.index]:
+            if reader.kind == kind and reader.inputs == [node.index]:
                 consumers.append(reader)
-            elif reader.name in ELEMENTWISE and reader.shape[-1:] == (width,):
+            elif (reader.name in per_channel or (kind == "conv" and reader.kind == "bn")) and channels(reader) == width:
                 region.add(reader.index)
                 queue.append(reader)
             else:
@@ -107,8 +119,13 @@ def _walk(ops: list[Op], start: Op, width: int) -> NarrowCandidate | None:
     names = sorted({op.module for op in consumers})
     if len(names) > 1:
         reasons.append(f"the activation after {start.module} is read by several layers ({', '.join(names)})")
-    activation = ", ".join(op.name for op in inner if op.kind != "pass" and op.name not in ("view", "reshape"))
-    return NarrowCandidate(start.module, names[0] if names else None, width, activation, "; ".join(reasons) or None)
+    norms = [op.module for op in inner if op.kind == "bn"]
+    if len(norms) > 1:
+        reasons.append(f"the width after {start.module} passes {len(norms)} BatchNorms ({', '.join(map(str, norms))})")
+    shown = [op.describe() if op.kind == "bn" else op.name for op in inner
+             if op.kind != "pass" and op.name not in ("view", "reshape")]
+    return NarrowCandidate(start.module, names[0] if names else None, width, ", ".join(shown),
+                           norms[0] if norms else None, "; ".join(reasons) or None)
 
 
 def _module_reason(candidate: NarrowCandidate, modules: dict[str, nn.Module], calls: Counter) -> str | None:
@@ -119,8 +136,13 @@ def _module_reason(candidate: NarrowCandidate, modules: dict[str, nn.Module], ca
         return f"its consumer {candidate.consumer} is a {type(consumer).__name__}"
     if dense_shape(consumer)["in"] != candidate.width:
         return f"its consumer {candidate.consumer} reads {dense_shape(consumer)['in']} inputs, not {candidate.width}"
-    for name in (candidate.producer, candidate.consumer):
-        if calls[name] > 1:
+    if getattr(consumer, "groups", 1) != 1:
+        return f"its consumer {candidate.consumer} is a grouped conv (groups={consumer.groups})"
+    norm = modules.get(candidate.norm) if candidate.norm else None
+    if candidate.norm and not (isinstance(norm, nn.BatchNorm2d) and norm.affine and norm.track_running_stats):
+        return f"{candidate.norm} is not a BatchNorm2d with affine parameters and running statistics"
+    for name in (candidate.producer, candidate.consumer, candidate.norm):
+        if name is not None and calls[name] > 1:
             return f"{name} is called {calls[name]} times (shared weights)"
     return None
 
@@ -185,7 +207,7 @@ def _narrow_row(context: Any, candidate: NarrowCandidate, producer_row: LayerPla
         width, reason = math.floor(n / ratio), f"ratio {ratio:g}"
         if below_min_rank(width, {"out": n, "in": n, "kernel": [1, 1]}, context.config.min_rank):
             return None, f"{reason} gives width {width}, below min_rank {context.config.min_rank}"
-    pair = NarrowPair(candidate.consumer, consumer_row.layer_type, consumer_row.shape)
+    pair = NarrowPair(candidate.consumer, consumer_row.layer_type, consumer_row.shape, candidate.norm)
     return LayerPlan(name, "narrow", width, f"{reason}; {n} -> {width} channels through {candidate.activation} "
                      f"into {candidate.consumer}", producer_row.layer_type, producer_row.shape, ratio_rank=width,
                      narrow=pair), None

@@ -146,4 +146,11 @@ def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
     if dense_shape(consumer) != pair.consumer_shape or pair.consumer_shape["in"] != n:
         return (f"consumer {pair.consumer!r} has weight {dense_shape(consumer)}, the plan says "
                 f"{pair.consumer_shape}; the plan is for another architecture")
+    if pair.norm is not None:
+        try:
+            norm = model.get_submodule(pair.norm)
+        except AttributeError:
+            return f"the model has no BatchNorm {pair.norm!r}; the plan is for another architecture"
+        if not isinstance(norm, nn.BatchNorm2d) or norm.num_features != n:
+            return f"{pair.norm!r} is not a BatchNorm2d over {n} channels; the plan is for another architecture"
     return None
