@@ -166,3 +166,33 @@ def test_dropping_duplicated_conv_channels_loses_nothing():
     lrd.decompose(model, lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=x), calibration=batches)
     assert model[3].in_channels == 6
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-4)
+
+
+def mbconv():
+    """expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> project 1x1 (an MBConv without SE)."""
+    return nn.Sequential(nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                         nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                         nn.Conv2d(32, 8, 1, bias=False), nn.BatchNorm2d(8)).eval()
+
+
+def test_mbconv_expanded_channels_narrow_through_the_depthwise_conv(tmp_path):
+    torch.manual_seed(0)
+    model = mbconv()
+    batches = [torch.randn(8, 8, 6, 6) for _ in range(4)]
+    x = torch.randn(2, 8, 6, 6)
+    plan = lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=x)
+    row = plan["0"]
+    assert (row.kind, row.rank, row.narrow.consumer, row.narrow.resized) == ("narrow", 16, "6", ("1", "3", "4"))
+    assert row.params_before == 32 * (8 + 8 + 9) and row.params_after == 16 * (8 + 8 + 9)
+    assert [r.name for r in plan] == ["0"]  # the depthwise conv's and the projection's rows are absorbed
+    reference = copy.deepcopy(model)
+    lrd.recalibrate_batchnorm(reference, batches)
+    full = copy.deepcopy(model)
+    lrd.decompose(full, lrd.plan(model, ranks="full", form="narrow", example_inputs=x), calibration=batches)
+    torch.testing.assert_close(full(x), reference(x), rtol=0, atol=1e-5)
+    narrowed = copy.deepcopy(model)
+    lrd.decompose(narrowed, plan, calibration=batches)
+    assert (narrowed[3].groups, narrowed[3].in_channels, narrowed[4].num_features, narrowed[6].in_channels) == \
+        (16, 16, 16, 16)
+    lrd.save(narrowed, tmp_path / "mb")
+    assert torch.equal(lrd.load(tmp_path / "mb", copy.deepcopy(model))(x), narrowed(x))

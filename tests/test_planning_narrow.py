@@ -157,12 +157,12 @@ class BasicBlock(nn.Module):
 def test_conv_chains_narrow_with_their_batchnorm_and_near_misses_say_why():
     plan = lrd.plan(conv_chain(groups=2), ratio=2, min_rank=1, form="narrow", example_inputs=torch.randn(1, 3, 8, 8))
     row = plan["0"]
-    assert (row.kind, row.rank, row.narrow.consumer, row.narrow.norm) == ("narrow", 8, "3", "1")
+    assert (row.kind, row.rank, row.narrow.consumer, row.narrow.resized) == ("narrow", 8, "3", ("1",))
     assert row.params_before == 16 * 27 + 24 * 16 * 9 and row.params_after == 8 * 27 + 24 * 8 * 9
     assert plan["7"].reason == "form 'narrow' changes only the width between a layer and its consumer" or \
         plan["7"].kind == "keep"
     block = lrd.plan(BasicBlock(), ratio=2, min_rank=1, form="narrow", example_inputs=torch.randn(1, 16, 8, 8))
-    assert (block["conv1"].kind, block["conv1"].narrow.norm) == ("narrow", "bn1")
+    assert (block["conv1"].kind, block["conv1"].narrow.resized) == ("narrow", ("bn1",))
     grouped = [c for c in find_narrow_candidates(conv_chain(groups=2), torch.randn(1, 3, 8, 8)) if c.producer == "3"]
     assert grouped[0].reason == "its consumer 7 is a grouped conv (groups=2)"
 

@@ -122,7 +122,7 @@ def decompose(
             config_before = narrow_config(model, plan)
         apply_forms(model, plan)
         macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
-        if (merged or any(row.narrow.norm for row in plan.narrowed)) and calibration is not None:
+        if (merged or any(row.narrow.resized for row in plan.narrowed)) and calibration is not None:
             # restores the statistics itself on error
             recalibrate_batchnorm(model, calibration)
     except BaseException:

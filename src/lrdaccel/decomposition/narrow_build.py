@@ -35,16 +35,21 @@ CONFIG_WIDTHS = (("intermediate_size", "num_hidden_layers"), ("n_inner", "n_laye
 
 
 def narrowed_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
-    """{producer: a layer with `row.rank` outputs, consumer: one with `row.rank` inputs[, norm: a
-    BatchNorm2d over `row.rank` channels]}, default-initialised on the originals' device and dtype
+    """{producer: a layer with `row.rank` outputs, consumer: one with `row.rank` inputs, and each
+    BatchNorm2d / depthwise conv in between over `row.rank` channels}, default-initialised on the originals' device and dtype
     (for loading weights into, or filling). Linear / Conv1D become nn.Linear, Conv2d stays Conv2d."""
     pair, width = row.narrow, row.rank
     producer, consumer = model.get_submodule(row.name), model.get_submodule(pair.consumer)
     built = {row.name: _resized(producer, out=width), pair.consumer: _resized(consumer, into=width)}
-    if pair.norm is not None:
-        norm = model.get_submodule(pair.norm)
-        built[pair.norm] = nn.BatchNorm2d(width, norm.eps, norm.momentum, device=norm.weight.device,
-                                          dtype=norm.weight.dtype)
+    for name in pair.resized:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.BatchNorm2d):
+            built[name] = nn.BatchNorm2d(width, module.eps, module.momentum, device=module.weight.device,
+                                         dtype=module.weight.dtype)
+        else:
+            built[name] = nn.Conv2d(width, width, module.kernel_size, module.stride, module.padding, module.dilation,
+                                    width, module.bias is not None, module.padding_mode, device=module.weight.device,
+                                    dtype=module.weight.dtype)
     for name, module in built.items():  # new modules start in training mode: take the originals' flag
         module.train(model.get_submodule(name).training)
     setattr(built[row.name], MARK, dataclasses.replace(row, reason="saved"))
@@ -91,11 +96,13 @@ def fill_narrowed(model: nn.Module, row: LayerPlan, stats: InputStats, selection
     new_consumer.weight.copy_(new_weight.to(new_consumer.weight))
     if new_bias is not None:
         new_consumer.bias.copy_(new_bias.to(new_consumer.bias))
-    if pair.norm is not None:  # the kept channels' BatchNorm: an exact sub-BatchNorm
-        norm, new_norm = model.get_submodule(pair.norm), built[pair.norm]
+    for name in pair.resized:  # the kept channels' BatchNorms and depthwise filters: exact sub-layers
+        old, new = model.get_submodule(name), built[name]
         for attribute in ("weight", "bias", "running_mean", "running_var"):
-            getattr(new_norm, attribute).copy_(getattr(norm, attribute).detach()[index])
-        new_norm.num_batches_tracked.copy_(norm.num_batches_tracked)
+            if getattr(new, attribute, None) is not None:
+                getattr(new, attribute).copy_(getattr(old, attribute).detach()[index])
+        if isinstance(new, nn.BatchNorm2d):
+            new.num_batches_tracked.copy_(old.num_batches_tracked)
     return built, error
 
 

@@ -1,7 +1,8 @@
 """Finding narrowable widths: `producer -> elementwise activation -> consumer` in the data flow of
 one recorded forward (lrdaccel.planning.dataflow), and why each near miss cannot narrow. The
 producer and consumer are both Linear / HF Conv1D, or both Conv2d; between two convs the region
-may also hold one BatchNorm (resized with the width) and per-channel pooling.
+may also hold BatchNorms, depthwise convs (an MBConv's expanded channels: cut with the width) and
+per-channel pooling.
 
 Keeping k of the n channels between two layers and refitting the consumer (the narrow form,
 lrdaccel.factorize.narrow) is exact for the producer only if every op between them acts on each
@@ -39,7 +40,7 @@ ELEMENTWISE = ACTIVATIONS | PASS_THROUGH | frozenset({
     "mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_", "pow", "neg", "erf", "exp", "sqrt", "abs",
     "clamp", "clamp_", "clamp_min", "softplus", "__mul__", "__rmul__", "__add__", "__radd__", "__sub__",
     "__rsub__", "__truediv__", "__pow__", "to", "float", "type_as", "view", "reshape"})
-POOLS = frozenset({"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices"})
+POOLS = frozenset({"pad", "constant_pad_nd", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices"})
 MAX_REGION = 64  # ops walked from one producer
 
 
@@ -51,7 +52,8 @@ class NarrowCandidate:
         producer / consumer: the layers whose outputs / inputs shrink (consumer None if none was found).
         width: the producer's output width n.
         activation: the names of the region's ops, in execution order ("gelu"; "mul, pow, ... tanh").
-        norm: the BatchNorm in the region (between convs), or None.
+        resized: the BatchNorms and depthwise convs in the region (between convs), in order.
+        depthwise_area: the kernel area of its depthwise convs, summed.
         reason: None if the width can narrow as far as the structure goes, else why not.
     """
 
@@ -59,7 +61,8 @@ class NarrowCandidate:
     consumer: str | None
     width: int
     activation: str
-    norm: str | None = None
+    resized: tuple[str, ...] = ()
+    depthwise_area: int = 0
     reason: str | None = None
 
 
@@ -76,16 +79,16 @@ def find_narrow_candidates(model: nn.Module, example_inputs: Any) -> list[Narrow
     found = []
     for op in ops:
         producer = modules.get(op.module) if op.kind in ("linear", "conv") else None
-        if producer is None or entry_for(producer) is None:
-            continue
-        candidate = _walk(ops, op, dense_shape(producer)["out"], op.kind)
+        if producer is None or entry_for(producer) is None or getattr(producer, "groups", 1) != 1:
+            continue  # a grouped / depthwise conv is no producer: its outputs are tied to its inputs
+        candidate = _walk(ops, op, dense_shape(producer)["out"], op.kind, modules)
         if candidate is not None:
             candidate.reason = candidate.reason or _module_reason(candidate, modules, calls)
             found.append(candidate)
     return found
 
 
-def _walk(ops: list[Op], start: Op, width: int, kind: str) -> NarrowCandidate | None:
+def _walk(ops: list[Op], start: Op, width: int, kind: str, modules: dict[str, nn.Module]) -> NarrowCandidate | None:
     """The region after `start` and what reads it; None where no activation lies on the way."""
     region, queue, consumers, outside = {start.index}, [start], [], []
     per_channel = ELEMENTWISE | (POOLS if kind == "conv" else frozenset())
@@ -98,7 +101,10 @@ def _walk(ops: list[Op], start: Op, width: int, kind: str) -> NarrowCandidate | 
         for reader in (ops[i] for i in node.readers):
             if reader.index in region:
                 continue
-            if reader.kind == kind and reader.inputs == [node.index]:
+            if reader.kind == "conv" and _is_depthwise(modules.get(reader.module), width):
+                region.add(reader.index)
+                queue.append(reader)
+            elif reader.kind == kind and reader.inputs == [node.index]:
                 consumers.append(reader)
             elif (reader.name in per_channel or (kind == "conv" and reader.kind == "bn")) and channels(reader) == width:
                 region.add(reader.index)
@@ -119,13 +125,16 @@ def _walk(ops: list[Op], start: Op, width: int, kind: str) -> NarrowCandidate | 
     names = sorted({op.module for op in consumers})
     if len(names) > 1:
         reasons.append(f"the activation after {start.module} is read by several layers ({', '.join(names)})")
-    norms = [op.module for op in inner if op.kind == "bn"]
-    if len(norms) > 1:
-        reasons.append(f"the width after {start.module} passes {len(norms)} BatchNorms ({', '.join(map(str, norms))})")
-    shown = [op.describe() if op.kind == "bn" else op.name for op in inner
+    resized = tuple(op.module for op in inner if op.kind in ("bn", "conv"))
+    area = sum(math.prod(modules[op.module].kernel_size) for op in inner if op.kind == "conv")
+    shown = [op.describe() if op.kind in ("bn", "conv") else op.name for op in inner
              if op.kind != "pass" and op.name not in ("view", "reshape")]
-    return NarrowCandidate(start.module, names[0] if names else None, width, ", ".join(shown),
-                           norms[0] if norms else None, "; ".join(reasons) or None)
+    return NarrowCandidate(start.module, names[0] if names else None, width, ", ".join(shown), resized, area,
+                           "; ".join(reasons) or None)
+
+
+def _is_depthwise(module: nn.Module | None, width: int) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == width
 
 
 def _module_reason(candidate: NarrowCandidate, modules: dict[str, nn.Module], calls: Counter) -> str | None:
@@ -138,10 +147,12 @@ def _module_reason(candidate: NarrowCandidate, modules: dict[str, nn.Module], ca
         return f"its consumer {candidate.consumer} reads {dense_shape(consumer)['in']} inputs, not {candidate.width}"
     if getattr(consumer, "groups", 1) != 1:
         return f"its consumer {candidate.consumer} is a grouped conv (groups={consumer.groups})"
-    norm = modules.get(candidate.norm) if candidate.norm else None
-    if candidate.norm and not (isinstance(norm, nn.BatchNorm2d) and norm.affine and norm.track_running_stats):
-        return f"{candidate.norm} is not a BatchNorm2d with affine parameters and running statistics"
-    for name in (candidate.producer, candidate.consumer, candidate.norm):
+    for name in candidate.resized:
+        norm = modules.get(name)
+        if not isinstance(norm, nn.Conv2d) and not (isinstance(norm, nn.BatchNorm2d) and norm.affine
+                                                    and norm.track_running_stats):
+            return f"{name} is not a BatchNorm2d with affine parameters and running statistics"
+    for name in (candidate.producer, candidate.consumer, *candidate.resized):
         if name is not None and calls[name] > 1:
             return f"{name} is called {calls[name]} times (shared weights)"
     return None
@@ -175,7 +186,8 @@ def narrow_rows(context: Any, rows: list[LayerPlan], candidates: list[NarrowCand
             by_name[producer] = by_name[producer].with_rank(None, f"not narrowed: {why}", kind="keep")
             continue
         by_name[producer] = row
-        del by_name[consumer]
+        for name in (consumer, *candidate.resized):  # depthwise convs on the way had rows of their own
+            by_name.pop(name, None)
         narrowed.add(producer)
         taken.update({producer: producer, consumer: producer})
     for name, row in by_name.items():
@@ -207,7 +219,8 @@ def _narrow_row(context: Any, candidate: NarrowCandidate, producer_row: LayerPla
         width, reason = math.floor(n / ratio), f"ratio {ratio:g}"
         if below_min_rank(width, {"out": n, "in": n, "kernel": [1, 1]}, context.config.min_rank):
             return None, f"{reason} gives width {width}, below min_rank {context.config.min_rank}"
-    pair = NarrowPair(candidate.consumer, consumer_row.layer_type, consumer_row.shape, candidate.norm)
+    pair = NarrowPair(candidate.consumer, consumer_row.layer_type, consumer_row.shape, candidate.resized,
+                      candidate.depthwise_area)
     return LayerPlan(name, "narrow", width, f"{reason}; {n} -> {width} channels through {candidate.activation} "
                      f"into {candidate.consumer}", producer_row.layer_type, producer_row.shape, ratio_rank=width,
                      narrow=pair), None

@@ -21,24 +21,30 @@ class NarrowPair:
         consumer: the layer that reads the width (its inputs shrink to the kept channels).
         consumer_type: its class name before narrowing (Linear, Conv1D, Conv2d).
         consumer_shape: its {"out", "in", "kernel"} before narrowing.
-        norm: a BatchNorm between producer and activation, resized with the width, or None.
+        resized: the modules between them cut to the kept channels, in execution order:
+            BatchNorm2d and depthwise Conv2d (an MBConv's expanded channels pass one).
+        depthwise_area: the kernel area of those depthwise convs, summed (for the counts).
     """
 
     consumer: str
     consumer_type: str
     consumer_shape: dict
-    norm: str | None = None
+    resized: tuple[str, ...] = ()
+    depthwise_area: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resized", tuple(self.resized))
 
     def module_names(self) -> list[str]:
         """Every module the narrowing replaces besides the row's own producer."""
-        return [self.consumer, *([self.norm] if self.norm else [])]
+        return [self.consumer, *self.resized]
 
 
 def narrow_cost(shape: dict, pair: NarrowPair, width: int | None) -> tuple[int, int, int, int]:
     """(params_before, macs_before, params_after, macs_after) of producer and consumer together:
     weights (biases excluded) and MACs per position (both layers run at the same positions)."""
     producer_area, consumer_area = math.prod(shape["kernel"]), math.prod(pair.consumer_shape["kernel"])
-    per_channel = shape["in"] * producer_area + pair.consumer_shape["out"] * consumer_area
+    per_channel = shape["in"] * producer_area + pair.consumer_shape["out"] * consumer_area + pair.depthwise_area
     before = shape["out"] * per_channel
     after = before if width is None else width * per_channel
     return before, before, after, after

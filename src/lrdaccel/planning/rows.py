@@ -238,7 +238,7 @@ class Plan:
                 return row
         block = self.absorbed().get(name)
         if block is not None:
-            how = "narrowed with" if any(row.narrow.consumer == name for row in self.narrowed) else "merged into"
+            how = "narrowed with" if any(name in row.narrow.module_names() for row in self.narrowed) else "merged into"
             raise KeyError(f"no row {name!r} in the plan: it is {how} the row {block!r}")
         raise KeyError(f"no layer {name!r} in the plan")
 
@@ -270,7 +270,7 @@ class Plan:
         """Module name of each conv a merged row absorbed, and of each narrowed width's consumer,
         -> that row's name."""
         absorbed = {conv: row.name for row in self.merged for conv in row.merge.convs}
-        return absorbed | {row.narrow.consumer: row.name for row in self.narrowed}
+        return absorbed | {name: row.name for row in self.narrowed for name in row.narrow.module_names()}
 
     def totals(self) -> dict[str, int]:
         """Weight parameters and per-position MACs summed over the supported candidate layers."""

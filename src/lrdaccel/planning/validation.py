@@ -146,11 +146,14 @@ def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
     if dense_shape(consumer) != pair.consumer_shape or pair.consumer_shape["in"] != n:
         return (f"consumer {pair.consumer!r} has weight {dense_shape(consumer)}, the plan says "
                 f"{pair.consumer_shape}; the plan is for another architecture")
-    if pair.norm is not None:
+    for name in pair.resized:
         try:
-            norm = model.get_submodule(pair.norm)
+            module = model.get_submodule(name)
         except AttributeError:
-            return f"the model has no BatchNorm {pair.norm!r}; the plan is for another architecture"
-        if not isinstance(norm, nn.BatchNorm2d) or norm.num_features != n:
-            return f"{pair.norm!r} is not a BatchNorm2d over {n} channels; the plan is for another architecture"
+            return f"the model has no module {name!r} to resize; the plan is for another architecture"
+        norm = isinstance(module, nn.BatchNorm2d) and module.num_features == n
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == n
+        if not (norm or depthwise):
+            return (f"{name!r} is neither a BatchNorm2d nor a depthwise conv over {n} channels; the plan is for "
+                    f"another architecture")
     return None
