@@ -146,8 +146,8 @@ def test_conv_chain_at_full_width_is_exact_and_narrowed_keeps_working(tmp_path):
     loaded = lrd.load(tmp_path / "cnn", copy.deepcopy(model))
     assert torch.equal(loaded(x), narrowed(x))
     block = BasicBlock().eval()
-    lrd.decompose(block, lrd.plan(block, ratio=2, min_rank=1, form="narrow", example_inputs=x[:, :1].expand(2, 16, 8, 8)),
-                  calibration=[torch.randn(4, 16, 8, 8) for _ in range(3)])
+    block_plan = lrd.plan(block, ratio=2, min_rank=1, form="narrow", example_inputs=torch.randn(1, 16, 8, 8))
+    lrd.decompose(block, block_plan, calibration=[torch.randn(4, 16, 8, 8) for _ in range(3)])
     assert (block.conv1.out_channels, block.bn1.num_features, block.conv2.in_channels) == (8, 8, 8)
 
 

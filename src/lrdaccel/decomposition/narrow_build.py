@@ -11,7 +11,8 @@ sees the inputs it will get when serving, as the sequential whitened factorizati
 
 A narrowed layer is a plain `nn.Linear` (an HF Conv1D becomes one too: its forward is a
 Linear's) or `nn.Conv2d`; a BatchNorm between two convs keeps its kept channels' parameters and
-statistics (exact), and `decompose` then re-estimates every BatchNorm's statistics. It carries its plan row as the attribute `lrd_narrow`, so that `lrd.save` writes the
+statistics (exact), and `decompose` then re-estimates every BatchNorm's statistics. The producer
+carries its plan row as the attribute `lrd_narrow`, so that `lrd.save` writes the
 row (`narrowed_rows`) and `lrd.load` rebuilds the shapes from the plan (`narrowed_like`). An HF
 config whose FFN width all narrow rows shrink alike gets the new width (`narrow_config`).
 """
@@ -36,7 +37,8 @@ CONFIG_WIDTHS = (("intermediate_size", "num_hidden_layers"), ("n_inner", "n_laye
 
 def narrowed_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
     """{producer: a layer with `row.rank` outputs, consumer: one with `row.rank` inputs, and each
-    BatchNorm2d / depthwise conv in between over `row.rank` channels}, default-initialised on the originals' device and dtype
+    BatchNorm2d / depthwise conv in between over `row.rank` channels}, default-initialised on the
+    originals' device and dtype
     (for loading weights into, or filling). Linear / Conv1D become nn.Linear, Conv2d stays Conv2d."""
     pair, width = row.narrow, row.rank
     producer, consumer = model.get_submodule(row.name), model.get_submodule(pair.consumer)

@@ -40,7 +40,9 @@ ELEMENTWISE = ACTIVATIONS | PASS_THROUGH | frozenset({
     "mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_", "pow", "neg", "erf", "exp", "sqrt", "abs",
     "clamp", "clamp_", "clamp_min", "softplus", "__mul__", "__rmul__", "__add__", "__radd__", "__sub__",
     "__rsub__", "__truediv__", "__pow__", "to", "float", "type_as", "view", "reshape"})
-POOLS = frozenset({"pad", "constant_pad_nd", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices"})
+# Per-channel spatial ops between convs (padding, pooling).
+POOLS = frozenset({"pad", "constant_pad_nd", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+                   "adaptive_max_pool2d", "max_pool2d_with_indices"})
 MAX_REGION = 64  # ops walked from one producer
 
 
