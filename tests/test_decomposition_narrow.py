@@ -196,3 +196,25 @@ def test_mbconv_expanded_channels_narrow_through_the_depthwise_conv(tmp_path):
         (16, 16, 16, 16)
     lrd.save(narrowed, tmp_path / "mb")
     assert torch.equal(lrd.load(tmp_path / "mb", copy.deepcopy(model))(x), narrowed(x))
+
+
+def test_each_width_is_refitted_on_the_partly_narrowed_model():
+    from lrdaccel.calibration.statistics import collect_input_stats
+    from lrdaccel.decomposition.build import swap_modules
+    from lrdaccel.decomposition.narrow_build import fill_narrowed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 6), nn.Linear(6, 24), nn.ReLU(),
+                          nn.Linear(24, 6)).eval()
+    batches = [torch.randn(16, 6) for _ in range(3)]
+    plan = lrd.plan(model, ratio=3, min_rank=1, form="narrow", example_inputs=batches[0])
+    first, second = plan.narrowed
+    narrowed = copy.deepcopy(model)
+    lrd.decompose(narrowed, plan, calibration=batches)
+    expected = copy.deepcopy(model)
+    built, _ = fill_narrowed(expected, first, collect_input_stats(expected, ["2"], batches)["2"], "qr")
+    swap_modules(expected, built)
+    partly = collect_input_stats(expected, ["5"], batches)["5"]  # the second FFN's inputs after the first narrows
+    assert not torch.allclose(partly.covariance(), collect_input_stats(model, ["5"], batches)["5"].covariance())
+    built, _ = fill_narrowed(expected, second, partly, "qr")
+    torch.testing.assert_close(narrowed[5].weight, built["5"].weight)
+    torch.testing.assert_close(narrowed[5].bias, built["5"].bias)
