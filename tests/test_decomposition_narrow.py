@@ -32,7 +32,7 @@ def test_full_width_reproduces_the_model(make):
     reference = hidden(model, batches[0])
     plan = lrd.plan(model, ranks="full", form="narrow", example_inputs=batches[0])
     lrd.decompose(model, plan, calibration=batches)
-    assert all(type(model.get_submodule(row.name)) is nn.Linear for row in plan.narrowed)
+    assert all(type(model.get_submodule(row.name)).__name__ == row.layer_type for row in plan.narrowed)
     torch.testing.assert_close(hidden(model, batches[0]), reference, rtol=0, atol=1e-5)
 
 
@@ -67,6 +67,19 @@ def test_half_width_is_close_and_the_hf_config_matches_the_shapes():
     rebuilt = transformers.BertModel(model.config).eval()  # what from_pretrained would build
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(hidden(rebuilt, batches[0]), out)
+
+
+def test_gpt2_conv1d_layers_stay_conv1d_and_from_pretrained_shapes_match():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    batches = token_batches()
+    plan = lrd.plan(model, ratio=4, form="narrow", example_inputs=batches[0])
+    lrd.decompose(model, plan, calibration=batches)
+    assert type(model.h[0].mlp.c_fc).__name__ == "Conv1D" and model.h[0].mlp.c_fc.weight.shape == (32, 32)
+    assert model.config.n_inner == 32
+    rebuilt = transformers.GPT2Model(model.config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(hidden(rebuilt, batches[0]), hidden(model, batches[0]))
 
 
 def test_unequal_widths_leave_the_config_and_the_plan_records_them():

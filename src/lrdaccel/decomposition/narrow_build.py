@@ -9,8 +9,8 @@ channels (exact: selection commutes with the elementwise activation) and the con
 by ridge least squares to what the original consumer gives on those same inputs. So each refit
 sees the inputs it will get when serving, as the sequential whitened factorization does.
 
-A narrowed layer is a plain `nn.Linear` (an HF Conv1D becomes one too: its forward is a
-Linear's) or `nn.Conv2d`; a BatchNorm between two convs keeps its kept channels' parameters and
+A narrowed layer is a plain layer of its own class with fewer channels (`nn.Linear`, HF Conv1D,
+`nn.Conv2d`); a BatchNorm between two convs keeps its kept channels' parameters and
 statistics (exact), and `decompose` then re-estimates every BatchNorm's statistics. The producer
 carries its plan row as the attribute `lrd_narrow`, so that `lrd.save` writes the
 row (`narrowed_rows`) and `lrd.load` rebuilds the shapes from the plan (`narrowed_like`). An HF
@@ -27,7 +27,7 @@ from torch import nn
 
 from lrdaccel.calibration.statistics import InputStats
 from lrdaccel.factorize.narrow import refit_consumer, relative_output_error, select_channels
-from lrdaccel.layers.svd import dense_linear_weight
+from lrdaccel.layers.svd import dense_linear_weight, is_conv1d
 from lrdaccel.planning.rows import LayerPlan, Plan
 
 MARK = "lrd_narrow"
@@ -39,7 +39,7 @@ def narrowed_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
     """{producer: a layer with `row.rank` outputs, consumer: one with `row.rank` inputs, and each
     BatchNorm2d / depthwise conv in between over `row.rank` channels}, default-initialised on the
     originals' device and dtype
-    (for loading weights into, or filling). Linear / Conv1D become nn.Linear, Conv2d stays Conv2d."""
+    (for loading weights into, or filling). Each keeps its class (Linear, HF Conv1D, Conv2d)."""
     pair, width = row.narrow, row.rank
     producer, consumer = model.get_submodule(row.name), model.get_submodule(pair.consumer)
     built = {row.name: _resized(producer, out=width), pair.consumer: _resized(consumer, into=width)}
@@ -65,6 +65,9 @@ def _resized(like: nn.Module, out: int | None = None, into: int | None = None) -
                          like.padding, like.dilation, 1, bias, like.padding_mode, device=weight.device,
                          dtype=weight.dtype)
     out_features, in_features = dense_linear_weight(like).shape
+    if is_conv1d(like):  # stays an HF Conv1D, so that the weights keep HF's layout (from_pretrained)
+        base = next(cls for cls in type(like).__mro__ if cls.__name__ == "Conv1D")  # its (nf, nx) signature
+        return base(out or out_features, into or in_features).to(device=weight.device, dtype=weight.dtype)
     return nn.Linear(into or in_features, out or out_features, bias=bias, device=weight.device, dtype=weight.dtype)
 
 
@@ -92,10 +95,10 @@ def fill_narrowed(model: nn.Module, row: LayerPlan, stats: InputStats, selection
     built = narrowed_like(model, row)
     index = torch.as_tensor(kept, device=producer.weight.device)
     new_producer, new_consumer = built[row.name], built[pair.consumer]
-    new_producer.weight.copy_(_weight(producer).detach()[index])
+    _weight(new_producer).copy_(_weight(producer).detach()[index])
     if producer.bias is not None:
         new_producer.bias.copy_(producer.bias.detach()[index])
-    new_consumer.weight.copy_(new_weight.to(new_consumer.weight))
+    _weight(new_consumer).copy_(new_weight.to(new_consumer.weight))
     if new_bias is not None:
         new_consumer.bias.copy_(new_bias.to(new_consumer.bias))
     for name in pair.resized:  # the kept channels' BatchNorms and depthwise filters: exact sub-layers
