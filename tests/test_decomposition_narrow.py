@@ -82,6 +82,16 @@ def test_gpt2_conv1d_layers_stay_conv1d_and_from_pretrained_shapes_match():
     torch.testing.assert_close(hidden(rebuilt, batches[0]), hidden(model, batches[0]))
 
 
+def test_decompose_plans_the_narrow_form_itself():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    batches = [torch.randn(16, 8) for _ in range(3)]
+    report = lrd.decompose(model, ratio=4, form="narrow", example_inputs=batches[0], calibration=batches)
+    assert [(layer.name, layer.kind, layer.rank) for layer in report.layers] == [("0", "narrow", 8)]
+    assert (model[0].out_features, model[2].in_features) == (8, 8)
+    # MACs per forward of the example batch (16 rows), producer and consumer together
+    assert (report.layers[0].macs_before, report.layers[0].macs_after) == (16 * 2 * 32 * 8, 16 * 2 * 8 * 8)
+
+
 def test_unequal_widths_leave_the_config_and_the_plan_records_them():
     model = tiny_bert()
     batches = token_batches()

@@ -102,6 +102,8 @@ def test_form_narrow_needs_example_inputs_and_a_known_form():
         lrd.plan(tiny_bert(), ratio=2, form="narrow")
     with pytest.raises(ValueError, match="form"):
         lrd.plan(tiny_bert(), ratio=2, form="thin")
+    with pytest.raises(ValueError, match="form='narrow' does not combine with merge=True"):
+        lrd.plan(tiny_bert(), ratio=2, form="narrow", merge=True, example_inputs=TOKENS)
 
 
 def test_narrow_rows_round_trip_through_json_and_bad_rows_are_refused():
