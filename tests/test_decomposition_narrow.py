@@ -58,7 +58,7 @@ def test_half_width_is_close_and_the_hf_config_matches_the_shapes():
     model = tiny_bert()
     batches = token_batches()
     reference = hidden(model, batches[0])
-    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=batches[0])
+    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=batches[0], exclude=r".*attention.*")
     report = lrd.decompose(model, plan, calibration=batches)
     assert [layer.relative_error for layer in report.layers] == pytest.approx([0.05, 0.05], abs=0.05)
     out = hidden(model, batches[0])
@@ -96,7 +96,7 @@ def test_unequal_widths_leave_the_config_and_the_plan_records_them():
     model = tiny_bert()
     batches = token_batches()
     plan = lrd.plan(model, ranks={"encoder.layer.0.intermediate.dense": 20, "encoder.layer.1.intermediate.dense": 40},
-                    form="narrow", example_inputs=batches[0])
+                    form="narrow", example_inputs=batches[0], exclude=r".*attention.*")
     lrd.decompose(model, plan, calibration=batches)
     assert model.config.intermediate_size == 64
     assert model.encoder.layer[0].output.dense.in_features == 20
@@ -104,10 +104,10 @@ def test_unequal_widths_leave_the_config_and_the_plan_records_them():
 
 
 def mixed_plan(model, batch):
-    """Narrow FFNs, SVD queries, everything else kept."""
-    narrow = lrd.plan(model, ratio=2, form="narrow", example_inputs=batch)
+    """Narrow FFNs and attention heads, an SVD pooler, everything else kept."""
+    narrow = lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=batch)
     factor = lrd.plan(model, ratio=2)
-    rows = [factor[row.name] if row.name.endswith("attention.self.query") else row for row in narrow]
+    rows = [factor[row.name] if row.name == "pooler.dense" else row for row in narrow]
     return Plan(rows, ratio=2.0)
 
 
@@ -123,7 +123,7 @@ def test_a_mixed_plan_round_trips_through_json_and_save_load(tmp_path):
     base = copy.deepcopy(original)
     lrd.load(tmp_path / "out", base)
     assert torch.equal(hidden(base, batches[1]), hidden(model, batches[1]))
-    assert base.config.intermediate_size == 32
+    assert base.config.intermediate_size == 32 and base.encoder.layer[1].attention.self.attention_head_size == 8
     saved = lrd.io.plan_of(base)
     assert [(row.name, row.kind, row.rank) for row in saved] == [
         (row.name, row.kind, row.rank) for row in plan if row.kind != "keep"]
@@ -132,7 +132,7 @@ def test_a_mixed_plan_round_trips_through_json_and_save_load(tmp_path):
 def test_bad_input_is_refused_before_any_change():
     model = tiny_bert()
     batches = token_batches()
-    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=batches[0])
+    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=batches[0], exclude=r".*attention.*")
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"narrow rows \['encoder.layer.0.intermediate.dense', 'encoder.layer.1."
                                          r"intermediate.dense'\] choose their channels on calibration"):

@@ -53,7 +53,7 @@ class TwoHeads(nn.Module):
 
 def test_bert_ffns_are_found_by_tracing_and_planned_at_half_their_parameters():
     model = tiny_bert()
-    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=TOKENS)
+    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=TOKENS, exclude=r".*attention.*")
     narrow = plan.narrowed
     assert [(row.name, row.narrow.consumer, row.rank) for row in narrow] == [
         ("encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense", 32),
@@ -66,9 +66,30 @@ def test_bert_ffns_are_found_by_tracing_and_planned_at_half_their_parameters():
         plan["encoder.layer.0.output.dense"]
     others = [row for row in plan if row.kind != "narrow" and row.layer_type == "Linear"]
     assert others and all(row.kind == "keep" for row in others)
-    assert plan["encoder.layer.0.attention.self.query"].reason.startswith("form 'narrow' changes only")
+    assert plan["encoder.layer.0.attention.self.value"].reason == (
+        "not narrowed: encoder.layer.0.attention.self.value is kept: excluded by user")
+    assert plan["pooler.dense"].reason == "not narrowed: no layer reads the activation after pooler.dense"
     printed = str(plan)
     assert "2 widths narrowed (producer and consumer each)" in printed and " narrow " in printed
+
+
+def test_attention_heads_narrow_query_key_and_value_output_together():
+    plan = lrd.plan(tiny_bert(), ratio=2, min_rank=1, form="narrow", example_inputs=TOKENS)
+    row = plan["encoder.layer.0.attention.self.value"]
+    pair = row.narrow
+    assert (row.kind, row.rank, pair.consumer, pair.co_producers, pair.heads, pair.attention) == (
+        "narrow", 16, "encoder.layer.0.attention.output.dense",
+        ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key"), 2,
+        "encoder.layer.0.attention.self")
+    assert row.params_before == 4 * 32 * 32 and row.params_after == 4 * 32 * 16
+    assert "2 heads of 16 -> 8 dimensions" in row.reason
+    assert len(plan.narrowed) == 4 and "encoder.layer.0.attention.self.query" not in {r.name for r in plan}
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
+    with pytest.raises(ValueError, match=r"must be a multiple of its 2 heads in \[1, 32\], got 15"):
+        lrd.plan(tiny_bert(), ranks={"encoder.layer.0.attention.self.value": 15}, form="narrow",
+                 example_inputs=TOKENS)
+    (gpt2_attention,) = [c for c in find_narrow_candidates(tiny_gpt2(), TOKENS) if c.heads][:1] or [None]
+    assert gpt2_attention is None  # GPT-2 packs query, key and value in one Conv1D: not found as three layers
 
 
 def test_gpt2_conv1d_ffn_through_a_composed_gelu_is_found():
@@ -127,7 +148,7 @@ def test_narrow_rows_round_trip_through_json_and_bad_rows_are_refused():
 def test_validation_refuses_a_width_above_the_original_or_a_wrong_consumer():
     from lrdaccel.planning.validation import validate_plan
     model = tiny_bert()
-    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=TOKENS)
+    plan = lrd.plan(model, ratio=2, form="narrow", example_inputs=TOKENS, exclude=r".*attention.*")
     row = plan.narrowed[0]
     wide = plan.replace(row.with_rank(65, row.reason))
     with pytest.raises(ValueError, match=r"narrow width must be in \[1, 64\] \(the layer's 64 outputs\), got 65"):

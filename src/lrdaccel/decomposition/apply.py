@@ -114,20 +114,21 @@ def decompose(
               else relative_error(model.get_submodule(row.name), built[row.name])
               for row in plan.changed if row.kind != "narrow"}
     originals = swap_modules(model, built)
-    narrowed, config_before = {}, {}
+    narrowed, config_before = {}, []
     try:  # the model's own forward may fail on the new layers: then undo the swap
         if plan.narrowed:  # undoes its own swaps on error
-            narrowed, narrow_errors = narrow_in_sequence(model, plan.narrowed, calibration, config.selection, progress)
+            narrowed, narrow_errors, config_before = narrow_in_sequence(model, plan.narrowed, calibration,
+                                                                        config.selection, progress)
             errors.update(narrow_errors)
-            config_before = narrow_config(model, plan)
+            config_before += narrow_config(model, plan)
         apply_forms(model, plan)
         macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
         if (merged or any(row.narrow.resized for row in plan.narrowed)) and calibration is not None:
             # restores the statistics itself on error
             recalibrate_batchnorm(model, calibration)
     except BaseException:
-        for field, value in config_before.items():
-            setattr(model.config, field, value)
+        for owner, attribute, value in reversed(config_before):
+            setattr(owner, attribute, value)
         swap_modules(model, narrowed)
         swap_modules(model, originals)
         raise

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from lrdaccel.calibration.statistics import InputStats
+from lrdaccel.factorize.heads import joint_query_key, joint_value_output
 from lrdaccel.factorize.narrow import refit_consumer, relative_output_error, select_channels
+from lrdaccel.planning.narrow_heads import head_size_attribute
 from lrdaccel.layers.svd import dense_linear_weight, is_conv1d
 from lrdaccel.planning.rows import LayerPlan, Plan
 
@@ -43,6 +45,7 @@ def narrowed_like(model: nn.Module, row: LayerPlan) -> dict[str, nn.Module]:
     pair, width = row.narrow, row.rank
     producer, consumer = model.get_submodule(row.name), model.get_submodule(pair.consumer)
     built = {row.name: _resized(producer, out=width), pair.consumer: _resized(consumer, into=width)}
+    built.update({name: _resized(model.get_submodule(name), out=width) for name in pair.co_producers})
     for name in pair.resized:
         module = model.get_submodule(name)
         if isinstance(module, nn.BatchNorm2d):
@@ -111,27 +114,84 @@ def fill_narrowed(model: nn.Module, row: LayerPlan, stats: InputStats, selection
     return built, error
 
 
+@torch.no_grad()
+def fill_heads(model: nn.Module, row: LayerPlan, stats: InputStats) -> tuple[dict, None]:
+    """An attention row's new query, key, value and output layers, each head reduced to
+    `row.rank / heads` dimensions by the joint SVDs of lrdaccel.factorize.heads, whitened by the
+    attention input's statistics `stats` (from the model's current layers, untouched)."""
+    pair = row.narrow
+    query, key = (model.get_submodule(name) for name in pair.co_producers)
+    value, output = model.get_submodule(row.name), model.get_submodule(pair.consumer)
+    second, mean = stats.covariance(), stats.mean()
+    augmented = torch.cat([torch.cat([second, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
+    rank = row.rank // pair.heads
+
+    def with_bias(layer):
+        bias = layer.bias.detach() if layer.bias is not None else _weight(layer).new_zeros(_weight(layer).shape[0])
+        return torch.cat([_weight(layer).detach().double(), bias.double()[:, None]], 1)
+
+    new_query, new_key = joint_query_key(with_bias(query), with_bias(key), augmented, pair.heads, rank)
+    value_bias = None if value.bias is None else value.bias.detach()
+    new_value, new_output, shift = joint_value_output(_weight(value).detach(), value_bias, _weight(output).detach(),
+                                                      second, pair.heads, rank)
+    built = narrowed_like(model, row)
+    for name, weights in zip(pair.co_producers, (new_query, new_key)):
+        layer = built[name]
+        _weight(layer).copy_(weights[:, :-1].to(layer.weight))
+        if layer.bias is not None:
+            layer.bias.copy_(weights[:, -1].to(layer.bias))
+    _weight(built[row.name]).copy_(new_value.to(value.weight))
+    if built[row.name].bias is not None:
+        built[row.name].bias.zero_()
+    _weight(built[pair.consumer]).copy_(new_output.to(output.weight))
+    if output.bias is not None:
+        built[pair.consumer].bias.copy_((output.bias.detach().double() + shift).to(output.bias))
+    return built, None
+
+
 def narrowed_rows(model: nn.Module) -> list[LayerPlan]:
     """The narrow rows of a narrowed model, read off its marked producers (for `lrd.save`)."""
     return [getattr(module, MARK) for _, module in model.named_modules() if isinstance(getattr(module, MARK, None),
                                                                                           LayerPlan)]
 
 
-def narrow_config(model: nn.Module, plan: Plan) -> dict[str, Any]:
-    """Set an HF config's FFN width to the narrowed one where every FFN of the model narrows to
-    the same width (so that `save_pretrained` / `from_pretrained` rebuild the narrowed shapes);
-    otherwise leave the config alone: the plan, saved by `lrd.save`, is then the record of each
-    layer's width. Returns {field: the old value} of what changed (empty if nothing)."""
-    rows, config = plan.narrowed, getattr(model, "config", None)
+def set_head_size(model: nn.Module, row: LayerPlan) -> list[tuple[Any, str, Any]]:
+    """Set a narrowed attention module's head size (and all_head_size) to the row's; returns
+    [(module, attribute, old value)] of what changed (nothing for other rows, or if already set)."""
+    if not row.narrow.heads:
+        return []
+    attention = model.get_submodule(row.narrow.attention)
+    targets = {head_size_attribute(attention): row.rank // row.narrow.heads}
+    if isinstance(getattr(attention, "all_head_size", None), int):
+        targets["all_head_size"] = row.rank
+    changed = [(attention, name, getattr(attention, name)) for name, value in targets.items()
+               if getattr(attention, name) != value]
+    for name, value in targets.items():
+        setattr(attention, name, value)
+    return changed
+
+
+def narrow_config(model: nn.Module, plan: Plan) -> list[tuple[Any, str, Any]]:
+    """Make the model's own records agree with its narrowed shapes: each narrowed attention
+    module's head size, and an HF config's FFN width where every FFN of the model narrows to the
+    same width (so that `save_pretrained` / `from_pretrained` rebuild the narrowed shapes);
+    otherwise the config is left alone and the plan, saved by `lrd.save`, is the record of each
+    layer's width (and always of the head sizes: an HF config has one head size per hidden size).
+
+    Returns:
+        [(object, attribute, old value)] of what changed, to undo it.
+    """
+    changed = [change for row in plan.narrowed for change in set_head_size(model, row)]
+    rows, config = [row for row in plan.narrowed if not row.narrow.heads], getattr(model, "config", None)
     if not rows or config is None or len({row.rank for row in rows}) != 1:
-        return {}
+        return changed
     for field, layers in CONFIG_WIDTHS:
         width = getattr(config, field, None)
         if field == "n_inner" and hasattr(config, field) and width is None:
             width = 4 * getattr(config, "n_embd", 0)  # GPT-2's default FFN width
         if width is not None and getattr(config, layers, None) == len(rows) and all(
                 row.shape["out"] == width for row in rows):
-            old = getattr(config, field)
+            changed.append((config, field, getattr(config, field)))
             setattr(config, field, rows[0].rank)
-            return {field: old}
-    return {}
+            break
+    return changed

@@ -31,6 +31,7 @@ from lrdaccel.factorize.ranks import below_min_rank
 from lrdaccel.layers import entry_for
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning.dataflow import ACTIVATIONS, PASS_THROUGH, Op, trace_ops
+from lrdaccel.planning.narrow_heads import find_head_candidates
 from lrdaccel.planning.pairs import NarrowPair
 from lrdaccel.planning.rows import LayerPlan
 
@@ -66,6 +67,9 @@ class NarrowCandidate:
     resized: tuple[str, ...] = ()
     depthwise_area: int = 0
     reason: str | None = None
+    co_producers: tuple[str, ...] = ()
+    heads: int = 0
+    attention: str = ""
 
 
 def find_narrow_candidates(model: nn.Module, example_inputs: Any) -> list[NarrowCandidate]:
@@ -87,6 +91,11 @@ def find_narrow_candidates(model: nn.Module, example_inputs: Any) -> list[Narrow
         if candidate is not None:
             candidate.reason = candidate.reason or _module_reason(candidate, modules, calls)
             found.append(candidate)
+    for head in find_head_candidates(ops, modules, calls):  # attention: each head keeps fewer dimensions
+        if head["producer"] is not None:
+            found.append(NarrowCandidate(head["producer"], head["consumer"], head["heads"] * head["head_size"],
+                                         "attention", reason=head["reason"], co_producers=head["co_producers"],
+                                         heads=head["heads"], attention=head["attention"]))
     return found
 
 
@@ -176,11 +185,11 @@ def narrow_rows(context: Any, rows: list[LayerPlan], candidates: list[NarrowCand
         producer, consumer = candidate.producer, candidate.consumer
         if producer not in by_name or producer in narrowed:
             continue  # already decomposed, or absorbed as the consumer of an earlier width
-        why = candidate.reason or _clash(producer, consumer, taken)
+        why = candidate.reason or _clash([producer, consumer, *candidate.co_producers], taken)
         if why is None and consumer not in by_name:
             why = f"its consumer {consumer} is already decomposed or merged"
         if why is None:
-            why = next((f"{name} is kept: {reason}" for name in (producer, consumer)
+            why = next((f"{name} is kept: {reason}" for name in (producer, consumer, *candidate.co_producers)
                         if (reason := context.kept_because(name, context.model.get_submodule(name)))), None)
         if why is None:
             row, why = _narrow_row(context, candidate, by_name[producer], by_name[consumer])
@@ -188,10 +197,10 @@ def narrow_rows(context: Any, rows: list[LayerPlan], candidates: list[NarrowCand
             by_name[producer] = by_name[producer].with_rank(None, f"not narrowed: {why}", kind="keep")
             continue
         by_name[producer] = row
-        for name in (consumer, *candidate.resized):  # depthwise convs on the way had rows of their own
+        for name in (consumer, *candidate.resized, *candidate.co_producers):  # rows of their own go
             by_name.pop(name, None)
         narrowed.add(producer)
-        taken.update({producer: producer, consumer: producer})
+        taken.update({name: producer for name in (producer, consumer, *candidate.co_producers)})
     for name, row in by_name.items():
         if row.kind not in ("keep", "narrow"):
             by_name[name] = row.with_rank(None, "form 'narrow' changes only the width between a layer and its "
@@ -199,8 +208,8 @@ def narrow_rows(context: Any, rows: list[LayerPlan], candidates: list[NarrowCand
     return list(by_name.values())
 
 
-def _clash(producer: str, consumer: str, taken: dict[str, str]) -> str | None:
-    for name in (producer, consumer):
+def _clash(names: list[str], taken: dict[str, str]) -> str | None:
+    for name in names:
         if name in taken:
             return f"{name} is already narrowed with {taken[name]}"
     return None
@@ -209,20 +218,25 @@ def _clash(producer: str, consumer: str, taken: dict[str, str]) -> str | None:
 def _narrow_row(context: Any, candidate: NarrowCandidate, producer_row: LayerPlan,
                 consumer_row: LayerPlan) -> tuple[LayerPlan | None, str | None]:
     """The narrow row at the planned width, or (None, why not)."""
-    name, n = candidate.producer, candidate.width
+    name, n, heads = candidate.producer, candidate.width, max(candidate.heads, 1)
     if context.full_rank:
         width, reason = n, "full width"
     elif name in context.ranks:
         width, reason = context.ranks[name], "width set by user"
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
-            raise ValueError(f"plan: narrow width of {name!r} must be an int in [1, {n}], got {width!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n or width % heads:
+            what = f"a multiple of its {heads} heads " if heads > 1 else "an int "
+            raise ValueError(f"plan: narrow width of {name!r} must be {what}in [1, {n}], got {width!r}")
     else:
         ratio = context.ratios.get(name, context.config.ratio)
-        width, reason = math.floor(n / ratio), f"ratio {ratio:g}"
-        if below_min_rank(width, {"out": n, "in": n, "kernel": [1, 1]}, context.config.min_rank):
-            return None, f"{reason} gives width {width}, below min_rank {context.config.min_rank}"
+        per_head = math.floor(n // heads / ratio)
+        width, reason = per_head * heads, f"ratio {ratio:g}"
+        if below_min_rank(per_head, {"out": n // heads, "in": n // heads, "kernel": [1, 1]}, context.config.min_rank):
+            what = f"{per_head} per head" if heads > 1 else str(per_head)
+            return None, f"{reason} gives width {what}, below min_rank {context.config.min_rank}"
+    co_inputs = sum(dense_shape(context.model.get_submodule(c))["in"] for c in candidate.co_producers)
     pair = NarrowPair(candidate.consumer, consumer_row.layer_type, consumer_row.shape, candidate.resized,
-                      candidate.depthwise_area)
-    return LayerPlan(name, "narrow", width, f"{reason}; {n} -> {width} channels through {candidate.activation} "
-                     f"into {candidate.consumer}", producer_row.layer_type, producer_row.shape, ratio_rank=width,
-                     narrow=pair), None
+                      candidate.depthwise_area, candidate.co_producers, co_inputs, candidate.heads, candidate.attention)
+    through = (f"{heads} heads of {n // heads} -> {width // heads} dimensions (query/key and value/output jointly)"
+               if candidate.heads else f"{n} -> {width} channels through {candidate.activation}")
+    return LayerPlan(name, "narrow", width, f"{reason}; {through} into {candidate.consumer}", producer_row.layer_type,
+                     producer_row.shape, ratio_rank=width, narrow=pair), None

@@ -24,6 +24,10 @@ class NarrowPair:
         resized: the modules between them cut to the kept channels, in execution order:
             BatchNorm2d and depthwise Conv2d (an MBConv's expanded channels pass one).
         depthwise_area: the kernel area of those depthwise convs, summed (for the counts).
+        co_producers: layers cut to the same kept width beside the producer (an attention's query
+            and key, the producer being its value); co_producer_inputs: their input widths, summed.
+        heads: for attention, the number of heads (the width is heads x the kept head size), else 0.
+        attention: for attention, the module whose head size attribute shrinks, else "".
     """
 
     consumer: str
@@ -31,13 +35,18 @@ class NarrowPair:
     consumer_shape: dict
     resized: tuple[str, ...] = ()
     depthwise_area: int = 0
+    co_producers: tuple[str, ...] = ()
+    co_producer_inputs: int = 0
+    heads: int = 0
+    attention: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resized", tuple(self.resized))
+        object.__setattr__(self, "co_producers", tuple(self.co_producers))
 
     def module_names(self) -> list[str]:
         """Every module the narrowing replaces besides the row's own producer."""
-        return [self.consumer, *self.resized]
+        return [self.consumer, *self.resized, *self.co_producers]
 
 
 def narrow_cost(shape: dict, pair: NarrowPair, width: int | None) -> tuple[int, int, int, int]:
@@ -45,6 +54,7 @@ def narrow_cost(shape: dict, pair: NarrowPair, width: int | None) -> tuple[int, 
     weights (biases excluded) and MACs per position (both layers run at the same positions)."""
     producer_area, consumer_area = math.prod(shape["kernel"]), math.prod(pair.consumer_shape["kernel"])
     per_channel = shape["in"] * producer_area + pair.consumer_shape["out"] * consumer_area + pair.depthwise_area
+    per_channel += pair.co_producer_inputs
     before = shape["out"] * per_channel
     after = before if width is None else width * per_channel
     return before, before, after, after

@@ -46,7 +46,7 @@ def row_fields(raw: Any, where: str) -> tuple[str, dict]:
         _check_fields(values["merge"], _MERGE_SCHEMA, f"{where}: field 'merge'", _MERGE_OPTIONAL)
         values["merge"] = {k: v for k, v in values["merge"].items() if k in _MERGE_SCHEMA}
     if values.get("narrow") is not None:
-        _check_fields(values["narrow"], _NARROW_SCHEMA, f"{where}: field 'narrow'", {"resized", "depthwise_area"})
+        _check_fields(values["narrow"], _NARROW_SCHEMA, f"{where}: field 'narrow'", _NARROW_OPTIONAL)
         values["narrow"] = {k: v for k, v in values["narrow"].items() if k in _NARROW_SCHEMA}
     return where, values
 
@@ -125,7 +125,12 @@ _NARROW_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "consumer_shape": (_is_shape, 'an object {"out": int, "in": int, "kernel": [ints]}'),
     "resized": (lambda v: isinstance(v, (list, tuple)) and all(_is_name(x) for x in v), "a list of names"),
     "depthwise_area": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "co_producers": (lambda v: isinstance(v, (list, tuple)) and all(_is_name(x) for x in v), "a list of names"),
+    "co_producer_inputs": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "heads": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "attention": (lambda v: isinstance(v, str), "a string"),
 }
+_NARROW_OPTIONAL = {"resized", "depthwise_area", "co_producers", "co_producer_inputs", "heads", "attention"}
 _DERIVED = {"params_before", "params_after", "macs_before", "macs_after"}
 
 

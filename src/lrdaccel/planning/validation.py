@@ -146,6 +146,15 @@ def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
     if dense_shape(consumer) != pair.consumer_shape or pair.consumer_shape["in"] != n:
         return (f"consumer {pair.consumer!r} has weight {dense_shape(consumer)}, the plan says "
                 f"{pair.consumer_shape}; the plan is for another architecture")
+    if pair.heads and width % pair.heads:
+        return f"narrow width must be a multiple of its {pair.heads} heads, got {width}"
+    for name in pair.co_producers:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            return f"the model has no layer {name!r}; the plan is for another architecture"
+        if entry_for(layer) is None or dense_shape(layer)["out"] != n:
+            return f"{name!r} is not a layer with {n} outputs; the plan is for another architecture"
     for name in pair.resized:
         try:
             module = model.get_submodule(name)
