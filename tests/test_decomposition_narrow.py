@@ -241,3 +241,21 @@ def test_each_width_is_refitted_on_the_partly_narrowed_model():
     built, _ = fill_narrowed(expected, second, partly, "qr")
     torch.testing.assert_close(narrowed[5].weight, built["5"].weight)
     torch.testing.assert_close(narrowed[5].bias, built["5"].bias)
+
+
+def test_a_failure_midway_puts_every_layer_and_head_size_back(monkeypatch):
+    import lrdaccel.decomposition.narrow_apply as narrow_apply
+    model = tiny_bert()
+    batches = token_batches()
+    plan = lrd.plan(model, ratio=2, min_rank=1, form="narrow", example_inputs=batches[0])
+    assert plan.narrowed[0].narrow.heads  # the attention row runs first, then the FFN row fails
+    snap = snapshot(model)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("refit failed")
+
+    monkeypatch.setattr(narrow_apply, "fill_narrowed", fail)
+    with pytest.raises(RuntimeError, match="refit failed"):
+        lrd.decompose(model, plan, calibration=batches)
+    assert unchanged(model, snap) and model.encoder.layer[0].attention.self.attention_head_size == 16
+    assert model.encoder.layer[0].attention.self.all_head_size == 32
