@@ -8,14 +8,16 @@ longest), eager, every model timed interleaved (lrdaccel.measure.timer), min/med
 speed-up over the original per repeat.
 
 Variants:
-- narrow FFN r2: `lrd.plan(model, ratio=2, form="narrow")`: each FFN keeps half its neurons, the
-  output projection refitted (pivoted QR selection);
+- narrow FFN r2: `lrd.plan(model, ratio=2, form="narrow", exclude=r".*attention.*")`: each FFN
+  keeps half its neurons, the output projection refitted (pivoted QR selection);
+- narrow r2: `lrd.plan(model, ratio=2, form="narrow")`: the FFNs as above and every attention
+  head keeps half its dimensions (query/key and value/output jointly, whitened SVD per head);
 - factorized FFN r2 (whitened SVD of the same twelve Linears at ratio 2: the same parameters);
 - narrow FFN + factorized attention r2: the FFNs narrowed, the attention Linears whitened SVD at
   ratio 2 (every Linear at ratio 2);
 - lrd r2 whitened: every Linear whitened SVD at ratio 2 (lrdaccel 0.3.0's `lrd` ratio 2);
-- prune at the parameters of narrow FFN r2 and of lrd r2 (the other two variants have the same
-  counts): torch-pruning, magnitude, heads and FFN neurons (`lrdaccel.peers.prune`).
+- prune at the parameters of narrow FFN r2 and of narrow r2 (the other variants have about the
+  same counts as one of them): torch-pruning, magnitude, heads and FFN neurons (`lrdaccel.peers.prune`).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/narrow_minilm.py     # ~5 min on one core
 
@@ -73,8 +75,9 @@ def variants(original, calibration: list[dict], example: dict) -> dict:
         lrd.decompose(model, plan, calibration=calibration, **settings)
         built[name] = (model, time.perf_counter() - start)
 
-    narrow = lrd.plan(original, ratio=2, form="narrow", example_inputs=example)
+    narrow = lrd.plan(original, ratio=2, form="narrow", example_inputs=example, exclude=r".*attention.*")
     make("narrow FFN r2", narrow)
+    make("narrow r2 (FFN + attention heads)", lrd.plan(original, ratio=2, form="narrow", example_inputs=example))
     make("factorized FFN r2 (whitened)", lrd.plan(original, ratio=2, include=FFN), method="whiten")
     factor = lrd.plan(original, ratio=2)
     mixed = Plan([factor[row.name] if row.name in {r.name for r in factor.changed} and row.kind == "keep" else row
@@ -82,7 +85,7 @@ def variants(original, calibration: list[dict], example: dict) -> dict:
     make("narrow FFN + factorized attention r2", mixed, method="whiten")
     make("lrd r2 (whitened)", factor, method="whiten")
     before = count_params(original)
-    for name in ("narrow FFN r2", "lrd r2 (whitened)"):  # the other two have the same parameters
+    for name in ("narrow FFN r2", "narrow r2 (FFN + attention heads)"):  # the others: about the same counts
         fraction = count_params(built[name][0]) / before
         start = time.perf_counter()
         pruned, _ = peers.prune(original, example, params_fraction=fraction)
