@@ -14,6 +14,7 @@ from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx,
 from lrdaccel.io import load, save
 from lrdaccel.layers import BranchedTuckerConv2d, LowRankModule, MergedConv2d, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.planning import LayerPlan, Plan, PlanConfig, allocate_ranks, find_merge_candidates, plan
+from lrdaccel.planning.narrow import find_narrow_candidates
 from lrdaccel.racing import RaceConfig, race
 from lrdaccel.rankopt import SearchSettings, optimize_ranks
 from lrdaccel.calibration import BatchNormReport, recalibrate_batchnorm
@@ -48,6 +49,7 @@ __all__ = [
     "distill",
     "export_onnx",
     "find_merge_candidates",
+    "find_narrow_candidates",
     "finetune",
     "fuse_batchnorm",
     "load",

@@ -21,6 +21,7 @@ from lrdaccel._files import check_header, check_model_class, check_output_dir, r
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 from lrdaccel.decomposition.merged_blocks import merged_rows
+from lrdaccel.decomposition.narrow_build import narrow_config, narrowed_rows
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning import LayerPlan, Plan
@@ -44,7 +45,7 @@ def plan_of(model: nn.Module) -> Plan:
             stride = tuple(module.core.stride) if hasattr(module, "core") else (1, 1)
             rows.append(LayerPlan(name, module.kind, module.rank, "saved", _source_type(module),
                                   dense_shape(dense), stride, branches=getattr(module, "branches", 1)))
-    rows += merged_rows(model)
+    rows += merged_rows(model) + narrowed_rows(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return Plan(sorted(rows, key=lambda row: order[row.name]), meta=forms_meta(model))
 
@@ -164,6 +165,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
     try:
         model.load_state_dict(tensors, strict=strict)
         apply_forms(model, plan)
+        narrow_config(model, plan)
     except BaseException:
         swap_modules(model, originals)
         raise
