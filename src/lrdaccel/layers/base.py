@@ -38,7 +38,7 @@ class LowRankModule(nn.Module):
 
     def factor_params(self) -> int:
         """Weight parameters of the factors (biases excluded)."""
-        return sum(f.weight.numel() for f in self.factors)
+        return sum(factor_weight(f).numel() for f in self.factors)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight, in the replaced layer's layout (differentiable)."""
@@ -71,6 +71,13 @@ class LowRankModule(nn.Module):
             f"kind={self.kind}, rank={self.rank}, "
             f"compression={self.dense_params() / self.factor_params():.2f}x"
         )
+
+
+def factor_weight(module: nn.Module) -> torch.Tensor:
+    """A factor's weight tensor. A layer quantized by torch.ao (`lrd.quantize`) gives it through a
+    method, `weight()`, so code that reads shapes off the factors (the repr) goes through here."""
+    weight = module.weight
+    return weight() if callable(weight) else weight
 
 
 CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",

@@ -20,7 +20,8 @@ from torch import nn
 
 from lrdaccel.factorize import check_finite, svd_split
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_svd_split
-from lrdaccel.layers.base import LowRankModule, assign, copy_conv_attributes, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import (LowRankModule, assign, copy_conv_attributes, copy_module_state, factor_weight,
+                                  whitened_or_plain)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -71,7 +72,7 @@ class _TwoFactors(LowRankModule):
 
     @property
     def rank(self) -> int:
-        return self.first.weight.shape[0]
+        return factor_weight(self.first).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
