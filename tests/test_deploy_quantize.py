@@ -153,3 +153,18 @@ def test_unknown_dtype_and_bad_calibration_are_refused():
         lrd.quantize(mlp(), "int4")
     with pytest.raises(ValueError, match="single Tensor"):
         lrd.quantize(cnn(), "int8", calibration=torch.randn(2, 3, 16, 16))
+
+
+def test_a_model_that_is_one_layer_is_quantized_too():
+    """A bare Linear, conv or decomposed conv (what rank search times) comes back quantized."""
+    x = torch.randn(2, 16, 4, 4)
+    linear = lrd.quantize(nn.Linear(8, 8), "int8")
+    assert linear._get_name() == "DynamicQuantizedLinear"
+    conv = nn.Conv2d(16, 32, 3, padding=1).eval()
+    quantized = lrd.quantize(conv, "int8", calibration=[x])
+    assert quantized._get_name() == "QuantWrapper" and quantized.module._get_name() == "QuantizedConv2d"
+    tucker = TuckerConv2d.from_dense(conv, (8, 8)).eval()
+    quantized = lrd.quantize(tucker, "int8", calibration=[x])
+    assert [m._get_name() for m in quantized.module.factors] == ["QuantizedConv2d"] * 3
+    with torch.no_grad():
+        assert (quantized(x) - tucker(x)).abs().max() < 0.05 * tucker(x).abs().max()

@@ -64,6 +64,8 @@ def quantizable_convs(model: nn.Module) -> list[str]:
         if inside and name.startswith(inside):
             continue
         if isinstance(module, LowRankModule) and all(_plain_conv(f) for f in module.factors):
+            if not name:
+                return [name]  # the model is one decomposed conv
             names.append(name)
             inside = (name + ".",)
         elif _plain_conv(module):
@@ -102,15 +104,21 @@ def quantize(model: nn.Module, dtype: str = "int8", calibration: Any = None) -> 
         raise ValueError(f"lrd.quantize: {type(source).__name__} has no layer int8 can quantize (nn.Linear, HF "
                          f"Conv1D, or nn.Conv2d with calibration){hint}")
     batches = batches_in_memory(source, calibration) if convs else []
-    quantized = copy.deepcopy(source).eval()
+    # Held in a container so that a model that is itself one layer (a Linear, a conv) is replaced
+    # like any other: torch.ao swaps children, never the module it is given.
+    holder = nn.Sequential(copy.deepcopy(source).eval())
     with _quiet(), torch.no_grad():
-        for name in [n for n in linears if is_conv1d(quantized.get_submodule(n))]:
-            _replace(quantized, name, _conv1d_as_linear(quantized.get_submodule(name)))
+        for name in [n for n in linears if is_conv1d(source.get_submodule(n))]:
+            _replace(holder, _held(name), _conv1d_as_linear(source.get_submodule(name)))
         if convs:
-            _static_convs(quantized, convs, batches)
+            _static_convs(holder, [_held(name) for name in convs], batches)
         torch.ao.quantization.quantize_dynamic(
-            quantized, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
-    return quantized
+            holder, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, inplace=True)
+    return holder[0]
+
+
+def _held(name: str) -> str:
+    return f"0.{name}" if name else "0"
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -127,18 +135,18 @@ def _conv1d_as_linear(conv1d: nn.Module) -> nn.Linear:
     return linear
 
 
-def _static_convs(model: nn.Module, names: list[str], batches: list) -> None:
+def _static_convs(holder: nn.Sequential, names: list[str], batches: list) -> None:
     """Wrap each conv (or decomposed conv) in quantize -> conv -> dequantize, observe activation
     ranges on the calibration batches, convert to int8 kernels (torch.ao eager static mode)."""
     qconfig = torch.ao.quantization.get_default_qconfig(torch.backends.quantized.engine)
     for name in names:
-        module = model.get_submodule(name)
+        module = holder.get_submodule(name)
         if isinstance(module, SVDConv2d):
             module.set_form("conv")  # the "linear" form reads the weights directly
         wrapper = torch.ao.quantization.QuantWrapper(module)
         wrapper.qconfig = qconfig
-        _replace(model, name, wrapper)
-    torch.ao.quantization.prepare(model, inplace=True)
+        _replace(holder, name, wrapper)
+    torch.ao.quantization.prepare(holder, inplace=True)
     for index, batch in enumerate(batches):
-        call_batch(model, batch, index)
-    torch.ao.quantization.convert(model, inplace=True)
+        call_batch(holder[0], batch, index)
+    torch.ao.quantization.convert(holder, inplace=True)
