@@ -39,6 +39,7 @@ from lrdaccel.decomposition import METHODS, DecomposeConfig, decompose
 
 ORDER = 30  # place in `lrdaccel --help`: the pipeline's order
 ONNX_NAME = "model.onnx"
+DYNAMIC_AXES = ("dynamic_batch", "dynamic_sequence")  # the export's options --fuse takes
 TEXT = "text"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--fuse", action="store_true",
                         help=f"also fold BatchNorm into the convs before them and write the result to "
                              f"{ONNX_NAME} in --output, checked with ONNX Runtime (needs lrdaccel[onnx])")
-    add_config_args(parser, ExportConfig, ("dynamic_batch", "dynamic_sequence"),
+    add_config_args(parser, ExportConfig, DYNAMIC_AXES,
                     notes={"dynamic_batch": "with --fuse", "dynamic_sequence": "with --fuse"})
     return parser
 
@@ -91,8 +92,9 @@ def text_batches(n_batches: int, batch_size: int) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     check_outputs(dirs={"--output": args.output})
     config = DecomposeConfig(**given(args, DecomposeConfig))
-    export_config = ExportConfig(**given(args, ExportConfig))
-    if given(args, ExportConfig) and not args.fuse:
+    axes = {key: value for key, value in given(args, ExportConfig).items() if key in DYNAMIC_AXES}
+    export_config = ExportConfig(fuse=True, **axes)
+    if axes and not args.fuse:
         raise ValueError("--dynamic-batch and --dynamic-sequence are for the --fuse export")
     allocating = getattr(args, "allocate", None) is not None
     if args.plan and allocating:
@@ -123,5 +125,5 @@ def run(args: argparse.Namespace) -> int:
     save(model, args.output)
     print(f"saved to {args.output}")
     if args.fuse:
-        print(export_onnx(model.eval(), example, Path(args.output) / ONNX_NAME, config=export_config, fuse=True))
+        print(export_onnx(model.eval(), example, Path(args.output) / ONNX_NAME, config=export_config))
     return 0
