@@ -5,12 +5,13 @@ decomposed, merged, pruned), the input left as it was.
     q = lrd.quantize(cnn, "int8", calibration=batches)       # convs too: static int8, calibrated
 
 Which library: PyTorch's own eager quantization (`torch.ao.quantization`), not torchao. On the real
-all-MiniLM-L6-v2 (batch 64 glosses, at most 40 tokens, 1 thread, eager, interleaved) torch.ao's
-dynamic int8 Linear served in 170 ms, torchao 0.18's `Int8DynamicActivationInt8WeightConfig` in
-356 ms (its CPU kernels are made for torch.compile), fp32 455 ms; torchao's per-token activation
-scales agree better (cosine 0.993 against 0.968), so it is the one to revisit once its eager CPU
-path is faster. torch.ao is deprecated in favour of torchao, so its warnings are silenced here.
-Weights get per-channel scales: same speed as per-tensor here, cosine 0.968 against 0.948.
+all-MiniLM-L6-v2 (batch 64 glosses, at most 40 tokens, 1 thread, eager, interleaved;
+benchmarks/int8_library_choice.py) torch.ao's dynamic int8 Linear served 2.3-2.6x faster than
+fp32, torchao 0.18's `Int8DynamicActivationInt8WeightConfig` 1.0-1.1x (its CPU kernels are made
+for torch.compile). torchao's per-token activation scales agree better (cosine 0.997 against
+0.974), so it is the one to revisit once its eager CPU path is fast. torch.ao is deprecated in
+favour of torchao, so its warnings are silenced here. Weights get per-channel scales: about the
+speed of per-tensor, cosine 0.974 against 0.945.
 
 Convs are only quantized with calibration batches (static int8 needs activation ranges): each
 plain nn.Conv2d, and each decomposed conv as one unit (its 1x1 -> core -> 1x1 chain runs in int8
