@@ -6,9 +6,9 @@ decomposed, merged, pruned), the input left as it was.
 
 Which library: PyTorch's own eager quantization (`torch.ao.quantization`), not torchao. On the real
 all-MiniLM-L6-v2 (batch 64 glosses, at most 40 tokens, 1 thread, eager, interleaved;
-benchmarks/int8_library_choice.py) torch.ao's dynamic int8 Linear served 2.3-2.6x faster than
-fp32, torchao 0.18's `Int8DynamicActivationInt8WeightConfig` 1.0-1.1x (its CPU kernels are made
-for torch.compile). torchao's per-token activation scales agree better (cosine 0.997 against
+benchmarks/int8_library_choice.py, two runs) torch.ao's dynamic int8 Linear served 2.3-2.7x faster
+than fp32, torchao 0.18's `Int8DynamicActivationInt8WeightConfig` 1.1-1.3x (its CPU kernels are
+made for torch.compile). torchao's per-token activation scales agree better (cosine 0.997 against
 0.974), so it is the one to revisit once its eager CPU path is fast. torch.ao is deprecated in
 favour of torchao, so its warnings are silenced here. Weights get per-channel scales: about the
 speed of per-tensor, cosine 0.974 against 0.945.
