@@ -121,3 +121,23 @@ def test_bad_quantize_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="calibration batches are for quantize='int8'"):
         lrd.export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx", calibration=[torch.randn(2, 4)])
     assert not (tmp_path / "m.onnx").exists()
+
+
+class FixedLength(nn.Module):
+    """Flattens 16 token embeddings into one Linear: it takes no other length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(50, 4), nn.Linear(16 * 4, 3)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).flatten(1))
+
+
+def test_fixed_length_model_is_one_line_suggesting_no_dynamic_sequence(tmp_path):
+    ids = {"input_ids": torch.randint(0, 50, (2, 16))}
+    with pytest.raises(ValueError, match=r"fails at batch 3 x 8 tokens .*--no-dynamic-sequence") as error:
+        lrd.export_onnx(FixedLength().eval(), ids, tmp_path / "m.onnx")
+    assert "\n" not in str(error.value) and not (tmp_path / "m.onnx").exists()
+    report = lrd.export_onnx(FixedLength().eval(), ids, tmp_path / "m.onnx", dynamic_sequence=False)
+    assert report.lengths == {} and sorted(report.max_abs_diff) == [2, 3]

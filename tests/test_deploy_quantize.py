@@ -168,3 +168,20 @@ def test_a_model_that_is_one_layer_is_quantized_too():
     assert [m._get_name() for m in quantized.module.factors] == ["QuantizedConv2d"] * 3
     with torch.no_grad():
         assert (quantized(x) - tucker(x)).abs().max() < 0.05 * tucker(x).abs().max()
+
+
+def test_a_bfloat16_model_is_served_in_float32_around_int8_layers_and_stays_bfloat16():
+    model = mlp().to(torch.bfloat16)
+    quantized = lrd.quantize(model, "int8")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = model.float()(x)
+        assert (quantized(x) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_a_model_without_values_is_refused():
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(ValueError, match=r"^lrd.quantize: 0.weight is on the meta device"):
+        lrd.quantize(model, "int8")

@@ -32,9 +32,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lrdaccel._modules import parent_and_attr, unwrap
+from lrdaccel._modules import check_real_weights, parent_and_attr, unwrap
 from lrdaccel._settings import check_choice
 from lrdaccel.calibration.batches import batches_in_memory, call_batch
+from lrdaccel.deploy.onnx_export import cpu_copy
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.svd import SVDConv2d, is_conv1d
 
@@ -89,11 +90,13 @@ def quantize(model: nn.Module, dtype: str = "int8", calibration: Any = None) -> 
             model(**x)) to calibrate static int8 convs; without them convs stay float.
 
     Returns:
-        The quantized copy, in eval mode: dynamic int8 Linear and Conv1D layers (per-channel
-        weight scales), and with `calibration` static int8 convs.
+        The quantized copy, in eval mode, on the CPU (int8 kernels run there), its float parts
+        in float32 (a half-precision model is cast): dynamic int8 Linear and Conv1D layers
+        (per-channel weight scales), and with `calibration` static int8 convs.
 
     Raises:
-        ValueError: an unknown dtype, bad calibration, or no layer to quantize.
+        ValueError: an unknown dtype, bad calibration, weights on the meta device, or no layer
+            to quantize.
     """
     check_choice("dtype", dtype, QUANTIZE_DTYPES)
     source = unwrap(model)
@@ -104,13 +107,17 @@ def quantize(model: nn.Module, dtype: str = "int8", calibration: Any = None) -> 
         hint = f"; its {unused} Conv2d layer(s) need calibration batches (calibration=...)" if unused else ""
         raise ValueError(f"lrd.quantize: {type(source).__name__} has no layer int8 can quantize (nn.Linear, HF "
                          f"Conv1D, or nn.Conv2d with calibration){hint}")
-    batches = batches_in_memory(source, calibration) if convs else []
+    check_real_weights(source, "lrd.quantize")
+    # int8 kernels run on the CPU in float32 around them: the copy is made there, in float32,
+    # straight from the model's tensors (no second copy on a GPU).
+    served = cpu_copy(source).float().eval()
+    batches = batches_in_memory(served, calibration) if convs else []
     # Held in a container so that a model that is itself one layer (a Linear, a conv) is replaced
     # like any other: torch.ao swaps children, never the module it is given.
-    holder = nn.Sequential(copy.deepcopy(source).eval())
+    holder = nn.Sequential(served)
     with _quiet(), torch.no_grad():
         for name in [n for n in linears if is_conv1d(source.get_submodule(n))]:
-            _replace(holder, _held(name), _conv1d_as_linear(source.get_submodule(name)))
+            _replace(holder, _held(name), _conv1d_as_linear(holder.get_submodule(_held(name))))
         if convs:
             _static_convs(holder, [_held(name) for name in convs], batches)
         torch.ao.quantization.quantize_dynamic(
