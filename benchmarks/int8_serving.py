@@ -123,7 +123,8 @@ def run_model(name: str, repeats: int, scratch: Path) -> dict:
             report = lrd.export_onnx(model, batch, path, quantize="int8" if precision == "int8" else None,
                                      calibration=static if precision == "int8" else None)
             exports[f"{form} {precision}"] = {"seconds": time.perf_counter() - began, "worst": report.worst,
-                                             "cosine": min(report.cosine.values()) if report.cosine else None}
+                                             "cosine": min((c["cosine"] for c in report.checks if "cosine" in c),
+                                                           default=None)}
             session = make_session(str(path))
             label = f"{form} {precision} ONNX Runtime"
             runners[label] = lambda b, s=session: run_session(s, feeds(s, b))[0]

@@ -47,8 +47,9 @@ def test_int8_export_of_a_decomposed_bert_runs_at_another_batch_and_length(tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = lrd.export_onnx(model, tokens(4, 16), tmp_path / "bert.onnx", quantize="int8")
     assert report.quantize == "int8" and report.int8_ops > 0 and "MatMulInteger" in ops(tmp_path / "bert.onnx")
-    assert report.lengths == {4: 16, 5: 8} and report.tolerance == 0.25
-    assert min(report.cosine.values()) > 0.99 and "cosine" in str(report) and "int8" in str(report)
+    assert [(c["batch"], c["tokens"]) for c in report.checks] == [(4, 16), (5, 8)] and report.tolerance == 0.25
+    assert min(c["cosine"] for c in report.checks) > 0.99 and "batch 5 x 8 tokens" in str(report)
+    assert "(cosine 0.99" in str(report) or "(cosine 1.0000)" in str(report)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     other = tokens(3, 9)
     with torch.no_grad():
@@ -85,6 +86,12 @@ def test_int8_cnn_export_quantizes_convs_statically_only_with_calibration(tmp_pa
     static = lrd.export_onnx(model, x, tmp_path / "s.onnx", quantize="int8", calibration=[x[:4], x[4:]])
     assert "QuantizeLinear" not in ops(tmp_path / "d.onnx") and "QuantizeLinear" in ops(tmp_path / "s.onnx")
     assert static.int8_ops > dynamic.int8_ops and static.worst <= static.tolerance * max(1, static.max_abs_output)
+
+
+def test_a_fixed_batch_with_free_length_is_checked_at_both_lengths(tmp_path):
+    model = tiny_bert()
+    report = lrd.export_onnx(model, tokens(2, 12), tmp_path / "bert.onnx", dynamic_batch=False)
+    assert [(c["batch"], c["tokens"]) for c in report.checks] == [(2, 12), (2, 6)] and report.worst < 1e-4
 
 
 def test_int8_with_nothing_to_quantize_writes_nothing(tmp_path):
@@ -140,4 +147,4 @@ def test_fixed_length_model_is_one_line_suggesting_no_dynamic_sequence(tmp_path)
         lrd.export_onnx(FixedLength().eval(), ids, tmp_path / "m.onnx")
     assert "\n" not in str(error.value) and not (tmp_path / "m.onnx").exists()
     report = lrd.export_onnx(FixedLength().eval(), ids, tmp_path / "m.onnx", dynamic_sequence=False)
-    assert report.lengths == {} and sorted(report.max_abs_diff) == [2, 3]
+    assert [(c["batch"], c["tokens"]) for c in report.checks] == [(2, None), (3, None)]

@@ -36,8 +36,7 @@ from torch import nn
 
 from lrdaccel._files import atomic_write, check_output_path
 from lrdaccel._modules import (call_model, check_real_weights, describe_inputs, kept_modes, model_device, model_dtype,
-                               move_inputs,
-                               output_tensor, unwrap)
+                               move_inputs, output_tensor, unwrap)
 from lrdaccel._settings import check_number, resolve
 from lrdaccel.calibration.batches import token_mask
 from lrdaccel.deploy.fuse import FuseReport, fuse_batchnorm
@@ -94,11 +93,10 @@ class ExportReport:
         inputs: the graph's input names.
         example: a description of the example inputs.
         dynamic_batch: whether dimension 0 of every input is symbolic.
-        lengths: batch size -> the token inputs' sequence length it was checked at (empty
-            without token inputs or a dynamic sequence length).
+        checks: each shape the file was run at: {"batch", "tokens" (the token inputs' length, or
+            None), "max_abs_diff", and for int8 files "cosine" (the lowest cosine between ONNX
+            Runtime's and PyTorch's output rows: the agreement, where differences are expected)}.
         max_abs_diff: batch size -> largest |ONNX Runtime - PyTorch| over the output.
-        cosine: batch size -> the lowest cosine between ONNX Runtime's and PyTorch's output rows
-            (filled for int8 files, where differences are expected: the agreement).
         quantize: "int8" for a quantized file, else None; int8_ops: its int8 operators.
         max_abs_output: the largest |output| PyTorch gave (the scale of the differences).
         tolerance: the allowed difference, relative to max(1, max_abs_output).
@@ -112,9 +110,8 @@ class ExportReport:
     inputs: list[str]
     example: str
     dynamic_batch: bool
-    lengths: dict[int, int] = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)
     max_abs_diff: dict[int, float] = field(default_factory=dict)
-    cosine: dict[int, float] = field(default_factory=dict)
     max_abs_output: float = 0.0
     tolerance: float = FLOAT_TOLERANCE
     quantize: str | None = None
@@ -128,9 +125,7 @@ class ExportReport:
         return max(self.max_abs_diff.values())
 
     def __str__(self) -> str:
-        batches = ", ".join(f"batch {b}{f' x {self.lengths[b]} tokens' if b in self.lengths else ''}: {d:.2e}"
-                            + (f" (cosine {self.cosine[b]:.4f})" if b in self.cosine else "")
-                            for b, d in self.max_abs_diff.items())
+        batches = ", ".join(_described(check) for check in self.checks)
         quantized = f", {self.quantize} ({self.int8_ops} int8 operators)" if self.quantize else ""
         lines = [f"exported {self.path} (ONNX opset {self.opset}, inputs {self.inputs}, "
                  f"{'dynamic' if self.dynamic_batch else 'fixed'} batch{quantized}) in {self.export_seconds:.1f} s",
@@ -139,6 +134,12 @@ class ExportReport:
         if self.fused is not None:
             lines.append(str(self.fused))
         return "\n".join(lines)
+
+
+def _described(check: dict) -> str:
+    tokens = f" x {check['tokens']} tokens" if check["tokens"] else ""
+    cosine = f" (cosine {check['cosine']:.4f})" if "cosine" in check else ""
+    return f"batch {check['batch']}{tokens}: {check['max_abs_diff']:.2e}{cosine}"
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, calibration: Any = None,
@@ -164,8 +165,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             an input that is not a tensor, the exporter failing, ONNX Runtime unable to load or
             run the graph (a dtype it has no kernels for: float64, bfloat16), the model failing at
             another batch size with a dynamic batch (it fixes its batch: dynamic_batch=False), int8
-            quantizing nothing, or the check missing the tolerance (no file written); MissingDependency (a ValueError and an
-            ImportError) where onnx, onnxruntime or onnxscript is missing
+            quantizing nothing, or the check missing the tolerance (no file written);
+            MissingDependency (a ValueError and an ImportError) where onnx, onnxruntime or onnxscript is missing
             (`pip install lrdaccel[onnx]`), before any work.
 
     Example:
@@ -249,32 +250,31 @@ def cpu_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _references(model: nn.Module, inputs: Any, report: ExportReport, dynamic_sequence: bool) -> dict[int, tuple]:
-    """PyTorch's output at the example batch and, with dynamic axes, at one more shape: one more
-    row and, with a dynamic sequence, half the tokens."""
+def _references(model: nn.Module, inputs: Any, report: ExportReport, dynamic_sequence: bool) -> list[tuple]:
+    """[(inputs, PyTorch's output, batch, tokens)] at the example's shape and, with dynamic axes,
+    at one more: one more row and, with a dynamic sequence, half the tokens."""
     tensors, _, names = flat_inputs(inputs)
     batch = tensors[0].shape[0] if tensors and tensors[0].dim() else 1
-    references = {batch: (inputs, output_tensor(call_model(model, inputs)).detach().float().cpu().numpy())}
     tokens = token_inputs(inputs) if dynamic_sequence else []
-    if tokens:
-        report.lengths[batch] = tensors[names.index(tokens[0])].shape[1]
+    length = tensors[names.index(tokens[0])].shape[1] if tokens else None
+    references = [(inputs, output_tensor(call_model(model, inputs)).detach().float().cpu().numpy(), batch, length)]
     if not (report.dynamic_batch or tokens):
         return references
     size = batch + 1 if report.dynamic_batch else batch
     rows = _rows(inputs, size) if report.dynamic_batch else inputs
+    shorter = max(1, length // 2) if tokens else None
     if tokens:
-        report.lengths[size] = max(1, report.lengths[batch] // 2)
-        rows = _shortened(rows, set(tokens), report.lengths[size])
+        rows = _shortened(rows, set(tokens), shorter)
     try:
         output = output_tensor(call_model(model, rows))
     except Exception as error:  # whatever the model raises on a shape it was not written for
-        shape = f"batch {size}" + (f" x {report.lengths[size]} tokens" if tokens else "")
+        shape = f"batch {size}" + (f" x {shorter} tokens" if tokens else "")
         fixes = (["a fixed batch (dynamic_batch=False, --no-dynamic-batch)"] if report.dynamic_batch else []) + \
             (["a fixed length (dynamic_sequence=False, --no-dynamic-sequence)"] if tokens else [])
         raise ValueError(f"export_onnx: {type(model).__name__} fails at {shape} (the example: batch {batch}): "
                          f"{type(error).__name__}: {' '.join(str(error).split())[:200]}; it fixes its input shape: "
                          f"export with {' or '.join(fixes)}; nothing written") from None
-    references[size] = (rows, output.detach().float().cpu().numpy())
+    references.append((rows, output.detach().float().cpu().numpy(), size, shorter))
     return references
 
 
@@ -291,23 +291,25 @@ def _opset(proto) -> int:
     return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def _check(file: str, references: dict, report: ExportReport) -> None:
-    """Run the file in ONNX Runtime on each reference batch and compare with PyTorch's output;
+def _check(file: str, references: list[tuple], report: ExportReport) -> None:
+    """Run the file in ONNX Runtime on each reference's inputs and compare with PyTorch's output;
     raise if the difference exceeds the tolerance."""
     try:
         session = make_session(file)
-        runs = {size: run_session(session, feeds(session, rows))[0] for size, (rows, _) in references.items()}
+        runs = [run_session(session, feeds(session, rows))[0] for rows, *_ in references]
     except ValueError as error:
         raise ValueError(f"{report.path}: {error} (model dtype {report.dtype}); nothing written") from error
-    for size, (rows, expected) in references.items():
-        got = runs[size]
+    for got, (rows, expected, batch, tokens) in zip(runs, references):
         if got.shape != expected.shape:
             raise ValueError(f"{report.path}: ONNX Runtime gave an output of shape {got.shape}, PyTorch "
-                             f"{expected.shape} (batch {size}); nothing written")
+                             f"{expected.shape} (batch {batch}); nothing written")
         got, expected = _real_tokens(got, rows), _real_tokens(expected, rows)
-        report.max_abs_diff[size] = float(np.abs(got - expected).max()) if expected.size else 0.0
+        check = {"batch": batch, "tokens": tokens,
+                 "max_abs_diff": float(np.abs(got - expected).max()) if expected.size else 0.0}
         if report.quantize and expected.size:
-            report.cosine[size] = _lowest_cosine(got, expected)
+            check["cosine"] = _lowest_cosine(got, expected)
+        report.checks.append(check)
+        report.max_abs_diff[batch] = max(report.max_abs_diff.get(batch, 0.0), check["max_abs_diff"])
         report.max_abs_output = max(report.max_abs_output, float(np.abs(expected).max()) if expected.size else 0.0)
     allowed = report.tolerance * max(1.0, report.max_abs_output)
     if not report.worst <= allowed:
