@@ -96,7 +96,7 @@ def test_cnn_with_calibration_gets_static_int8_convs_decomposed_ones_as_one_unit
     quantized = lrd.quantize(model, "int8", calibration=[x[:8], x[8:]])
     assert unchanged(model, before)
     names = [m._get_name() for m in quantized.modules()]
-    assert names.count("QuantizedConv2d") == 1 + 3 + 2 and names.count("QuantWrapper") == 3
+    assert names.count("QuantizedConv2d") == 1 + 3 + 2 and names.count("ServedConv") == 3
     assert quantized[2].module.rank == model[2].rank and "kind=tucker2" in repr(quantized)
     with torch.no_grad():
         expected = model(x)
@@ -162,7 +162,7 @@ def test_a_model_that_is_one_layer_is_quantized_too():
     assert linear._get_name() == "DynamicQuantizedLinear"
     conv = nn.Conv2d(16, 32, 3, padding=1).eval()
     quantized = lrd.quantize(conv, "int8", calibration=[x])
-    assert quantized._get_name() == "QuantWrapper" and quantized.module._get_name() == "QuantizedConv2d"
+    assert quantized._get_name() == "ServedConv" and quantized.module._get_name() == "QuantizedConv2d"
     tucker = TuckerConv2d.from_dense(conv, (8, 8)).eval()
     quantized = lrd.quantize(tucker, "int8", calibration=[x])
     assert [m._get_name() for m in quantized.module.factors] == ["QuantizedConv2d"] * 3
@@ -185,3 +185,29 @@ def test_a_model_without_values_is_refused():
         model = mlp()
     with pytest.raises(ValueError, match=r"^lrd.quantize: 0.weight is on the meta device"):
         lrd.quantize(model, "int8")
+
+
+def test_a_decomposed_hf_vit_quantizes_with_its_patch_conv_still_answering_weight():
+    """HF ViT reads `projection.weight.dtype` on every forward: the int8 patch conv answers it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    lrd.decompose(model, ratio=2.0)
+    x = torch.randn(4, 3, 16, 16)
+    quantized = lrd.quantize(model, "int8", calibration=[x])
+    projection = quantized.embeddings.patch_embeddings.projection
+    assert projection._get_name() == "ServedConv" and projection.weight.dtype == torch.float32
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+        got = quantized(x).last_hidden_state
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_the_dense_view_of_a_quantized_decomposed_layer_is_its_dequantized_product():
+    model = mlp()
+    lrd.decompose(model, ratio=2.0)
+    quantized = lrd.quantize(model, "int8")
+    with torch.no_grad():
+        assert (quantized[0].weight - model[0].weight).abs().max() < 0.02 * model[0].weight.abs().max()

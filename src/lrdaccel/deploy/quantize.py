@@ -15,7 +15,8 @@ speed of per-tensor, cosine 0.974 against 0.945.
 
 Convs are only quantized with calibration batches (static int8 needs activation ranges): each
 plain nn.Conv2d, and each decomposed conv as one unit (its 1x1 -> core -> 1x1 chain runs in int8
-between one quantize and one dequantize), through `QuantWrapper`. Merged convs (a Conv2d
+between one quantize and one dequantize), through `QuantWrapper` (`ServedConv`: it still
+answers `.weight` for code that reads it). Merged convs (a Conv2d
 subclass) and convs with a padding mode other than zeros stay float.
 
 A quantized model cannot be saved with `lrd.save` (it refuses before writing): save the float
@@ -37,6 +38,7 @@ from lrdaccel._settings import check_choice
 from lrdaccel.calibration.batches import batches_in_memory, call_batch
 from lrdaccel.deploy.onnx_export import cpu_copy
 from lrdaccel.layers import LowRankModule
+from lrdaccel.layers.base import factor_weight
 from lrdaccel.layers.svd import SVDConv2d, is_conv1d
 
 QUANTIZE_DTYPES = ("int8",)
@@ -77,6 +79,22 @@ def quantizable_convs(model: nn.Module) -> list[str]:
 
 def _plain_conv(module: nn.Module) -> bool:
     return type(module) is nn.Conv2d and module.padding_mode == "zeros"
+
+
+class ServedConv(torch.ao.quantization.QuantWrapper):
+    """A conv (or decomposed conv) in int8 between a quantize and a dequantize, which still answers
+    what code around a conv reads off it (`weight`, `in_channels`, ...) as the conv it wraps would:
+    HF ViT reads `projection.weight.dtype` on every forward. The weight read is the dequantized
+    float one."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = super().__getattr__("module")
+            if name == "weight" and not isinstance(module, LowRankModule):
+                return factor_weight(module)
+            return getattr(module, name)
 
 
 def quantize(model: nn.Module, dtype: str = "int8", calibration: Any = None) -> nn.Module:
@@ -151,7 +169,7 @@ def _static_convs(holder: nn.Sequential, names: list[str], batches: list) -> Non
         module = holder.get_submodule(name)
         if isinstance(module, SVDConv2d):
             module.set_form("conv")  # the "linear" form reads the weights directly
-        wrapper = torch.ao.quantization.QuantWrapper(module)
+        wrapper = ServedConv(module)
         wrapper.qconfig = qconfig
         _replace(holder, name, wrapper)
     torch.ao.quantization.prepare(holder, inplace=True)

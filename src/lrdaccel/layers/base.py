@@ -74,10 +74,12 @@ class LowRankModule(nn.Module):
 
 
 def factor_weight(module: nn.Module) -> torch.Tensor:
-    """A factor's weight tensor. A layer quantized by torch.ao (`lrd.quantize`) gives it through a
-    method, `weight()`, so code that reads shapes off the factors (the repr) goes through here."""
+    """A factor's weight as a float tensor: the parameter itself (differentiable), or for a layer
+    quantized by torch.ao (`lrd.quantize`), which gives an int8 tensor through a method,
+    `weight()`, its dequantized values; so the repr and the dense view work on a served model."""
     weight = module.weight
-    return weight() if callable(weight) else weight
+    weight = weight() if callable(weight) else weight
+    return weight.dequantize() if weight.is_quantized else weight
 
 
 CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",

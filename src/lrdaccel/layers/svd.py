@@ -112,7 +112,7 @@ class SVDLinear(_TwoFactors):
         return self.in_features * self.out_features
 
     def dense_weight(self) -> torch.Tensor:
-        weight = self.second.weight @ self.first.weight
+        weight = factor_weight(self.second) @ factor_weight(self.first)
         return weight.T if self.transposed else weight
 
     @torch.no_grad()
@@ -205,7 +205,7 @@ class SVDConv2d(_TwoFactors):
         return self.in_channels * self.out_channels
 
     def dense_weight(self) -> torch.Tensor:
-        return (self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0])[:, :, None, None]
+        return (factor_weight(self.second)[:, :, 0, 0] @ factor_weight(self.first)[:, :, 0, 0])[:, :, None, None]
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
