@@ -163,7 +163,7 @@ def test_races_whose_data_settings_differ_are_not_pooled(tmp_path):
     assert [seed["seed"] for seed in pool_runs(runs, ["a.json", "b.json"])["seeds"]] == [0, 1]
 
 
-def _two_seed_runs(tmp_path, lrd):
+def _two_seed_runs(tmp_path, lrd, **settings):
     import torch
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -174,7 +174,8 @@ def _two_seed_runs(tmp_path, lrd):
     model = nn.Sequential(nn.Linear(8, 2))
     for seed in (0, 1):
         lrd.race(model, data, data, "original", seed=seed, out=tmp_path / f"s{seed}", max_steps=1, batch_size=8,
-                 evaluations=1, infer_repeats=1, calibration_batches=1, freeze_embeddings=False, progress=False)
+                 evaluations=1, infer_repeats=1, calibration_batches=1, freeze_embeddings=False, progress=False,
+                 **settings)
     return [load_race(tmp_path / f"s{seed}" / "results.json") for seed in (0, 1)]
 
 
@@ -238,3 +239,26 @@ def test_a_pruning_budget_minilm_cannot_reach_is_refused_before_any_variant_is_b
     assert code == 2 and error.startswith("lrdaccel race: error: variant 'prune(params=0.5)': params=0.5 asks for")
     assert "give params >= 0.576" in error
     assert not (tmp_path / "race").exists()
+
+
+def test_races_served_differently_are_not_pooled(tmp_path, capsys):
+    """Issue 29 item 3: speed-ups against the original in eager and in int8 have different baselines."""
+    import lrdaccel as lrd
+    from lrdaccel.racing.pooling import pool_runs
+
+    runs = _two_seed_runs(tmp_path, lrd)
+    int8 = _two_seed_runs(tmp_path / "int8", lrd, serve="int8")
+    assert [run["serve"] for run in int8] == ["int8", "int8"]
+    with pytest.raises(ValueError, match=r"^b.json: served int8 but a.json served eager \(serve\): their speed-ups "
+                                         r"and served accuracies are against different baselines; pool races served "
+                                         r"alike$"):
+        pool_runs([runs[0], int8[1]], ["a.json", "b.json"])
+    code = main(["race", "--combine", str(tmp_path / "s0"), str(tmp_path / "int8" / "s1"), "--out",
+                 str(tmp_path / "bad")])
+    assert code == 2 and "served int8 but" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    pooled = pool_runs(int8, ["a.json", "b.json"])
+    assert pooled["serve"] == "int8" and len(pooled["variants"][0]["spread"]["final_accuracy_served"]["values"]) == 2
+    for old in runs:  # a race from before `serve` existed was served eager: it pools with an eager one
+        del old["config"]["serve"], old["serve"]
+    assert [seed["seed"] for seed in pool_runs([runs[0], _two_seed_runs(tmp_path / "new", lrd)[1]],
+                                               ["old.json", "new.json"])["seeds"]] == [0, 1]

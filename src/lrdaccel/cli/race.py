@@ -15,7 +15,9 @@ Seeds can run in parallel processes (`--seed 0` in one, `--seed 1` in another, e
 and be pooled afterwards: `lrdaccel race --combine run0/ run1/ --out both/` pools their seeds (the
 runs must differ in nothing else, data included) and writes the medians over them. Each seed's
 results are written as it finishes; Ctrl-C keeps them (exit 130). `--save` keeps every trained
-variant under OUT/models/ (lrdaccel.racing.saving).
+variant under OUT/models/ (lrdaccel.racing.saving). `--serve int8` serves every trained variant
+as its `lrd.quantize` int8 copy: inference speed-ups against the original in int8, and each
+variant's accuracy after quantization beside its float one (lrdaccel.racing.serving).
 
 The target is the best original variant's final accuracy - 0.5 points; the reference, whose time
 to it every speed-up divides, is the original variant that reaches it first. Each variant gets a
@@ -43,7 +45,7 @@ from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.measure.machine import busy_warning, set_threads
 from lrdaccel.io import file_sha256
 from lrdaccel.racing.api import RESULTS_NAME, RaceInterrupted
-from lrdaccel.racing.config import LR_SCHEDULES, RaceConfig
+from lrdaccel.racing.config import LR_SCHEDULES, SERVE_RUNTIMES, RaceConfig
 from lrdaccel.racing.pooling import pool_runs
 from lrdaccel.racing.report import write_report
 from lrdaccel.racing.results import load_race, write_results
@@ -80,8 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_config_args(run, RaceConfig, ("budget_epochs", "max_steps", "batch_size", "eval_batch_size", "lr",
                                       "weight_decay", "lr_schedule", "warmup", "evaluations", "freeze_embeddings",
                                       "compile", "amp", "device", "calibration_batches", "infer_batch_size",
-                                      "infer_repeats", "margin", "seed", "seeds"),
-                    choices={"lr_schedule": LR_SCHEDULES})
+                                      "infer_repeats", "serve", "margin", "seed", "seeds"),
+                    choices={"lr_schedule": LR_SCHEDULES, "serve": SERVE_RUNTIMES})
     parser.add_argument("--threads", type=threads_type, default=None,
                         help="torch CPU threads, or 'auto' (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -32,6 +32,7 @@ from lrdaccel.racing.report import write_report
 from lrdaccel.racing.results import combine, new_header, write_results
 from lrdaccel.racing.runner import run_seed
 from lrdaccel.racing.saving import save_variants
+from lrdaccel.racing.serving import serving_baseline
 from lrdaccel.racing.variants import DEFAULT_VARIANTS, parse_variants, reference_first
 
 RESULTS_NAME = "results.json"
@@ -70,13 +71,15 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
         describe: extra fields for the results (model and task names).
         progress: tqdm bars.
         trained: a dict that receives each variant's trained model, as served, by name (the last
-            seed's), for what comes after the race (saving, exporting, more timing).
+            seed's), for what comes after the race (saving, exporting, more timing); float even
+            under serve="int8" (lrd.quantize it to serve it so).
         save: keep every trained variant (the last seed's) under `out/models/` (lrdaccel.racing.saving).
 
     Returns:
         The results dict (lrdaccel.racing.results): target_accuracy, reference, variants with
         params, lr_multiplier, final_accuracy (+ _se), train_seconds, curve, time_to_target_s
-        (+ _interval_s), speedup_to_target, infer_speedup, verdict.
+        (+ _interval_s), speedup_to_target, infer_speedup, verdict; `serve` and `serve_baseline`
+        (what infer_speedup is against), and under serve="int8" final_accuracy_served.
 
     Raises:
         ValueError: a bad setting or variant, no `original`, empty data, fewer than two classes,
@@ -98,7 +101,8 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
         out = Path(out)
         check_output_path(out, directory=True)
     header = {**new_header(dataclasses.asdict(config), config.device), **_data_header(data), **(describe or {}),
-              "seeds_planned": config.seeds}
+              "seeds_planned": config.seeds, "serve": config.serve,
+              "serve_baseline": serving_baseline(config.serve, config.calibration_batches)}
     trained = {} if save and trained is None else trained
     numbers, seeds = list(range(config.seed, config.seed + config.seeds)), []
     try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from lrdaccel._settings import check_choice, check_int, check_number, parse_device
 
 LR_SCHEDULES = ("linear", "constant", "cosine")
+SERVE_RUNTIMES = ("eager", "int8")  # how the trained variants are served (lrdaccel.racing.serving)
 MAX_STEPS = 10_000_000  # the batches' index lists alone would not fit in memory long before this
 
 
@@ -37,6 +38,9 @@ class RaceConfig:
             sensitivity, pruning importance.
         infer_batch_size: the batch the served models are timed on.
         infer_repeats: interleaved repeats of that timing.
+        serve: how every trained variant is served, timed and scored: "eager" (the float model
+            as trained) or "int8" (its lrd.quantize int8 copy on the CPU, timed against the
+            original quantized the same way; its accuracy after quantization beside the float one).
         margin: the target is the original's final accuracy minus this many points.
         seed: the first seed; seeds: how many (seed, seed + 1, ...), each a full race.
     """
@@ -57,6 +61,7 @@ class RaceConfig:
     calibration_batches: int = 16
     infer_batch_size: int = 64
     infer_repeats: int = 5
+    serve: str = "eager"
     margin: float = 0.5
     seed: int = 0
     seeds: int = 1
@@ -74,6 +79,7 @@ class RaceConfig:
         check_number("lr", self.lr, above=0)
         check_number("weight_decay", self.weight_decay, at_least=0)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("serve", self.serve, SERVE_RUNTIMES)
         check_number("warmup", self.warmup, at_least=0, at_most=0.5)
         check_number("margin", self.margin, at_least=0)
         for name in ("freeze_embeddings", "compile", "amp"):

@@ -5,6 +5,9 @@ The data a race ran on is in its results: the items of each split and a digest o
 evaluation labels (every race), and the settings that chose the data (`data` in results.json:
 --train-limit, --eval-limit, --max-length, --image-size, the --weights file's SHA-256, from the
 CLI and `race_on_task`). A pooled median of evaluation sets of 4 and 24 items would mean nothing.
+Nor can races served differently be pooled (`serve`: speed-ups against the original in eager
+and against the original in int8 are against different baselines); a race from before `serve`
+existed was served eager.
 """
 
 from __future__ import annotations
@@ -33,11 +36,16 @@ def pool_runs(runs: Sequence[dict], sources: Sequence[str]) -> dict:
             raise ValueError(f"{source}: race results of version {run.get('version')!r}; pooling needs version "
                              f"{RACE_VERSION} (this lrdaccel's): race that seed again")
     first, where = runs[0], sources[0]
+    for run, source in zip(runs[1:], sources[1:]):
+        if _serve(run) != _serve(first):
+            raise ValueError(f"{source}: served {_serve(run)} but {where} served {_serve(first)} (serve): their "
+                             f"speed-ups and served accuracies are against different baselines; pool races served "
+                             f"alike")
     ignore = {"seed", "seeds"}
-    reference = {k: v for k, v in first["config"].items() if k not in ignore}
+    reference = {"serve": "eager", **{k: v for k, v in first["config"].items() if k not in ignore}}
     names = [row["name"] for row in first["variants"]]
     for run, source in zip(runs[1:], sources[1:]):
-        config = {k: v for k, v in run["config"].items() if k not in ignore}
+        config = {"serve": "eager", **{k: v for k, v in run["config"].items() if k not in ignore}}
         differing = sorted(k for k in set(config) | set(reference) if config.get(k) != reference.get(k))
         if differing:
             raise ValueError(f"{source}: its settings differ from {where}'s in {differing}: only races that differ "
@@ -62,6 +70,10 @@ def pool_runs(runs: Sequence[dict], sources: Sequence[str]) -> dict:
 # what combine() computes again from the pooled seeds, and the models one run saved in its own folder
 _POOLED = ("target_accuracy", "no_target", "chance_accuracy", "reference", "best_original", "reference_at_start",
            "uncontrolled_lr", "saved")
+
+
+def _serve(run: dict) -> str:
+    return run.get("serve") or "eager"
 
 
 def _differing(key: str, run: dict, first: dict) -> str:

@@ -69,11 +69,21 @@ def _notes(results: dict) -> list[str]:
     return lines
 
 
+def _serving(results: dict) -> list[str]:
+    """What the inference speed-ups are against (said only where it is not the float original)."""
+    if results.get("serve", "eager") == "eager":
+        return []
+    return [f"Served in int8: every variant's trained model is served as its int8 copy, and its "
+            f"inference speed-up is against {results['serve_baseline']}. Accuracy served in int8 is that copy's "
+            f"on the evaluation set; final accuracy, the curves and the target are the float models'."]
+
+
 def render_markdown(results: dict) -> str:
     """The verdicts, the summary table (medians over seeds, with spreads), the per-seed table
     and the curves."""
     config = results["config"]
     seeds = len(results["seeds"])
+    int8 = results.get("serve") == "int8"
     planned = results.get("seeds_planned", seeds)
     embeddings = ""  # said only of a model that has embeddings (a CNN has none)
     if results["seeds"][0].get("embedding_params"):
@@ -95,11 +105,12 @@ def render_markdown(results: dict) -> str:
         f"{results['seeds'][0]['eval_items']:,} evaluation items (chance {results['chance_accuracy']:.2f}%).",
         f"Target: {target}. Training seconds include each variant's setup (factorizing, calibrating, "
         f"pruning); evaluation is not timed; times to the target lie between the two evaluations given.",
+        *_serving(results),
         *_notes(results),
         "",
         "| variant | lr x | params | final accuracy ± SE | train s | time to target | speed-up to target "
-        "| inference speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| inference speed-up |{' accuracy served in int8 |' if int8 else ''}",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if int8 else ""),
     ]
     for row in results["variants"]:
         spread = row["spread"]
@@ -110,7 +121,7 @@ def render_markdown(results: dict) -> str:
         lines.append(
             f"| {row['name']} | {row['lr_multiplier']:g} | {row['params']:.3f}x | {accuracy} | "
             f"{row['train_seconds']:.0f} | {_reached(row, results)}{reached} | {_speedup(row['speedup_to_target'])} "
-            f"| {row['infer_speedup']:.2f}x |")
+            f"| {row['infer_speedup']:.2f}x |" + (f" {row['final_accuracy_served']:.2f}% |" if int8 else ""))
     if seeds > 1:
         lines += ["", "Per seed (time to target s / speed-up / final accuracy):", "",
                   "| variant | " + " | ".join(f"seed {s['seed']}" for s in results["seeds"]) + " |",

@@ -9,7 +9,9 @@ the point-by-point median of the seeds' curves (they evaluate at the same steps)
 {min, median, max, values} of each over the seeds. `final_accuracy_se` and `verdict` say how
 sure the race is (lrdaccel.racing.verdict); `reference` names the original variant first at the
 target (lrdaccel.racing.scoring), `uncontrolled_lr` the variants at a learning rate no original
-raced at.
+raced at. Under serve="int8" (lrdaccel.racing.serving; `serve` and `serve_baseline` in the
+header) each variant also has `final_accuracy_served`, its int8 model's accuracy, and
+`infer_speedup` is measured against the original in int8.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def combine(seeds: Sequence[dict], header: dict) -> dict:
         row["curve"] = _median_curve([r["curve"] for r in rows])
         row["spread"] = {key: _spread([r[key] for r in rows]) for key in
                          ("final_accuracy", "train_seconds", "time_to_target_s", "speedup_to_target", "infer_speedup")}
+        if "final_accuracy_served" in first:
+            row["final_accuracy_served"] = statistics.median(r["final_accuracy_served"] for r in rows)
+            row["spread"]["final_accuracy_served"] = _spread([r["final_accuracy_served"] for r in rows])
         variants.append(row)
     results = {**header, "format": RACE_FORMAT, "version": RACE_VERSION, "seeds": list(seeds), "variants": variants,
                **_pooled_target(seeds, [row["name"] for row in variants])}

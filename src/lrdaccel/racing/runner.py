@@ -13,7 +13,8 @@ its name: its dropout draws, and so its curve, are the same whichever variants r
 Each variant's curve starts with an evaluation before its first step, at its setup time (what
 it spent factorizing, calibrating, pruning: counted as training time), then one evaluation at
 each of `config.evaluations` evenly spaced steps. The target and the speed-ups are scored from
-the curves afterwards (lrdaccel.racing.scoring.score_seed).
+the curves afterwards (lrdaccel.racing.scoring.score_seed). After training, each variant is
+served, timed and (under serve="int8") scored again as lrdaccel.racing.serving says.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from tqdm.auto import tqdm
 
 from lrdaccel._modules import call_model, move_inputs, output_tensor
 from lrdaccel.measure.counting import count_params
-from lrdaccel.measure.steps import Placement, inference_phase
-from lrdaccel.measure.timer import Workload, measure_interleaved, ratio_to_baseline
+from lrdaccel.measure.steps import Placement
 from lrdaccel.racing.config import RaceConfig
 from lrdaccel.racing.contestants import BuildContext, Built, VariantSpec
 from lrdaccel.tasks.data import RaceData
 from lrdaccel.racing.scoring import chance_accuracy, score_seed
+from lrdaccel.racing.serving import check_servable, inference_speedups, served_models, serving_placement
 from lrdaccel.racing.streams import RandomStream
 from lrdaccel.racing.variants import build_variant, check_before_building
 from lrdaccel.training.task import distillation_loss
@@ -77,6 +78,7 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
     if any(spec.options.get("kd") for spec in specs):
         teacher = copy.deepcopy(start).eval().requires_grad_(False)
     check_before_building(specs, start, context)
+    check_servable(start, config.serve)
     contestants = []
     for spec in specs:
         torch.manual_seed(seed)
@@ -111,9 +113,10 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
             bar.set_postfix({c.spec.name: f"{c.curve[-1][2]:.1f}" for c in contestants})  # full names
         bar.update(1)
     bar.close()
+    floats = {contestant.spec.name: _served(contestant) for contestant in contestants}
     if trained is not None:
-        trained.update({contestant.spec.name: _served(contestant) for contestant in contestants})
-    return _results(contestants, start, data, config, placement, seed, steps)
+        trained.update(floats)
+    return _results(contestants, floats, context.calibration, start, data, config, placement, seed, steps)
 
 
 def _batches(size: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -227,19 +230,6 @@ def _served(contestant: _Contestant) -> nn.Module:
     return (built.served(built.model) if built.served else built.model).eval()
 
 
-def _inference_speedups(contestants: list[_Contestant], data: RaceData, config: RaceConfig,
-                        placement: Placement) -> dict[str, dict]:
-    """Each served model's inference throughput over the original's, timed interleaved on one
-    evaluation batch."""
-    size = min(config.infer_batch_size, data.size("eval"))
-    inputs, _ = data.batch("eval", list(range(size)))
-    inputs = placement.place_inputs(inputs)
-    workloads = [Workload(c.spec.name, [inference_phase(_served(c), inputs, placement)]) for c in contestants]
-    timings = measure_interleaved(workloads, repeats=config.infer_repeats, warmup=1, min_run_time=0.2, alternate=True)
-    baseline = contestants[0].spec.name
-    return {c.spec.name: ratio_to_baseline(timings, c.spec.name, baseline) for c in contestants}
-
-
 def param_digest(model: nn.Module) -> str:
     """SHA-256 of the model's state (names and bytes): equal digests, bitwise equal models."""
     digest = hashlib.sha256()
@@ -249,13 +239,18 @@ def param_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _results(contestants: list[_Contestant], start: nn.Module, data: RaceData, config: RaceConfig,
-             placement: Placement, seed: int, steps: int) -> dict:
-    speedups = _inference_speedups(contestants, data, config, placement)
+def _results(contestants: list[_Contestant], floats: dict[str, nn.Module], calibration: list, start: nn.Module,
+             data: RaceData, config: RaceConfig, placement: Placement, seed: int, steps: int) -> dict:
+    """This seed's results: each variant's curve and counts (of its float served model), and its
+    served model's inference speed-up over the original's (and, under int8, accuracy)."""
+    serving = served_models(floats, config.serve, calibration)
+    on = serving_placement(placement, config.serve)
+    inputs, _ = data.batch("eval", list(range(min(config.infer_batch_size, data.size("eval")))))
+    speedups = inference_speedups(serving, inputs, on, contestants[0].spec.name, config.infer_repeats)
     start_params = count_params(start)
     rows = []
     for contestant in contestants:
-        served = _served(contestant)
+        served = floats[contestant.spec.name]
         rows.append({
             "name": contestant.spec.name,
             "kind": contestant.spec.kind,
@@ -276,6 +271,9 @@ def _results(contestants: list[_Contestant], start: nn.Module, data: RaceData, c
             "diverged_at_step": contestant.diverged_at,
             "notes": contestant.built.notes,
         })
+        if config.serve != "eager":  # the float model's accuracy is final_accuracy
+            rows[-1]["final_accuracy_served"] = evaluate(serving[contestant.spec.name], data, config.eval_batch_size,
+                                                         on)
     embeddings = sum(p.numel() for m in start.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     result = {"seed": seed, "steps": steps, "train_items": data.size("train"), "eval_items": data.size("eval"),
               "embedding_params": embeddings, "variants": rows}
