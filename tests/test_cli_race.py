@@ -75,6 +75,7 @@ def test_a_short_race_on_a_user_jsonl_task_saved_and_loaded_back(tmp_path, capsy
     (["--budget-epochs", "1e308"], "budget_epochs 1e+308 is over 10,000,000 steps however small the data"),
     (["--variants", "original,lrd(ratio=2,ratio=3)"], "option 'ratio' is given twice"),
     (["--variants", "original,prune(params=1)"], "params must be a fraction of the original's parameters in (0, 1)"),
+    (["--serve", "fp16"], "argument --serve: invalid choice 'fp16' (choose from eager, int8)"),
 ])
 def test_bad_races_exit_2_with_one_line_before_any_work(tmp_path, capsys, arguments, message):
     out = tmp_path / "race"
@@ -262,3 +263,19 @@ def test_races_served_differently_are_not_pooled(tmp_path, capsys):
         del old["config"]["serve"], old["serve"]
     assert [seed["seed"] for seed in pool_runs([runs[0], _two_seed_runs(tmp_path / "new", lrd)[1]],
                                                ["old.json", "new.json"])["seeds"]] == [0, 1]
+
+
+def test_serve_int8_reaches_the_race(tmp_path, monkeypatch):
+    from lrdaccel.cli import race as cli_race
+
+    seen = {}
+
+    def fake_race(*args, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_race, "race_on_task", fake_race)
+    assert main(["race", "--out", str(tmp_path / "r"), "--serve", "int8", "--no-progress"]) == 130
+    assert seen["config"].serve == "int8"
+    assert main(["race", "--out", str(tmp_path / "r"), "--no-progress"]) == 130
+    assert seen["config"].serve == "eager"  # the default: today's behaviour
