@@ -16,6 +16,7 @@ Target: on each task no pruning point is both faster and more accurate than LRD'
     python benchmarks/peers_pareto.py --task minilm --threads 1              # 28 min
     python benchmarks/peers_pareto.py --task minilm --quick --threads 1      # a few steps: the path works
     python benchmarks/peers_pareto.py --task fmnist-cnn --render            # redraw from results.json
+    python benchmarks/peers_pareto.py --task minilm --serve int8 --threads 1  # served in int8 (issue 29)
 
 Writes OUT/results.json (+ the race's report.md, race.png), OUT/pareto.json, OUT/pareto.png and
 OUT/pareto.md; OUT defaults to benchmarks/results/pareto_<task> (--quick: benchmarks/scratch/).
@@ -23,6 +24,11 @@ The fmnist-cnn starts from a CNN trained here (benchmarks/starting_models.py, ca
 others from their pretrained weights with a new head, so right after building every variant is
 at chance there and only the after-fine-tuning panel compares them. Times are wall time on one
 thread of a shared 2-core machine.
+
+`--serve int8` races with RaceConfig(serve="int8") (lrdaccel.racing.serving): every point's
+speed-up is its int8 copy's against the original's int8 copy, and its accuracy after fine-tuning
+is the int8 copy's (the float one is kept as `after_finetune_float`); right after building the
+accuracy is still the float model's. OUT defaults to benchmarks/results/pareto_<task>_int8.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import lrdaccel as lrd
 from lrdaccel import zoo
 from lrdaccel.measure.counting import count_params
 from lrdaccel.peers import lrd_params
+from lrdaccel.racing.config import SERVE_RUNTIMES
 from lrdaccel.racing.results import load_race
 from lrdaccel.racing.setup import race_on_task
 from lrdaccel.tasks.classifier import make_classifier
@@ -122,13 +129,14 @@ def starting_model(settings: TaskSettings, train_limit: int | None, progress: bo
     return base, lrd_fractions(classifier, keep, settings.ratios)
 
 
-def run(name: str, out: Path, *, quick: bool, taylor: bool, progress: bool, seeds: int = 1) -> dict:
+def run(name: str, out: Path, *, quick: bool, taylor: bool, progress: bool, seeds: int = 1,
+        serve: str = "eager") -> dict:
     settings = TASKS[name]
     limits = settings.quick if quick else {"train_limit": settings.train_limit, "eval_limit": settings.eval_limit}
     base, fractions = starting_model(settings, limits["train_limit"], progress)
     variants = variants_for(settings, fractions, taylor)
     print(f"{name}: LRD parameter fractions {fractions}\nvariants: {variants}")
-    race = {**settings.race, "seeds": seeds, **(QUICK_RACE if quick else {})}
+    race = {**settings.race, "seeds": seeds, "serve": serve, **(QUICK_RACE if quick else {})}
     return race_on_task(settings.model, settings.task, variants, base=base, image_size=settings.image_size,
                         out=out, progress=progress, **limits, **race)
 
@@ -158,7 +166,8 @@ def quartiles(values: list) -> dict:
 
 def points_of(results: dict) -> list[dict]:
     """One point per variant: its speed-up (median and spread over the timing repeats of one
-    seed, or over the seeds), and its accuracy right after building and after fine-tuning."""
+    seed, or over the seeds), and its accuracy right after building and after fine-tuning (as
+    served: in int8 after quantization where the race served int8; the float one beside it)."""
     seeds = results["seeds"]
     points = []
     for i, row in enumerate(results["variants"]):
@@ -167,7 +176,9 @@ def points_of(results: dict) -> list[dict]:
                        "infer_speedup": row["infer_speedup"],
                        "infer_speedup_spread": {**{k: speed[k] for k in ("min", "median", "max")},
                                                 **quartiles(speed["values"])},
-                       "after_build": row["curve"][0][2], "after_finetune": row["final_accuracy"],
+                       "after_build": row["curve"][0][2],
+                       "after_finetune": row.get("final_accuracy_served", row["final_accuracy"]),
+                       "after_finetune_float": row["final_accuracy"],
                        "setup_seconds": row["setup_seconds"]})
     return points
 
@@ -194,6 +205,7 @@ def compare(points: list[dict], stage: str) -> dict:
 def pareto(results: dict, fresh_head: bool) -> dict:
     points = points_of(results)
     return {"model": results.get("model"), "task": results.get("task"), "fresh_head": fresh_head,
+            "serve": results.get("serve", "eager"), "serve_baseline": results.get("serve_baseline"),
             "config": results["config"], "steps": results["seeds"][0]["steps"], "seeds": len(results["seeds"]),
             "eval_items": results.get("eval_items"), "points": points,
             "stages": {stage: compare(points, stage) for stage in STAGES}}
@@ -232,24 +244,31 @@ def markdown(report: dict) -> str:
     stages = report["stages"]
     seeds = "one seed's" if report["seeds"] == 1 else f"medians over {report['seeds']} seeds"
     over = "of the repeats" if report["seeds"] == 1 else "of the seeds' medians"
+    int8 = report.get("serve") == "int8"
+    served = report["serve_baseline"] if int8 else "the original"
     lines = [f"# Accuracy at equal speed: {report['model']} on {report['task']}", "",
              f"One race: {report['steps']} steps of batch {config['batch_size']} (AdamW lr {config['lr']:g}, "
              f"{config['lr_schedule']}) for every variant on the same batches; inference speed-up of each "
-             f"served model over the original, batch {config['infer_batch_size']}, {config['infer_repeats']} "
+             f"served model over {served}, batch {config['infer_batch_size']}, {config['infer_repeats']} "
              f"interleaved repeats (median (quartiles; min-max) {over}). Fronts and dominance are on the medians; "
              f"accuracies are {seeds}, on {report['eval_items']} held-out items.", ""]
     if report["fresh_head"]:
         lines += ["The start is a pretrained model with a new, untrained head: right after building every "
                   "variant is near chance, so only the after-fine-tuning columns compare them.", ""]
-    lines += ["| variant | params | inference speed-up | accuracy right after | accuracy after fine-tuning |"
-              " on front (after / FT) | dominated by pruning (after / FT) |", "|---|---|---|---|---|---|---|"]
+    if int8:
+        lines += ["Served in int8: accuracy after fine-tuning is each variant's int8 copy's (float in brackets); "
+                  "right after building it is the float model's (the race quantizes only after training).", ""]
+    lines += [f"| variant | params | inference speed-up | accuracy right after | accuracy after fine-tuning"
+              f"{' (int8; float)' if int8 else ''} | on front (after / FT) | dominated by pruning (after / FT) |",
+              "|---|---|---|---|---|---|---|"]
     for name, p in points.items():
         spread = p["infer_speedup_spread"]
         on = " / ".join("yes" if name in stages[s]["front"] else "-" for s in STAGES)
         hit = " / ".join(", ".join(stages[s]["lrd_dominated_by_prune"].get(name, [])) or "-" for s in STAGES)
+        finetuned = f"{p['after_finetune']:.2f}%" + (f" ({p['after_finetune_float']:.2f}%)" if int8 else "")
         lines.append(f"| {name} | {p['params']:.3f}x | {p['infer_speedup']:.2f}x ({spread['q1']:.2f}-"
                      f"{spread['q3']:.2f}; {spread['min']:.2f}-{spread['max']:.2f}) | {p['after_build']:.2f}% | "
-                     f"{p['after_finetune']:.2f}% | {on} | "
+                     f"{finetuned} | {on} | "
                      f"{hit if p['kind'] == 'lrd' else ''} |")
     lines.append("")
     for stage, title in STAGES.items():
@@ -283,6 +302,7 @@ def plot(report: dict, path: Path) -> None:
 
     styles = {"original": ("k", "*"), "lrd": ("tab:blue", "o"), "prune": ("tab:orange", "^")}
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
+    over = " in int8, each served in int8" if report.get("serve") == "int8" else ""
     for axis, (stage, title) in zip(axes, STAGES.items()):
         for p in report["points"]:
             color, marker = styles.get(p["kind"], ("grey", "x"))
@@ -300,7 +320,7 @@ def plot(report: dict, path: Path) -> None:
             axis.plot(*front_outline(front, corner), color=styles[kind][0], alpha=0.5,
                       label=f"{'LRD' if kind == 'lrd' else 'pruning'} front")
         axis.set_title(title)
-        axis.set_xlabel("inference speed-up over the original (x; bars: quartiles of the repeats)")
+        axis.set_xlabel(f"inference speed-up over the original{over} (x; bars: quartiles of the repeats)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="best")
@@ -331,14 +351,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="races from seeds 0..N-1; medians reported (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", help="default benchmarks/results/pareto_<task> (--quick: benchmarks/scratch/)")
+    parser.add_argument("--serve", choices=SERVE_RUNTIMES, default="eager",
+                        help="serve, time and score every trained variant as trained (eager) or as its int8 copy "
+                             "against the original's (int8; OUT gets an _int8 suffix)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = "scratch/pareto_{}_quick" if args.quick else "results/pareto_{}"
-    out = Path(args.out) if args.out else ROOT / folder.format(args.task)
+    suffix = "" if args.serve == "eager" else f"_{args.serve}"
+    out = Path(args.out) if args.out else ROOT / folder.format(args.task + suffix)
     if not args.render:
         run(args.task, out, quick=args.quick, taylor=not args.no_taylor, progress=not args.no_progress,
-            seeds=args.seeds)
+            seeds=args.seeds, serve=args.serve)
     write_report(out, fresh_head=not TASKS[args.task].trained_start)
     return 0
 

@@ -146,3 +146,35 @@ def test_the_front_is_drawn_as_the_edge_of_what_it_dominates():
     xs, ys = pareto.front_outline([(2.0, 85.0), (1.0, 90.0)], corner=(0.5, 80.0))
     assert list(zip(xs, ys)) == [(0.5, 90.0), (1.0, 90.0), (1.0, 85.0), (2.0, 85.0), (2.0, 80.0)]
     assert pareto.front_outline([], (0.5, 80.0)) == ([], [])
+
+
+def test_served_in_int8_the_points_are_the_int8_copies(tmp_path):
+    """Issue 29 item 3: --serve int8 races with serve="int8"; each point's accuracy after
+    fine-tuning is its int8 copy's, its speed-up against the original in int8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    results = lrd.race(model, _blobs(96, 0), _blobs(40, 1), "original,lrd(ratio=2)", keep=["4"], out=tmp_path,
+                       progress=False, batch_size=16, lr=1e-2, evaluations=2, calibration_batches=2, infer_repeats=2,
+                       infer_batch_size=8, serve="int8")
+    report = pareto.write_report(tmp_path, fresh_head=False)
+    assert report["serve"] == "int8" and report["serve_baseline"] == results["serve_baseline"]
+    for point, row in zip(report["points"], results["variants"]):
+        assert point["after_finetune"] == row["final_accuracy_served"]
+        assert point["after_finetune_float"] == row["final_accuracy"]
+        assert point["infer_speedup"] == row["infer_speedup"]
+    text = (tmp_path / "pareto.md").read_text()
+    assert f"served model over {results['serve_baseline']}," in text
+    assert "| accuracy after fine-tuning (int8; float) |" in text
+    lrd_point = report["points"][1]
+    assert f"| {lrd_point['after_finetune']:.2f}% ({lrd_point['after_finetune_float']:.2f}%) |" in text
+
+
+def test_serve_int8_reaches_the_race_and_its_own_folder(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(pareto, "run", lambda name, out, **kwargs: seen.update(out=out, **kwargs))
+    monkeypatch.setattr(pareto, "write_report", lambda out, fresh_head: None)
+    monkeypatch.setattr(pareto.torch, "set_num_threads", lambda threads: None)  # this process's threads stay
+    pareto.main(["--task", "minilm", "--quick", "--serve", "int8"])
+    assert seen["serve"] == "int8" and seen["out"] == pareto.ROOT / "scratch/pareto_minilm_int8_quick"
+    pareto.main(["--task", "minilm"])
+    assert seen["serve"] == "eager" and seen["out"] == pareto.ROOT / "results/pareto_minilm"
