@@ -6,6 +6,7 @@ side by side, and measure who reaches the original's accuracy first, and how fas
   stream (`streams`);
 - `variants`, `contestants`, `lrd_variant`, `peer_variants`: what each contestant does before training;
 - `scoring`, `verdict`: the target, the reference, time to it, standard errors and verdicts;
+- `serving`: how the trained variants are served and timed (eager, or int8 against the original in int8);
 - `results`, `pooling`, `report`: results.json (and pooling runs), report.md, race.png;
 - `saving`: `race --save`, every trained variant kept and loaded back.
 
