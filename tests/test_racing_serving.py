@@ -128,3 +128,19 @@ def test_a_model_int8_cannot_serve_is_refused_before_any_variant_is_built(monkey
 def test_an_unknown_serving_runtime_is_one_line():
     with pytest.raises(ValueError, match=r"serve must be one of \('eager', 'int8'\), got 'fp16'"):
         RaceConfig(serve="fp16")
+
+
+@pytest.mark.parametrize("serve, searched", [("int8", {"runtime": "int8", "device": "cpu"}), ("eager", {})])
+def test_ranks_for_inference_are_searched_as_the_race_serves(monkeypatch, serve, searched):
+    from lrdaccel.racing import lrd_variant
+
+    calls = []
+
+    def record(model, plan, example_inputs, objective, **kwargs):
+        calls.append((objective, kwargs))
+        return plan
+
+    monkeypatch.setattr(lrd_variant, "optimize_ranks", record)
+    race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,optimize=infer),lrd(method=svd,optimize=train)",
+         serve=serve, **QUICK)
+    assert calls == [("infer", searched), ("train", {})]

@@ -34,6 +34,8 @@ class BuildContext:
         steps: the race's training steps.
         built: models of the variants built so far, by name (a peer matches one of them).
         kinds: the kind of each variant built so far, by name.
+        serve: how the race serves the trained variants (RaceConfig.serve): `lrd(optimize=infer)`
+            times its candidate ranks in that runtime.
     """
 
     calibration: list[Any]
@@ -43,6 +45,7 @@ class BuildContext:
     steps: int
     built: dict[str, nn.Module] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
+    serve: str = "eager"
 
 
 @dataclass

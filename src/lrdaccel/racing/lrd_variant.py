@@ -4,7 +4,7 @@ Its defaults (`LRD_DEFAULTS`) are the best pipeline the race benchmarks found
 (benchmarks/BENCHMARKS.md, "Time to accuracy"), at the race's own learning rate (lr x2 gained
 the original as much: BENCHMARKS 10b, 1.01x; and lost on the CNN, 10d); each option selects a part: ratio, method
 (svd / whiten), sequential, allocate (sensitivity), calibration (batches), optimize (rank search
-for "infer" / "train" on this machine), merge (CNN bottlenecks), freeze (rotate / static /
+for "infer" / "train" on this machine; "infer" times ranks in int8 where the race serves int8), merge (CNN bottlenecks), freeze (rotate / static /
 freeze_one / none) with every_steps (default: six phases over the race), lr (a multiplier of the
 race's learning rate), kd (weight of distillation from the starting classifier's logits),
 exclude (a full regex of module names kept whole), form (factor: SVD / Tucker-2 factors; narrow:
@@ -107,5 +107,8 @@ def _plan(options: dict, model: nn.Module, context: BuildContext, excluded, cali
                      example_inputs=context.example_inputs,
                      **({"allocate": "sensitivity", "calibration": calibration} if allocating else {}))
     if options["optimize"] != "none":
-        plan = optimize_ranks(model, plan, context.example_inputs, objective=options["optimize"])
+        # ranks for inference are timed as the race serves them: in int8 (on the CPU) under serve="int8"
+        int8 = options["optimize"] == "infer" and context.serve == "int8"
+        served = {"runtime": "int8", "device": "cpu"} if int8 else {}
+        plan = optimize_ranks(model, plan, context.example_inputs, objective=options["optimize"], **served)
     return plan

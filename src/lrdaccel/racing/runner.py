@@ -138,7 +138,7 @@ def _context(data: RaceData, batches: list[list[int]], config: RaceConfig, keep:
         x, y = data.batch("train", indices)
         inputs.append(move_inputs(x, device))
         labels.append(y.to(device))
-    return BuildContext(inputs, labels, inputs[0], list(keep), steps)
+    return BuildContext(inputs, labels, inputs[0], list(keep), steps, serve=config.serve)
 
 
 def _contestant(spec: VariantSpec, built: Built, config: RaceConfig, steps: int, setup: float,
