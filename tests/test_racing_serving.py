@@ -70,6 +70,9 @@ def test_an_int8_race_scores_and_times_the_quantized_models(tmp_path, monkeypatc
         assert row["final_accuracy_served"] == runner.evaluate(served, data, 64, Placement("cpu"))
         assert row["spread"]["final_accuracy_served"]["values"] == [row["final_accuracy_served"]]
     assert results["variants"][0]["infer_speedup"] == 1.0
+    for row in results["variants"]:
+        assert (f"serves {row['infer_speedup']:.2f}x in int8 ({row['final_accuracy_served']:.2f}% after "
+                f"quantization) at {row['params']:.3f}x the parameters") in row["verdict"]
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["serve"] == "int8" and "final_accuracy_served" in on_disk["seeds"][0]["variants"][1]
     report = (tmp_path / "report.md").read_text()

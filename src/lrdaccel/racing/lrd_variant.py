@@ -4,9 +4,9 @@ Its defaults (`LRD_DEFAULTS`) are the best pipeline the race benchmarks found
 (benchmarks/BENCHMARKS.md, "Time to accuracy"), at the race's own learning rate (lr x2 gained
 the original as much: BENCHMARKS 10b, 1.01x; and lost on the CNN, 10d); each option selects a part: ratio, method
 (svd / whiten), sequential, allocate (sensitivity), calibration (batches), optimize (rank search
-for "infer" / "train" on this machine; "infer" times ranks in int8 where the race serves int8), merge (CNN bottlenecks), freeze (rotate / static /
-freeze_one / none) with every_steps (default: six phases over the race), lr (a multiplier of the
-race's learning rate), kd (weight of distillation from the starting classifier's logits),
+for "infer" / "train" on this machine; "infer" in int8 where the race serves int8), merge (CNN
+bottlenecks), freeze (rotate / static / freeze_one / none) with every_steps (default: six
+phases over the race), lr (a multiplier of the race's learning rate), kd (weight of distillation from the starting classifier's logits),
 exclude (a full regex of module names kept whole), form (factor: SVD / Tucker-2 factors; narrow:
 the widths between layers shrink, the consumers refitted: `lrd.plan(form="narrow")`), plan (a plan
 made beforehand: a path to its JSON, or a Plan in Python, e.g. ranks `lrd.optimize_ranks` chose for

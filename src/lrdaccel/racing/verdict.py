@@ -86,7 +86,10 @@ def verdict(row: dict, reference: dict, results: dict, seeds: int) -> str:
         comparison = compare(row, reference)
         parts.append(_accuracy(row, reference, comparison))
     parts.append(_time(row, reference, results))
-    parts.append(f"serves {row['infer_speedup']:.2f}x at {row['params']:.3f}x the parameters")
+    served = ""
+    if results.get("serve") == "int8":
+        served = f" in int8 ({row['final_accuracy_served']:.2f}% after quantization)"
+    parts.append(f"serves {row['infer_speedup']:.2f}x{served} at {row['params']:.3f}x the parameters")
     line = f"{parts[0]}: " + "; ".join(parts[1:])
     if row["name"] != reference["name"] and compare(row, reference)["within_noise"]:
         line += f"; race more seeds to tell (--seeds {max(3, 2 * seeds)})"
