@@ -20,7 +20,7 @@ same precision and runtime, within each repeat (the figure issue 29's target is 
 
 No fine-tuning anywhere: the fidelity columns are what each form loses as built.
 
-    python benchmarks/int8_serving.py                       # ~8 min on a loaded 2-core machine
+    python benchmarks/int8_serving.py                       # 8-16 min on a loaded 2-core machine
     python benchmarks/int8_serving.py --models fmnist-cnn --repeats 3
     python benchmarks/int8_serving.py --tag _run4          # results_run4.{json,md}
 
