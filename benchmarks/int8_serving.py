@@ -1,6 +1,14 @@
-"""Int8 serving, side by side: every form of a model (original, LRD ratio 2 whitened, pruned to
-LRD's parameters) in fp32 and int8, in PyTorch (`lrd.quantize`) and ONNX Runtime
-(`lrd.export_onnx(..., quantize="int8")`), 1 thread, interleaved, with fidelity.
+"""Int8 serving, side by side: every form of a model in fp32 and int8, in PyTorch
+(`lrd.quantize`) and ONNX Runtime (`lrd.export_onnx(..., quantize="int8")`), 1 thread,
+interleaved, with fidelity.
+
+Forms: the original; LRD ratio 2 whitened ("lrd"); torch-pruning at LRD's parameters ("pruned");
+the narrow form at ratio 2 (`lrd.plan(model, ratio=2, form="narrow")`: MiniLM's FFNs keep half
+their neurons and every attention head half its dimensions, the CNN's residual blocks half their
+inner width: "narrow r2"); torch-pruning at narrow r2's parameters ("pruned at narrow r2", so
+pruned + int8 meets narrow + int8 at equal parameters); and for MiniLM the narrow form of the FFNs
+only (attention excluded: "narrow FFN r2"). Every form is also timed against the original in the
+same precision and runtime, within each repeat (the figure issue 29's target is about).
 
 - minilm: the real all-MiniLM-L6-v2; timed on one batch of 64 WordNet glosses of at most 40
   tokens; fidelity is the cosine of mean-pooled embeddings against the fp32 original on held-out
@@ -12,10 +20,11 @@ LRD's parameters) in fp32 and int8, in PyTorch (`lrd.quantize`) and ONNX Runtime
 
 No fine-tuning anywhere: the fidelity columns are what each form loses as built.
 
-    python benchmarks/int8_serving.py                       # ~8 min on a loaded 2-core machine
+    python benchmarks/int8_serving.py                       # 8-16 min on a loaded 2-core machine
     python benchmarks/int8_serving.py --models fmnist-cnn --repeats 3
+    python benchmarks/int8_serving.py --tag _run4          # results_run4.{json,md}
 
-Writes benchmarks/results/int8_serving/{results.json,results.md}.
+Writes benchmarks/results/int8_serving/results{tag}.{json,md}.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from lrdaccel.calibration import corpora  # noqa: E402
 from lrdaccel.data import standardized_splits  # noqa: E402
 from lrdaccel.deploy.onnx_session import make_session, run_session, feeds, session_step  # noqa: E402
 from lrdaccel.measure.counting import count_params  # noqa: E402
-from lrdaccel.measure.timer import Phase, Workload, measure_interleaved, spread  # noqa: E402
+from lrdaccel.measure.timer import Phase, Workload, measure_interleaved, ratio_to_baseline, spread  # noqa: E402
 from lrdaccel.peers import prune  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,6 +75,9 @@ def minilm_forms() -> tuple[dict, dict, list, callable]:
     decomposed = copy.deepcopy(original)
     lrd.decompose(decomposed, ratio=2.0, method="whiten", calibration=calibration)
     pruned, _ = prune(original, batch, target_params=count_params(decomposed))
+    narrow_ffn = narrowed(original, calibration, batch, exclude=r".*attention.*")
+    narrow = narrowed(original, calibration, batch)
+    pruned_narrow, _ = prune(original, batch, target_params=count_params(narrow))
 
     def pooled(output, inputs) -> torch.Tensor:
         mask = inputs["attention_mask"].unsqueeze(-1).float()
@@ -78,8 +90,9 @@ def minilm_forms() -> tuple[dict, dict, list, callable]:
         got = torch.cat([pooled(run(b), b) for b in held_out])
         return float(F.cosine_similarity(got, reference).mean())
 
-    return {"original": original, "lrd": decomposed, "pruned": pruned}, batch, calibration[:2], \
-        ("cosine", fidelity, held_out)
+    forms = {"original": original, "lrd": decomposed, "pruned": pruned, "narrow FFN r2": narrow_ffn,
+             "narrow r2": narrow, "pruned at narrow r2": pruned_narrow}
+    return forms, batch, calibration[:2], ("cosine", fidelity, held_out)
 
 
 def cnn_forms() -> tuple[dict, torch.Tensor, list, tuple]:
@@ -92,14 +105,25 @@ def cnn_forms() -> tuple[dict, torch.Tensor, list, tuple]:
     lrd.decompose(decomposed, ratio=2.0, method="whiten", calibration=calibration,
                   filter_fn=keep_input_layer(1))
     pruned, _ = prune(original, batch, target_params=count_params(decomposed))
+    narrow = narrowed(original, calibration, calibration[0][:1])
+    pruned_narrow, _ = prune(original, batch, target_params=count_params(narrow))
     test_batches = list(images.split(1000))
 
     def fidelity(run) -> float:
         predicted = torch.cat([torch.as_tensor(run(b)).argmax(-1) for b in test_batches])
         return float((predicted == labels).float().mean() * 100)
 
-    return {"original": original, "lrd": decomposed, "pruned": pruned}, batch, calibration[:4], \
-        ("test accuracy %", fidelity, test_batches)
+    forms = {"original": original, "lrd": decomposed, "pruned": pruned, "narrow r2": narrow,
+             "pruned at narrow r2": pruned_narrow}
+    return forms, batch, calibration[:4], ("test accuracy %", fidelity, test_batches)
+
+
+def narrowed(original, calibration: list, example, **settings):
+    """A copy of `original` in the narrow form at ratio 2 (`settings`: plan options, e.g. exclude)."""
+    model = copy.deepcopy(original)
+    plan = lrd.plan(original, ratio=2, form="narrow", example_inputs=example, **settings)
+    lrd.decompose(model, plan, calibration=calibration)
+    return model.eval()
 
 
 def call(model, inputs):
@@ -110,12 +134,13 @@ def call(model, inputs):
 def run_model(name: str, repeats: int, scratch: Path) -> dict:
     forms, batch, calibration, (metric, fidelity, _) = minilm_forms() if name == "minilm" else cnn_forms()
     static = calibration if name == "fmnist-cnn" else None
-    runners, steps, params, exports = {}, [], {}, {}
+    runners, steps, params, exports, parts = {}, [], {}, {}, {}
     for form, model in forms.items():
         params[form] = count_params(model)
         quantized = lrd.quantize(model, "int8", calibration=static)
         for precision, torch_model in (("fp32", model), ("int8", quantized)):
             label = f"{form} {precision} PyTorch"
+            parts[label] = (form, precision, "PyTorch")
             runners[label] = torch.inference_mode()(lambda b, m=torch_model: call(m, b))
             steps.append(Workload(label, [Phase(lambda m=torch_model: runners_step(m, batch))]))
             path = scratch / f"{name}-{form}-{precision}.onnx"
@@ -127,16 +152,18 @@ def run_model(name: str, repeats: int, scratch: Path) -> dict:
                                                            default=None)}
             session = make_session(str(path))
             label = f"{form} {precision} ONNX Runtime"
+            parts[label] = (form, precision, "ONNX Runtime")
             runners[label] = lambda b, s=session: run_session(s, feeds(s, b))[0]
             steps.append(Workload(label, [Phase(session_step(session, batch))]))
     print(f"{name}: forms built and exported; timing {len(steps)} workloads x {repeats} repeats", flush=True)
     timings = measure_interleaved(steps, repeats=repeats, warmup=1, min_run_time=0.3, alternate=True)
-    base = timings.seconds["original fp32 PyTorch"]
     rows = []
     for label, seconds in timings.seconds.items():
-        form = label.split()[0]
-        rows.append({"name": label, "params": params[form], "ms": spread([s * 1e3 for s in seconds]),
-                     "speedup": spread([b / s for b, s in zip(base, seconds)]),
+        form, precision, runtime = parts[label]
+        rows.append({"name": label, "form": form, "precision": precision, "runtime": runtime,
+                     "params": params[form], "ms": spread([s * 1e3 for s in seconds]),
+                     "speedup": ratio_to_baseline(timings, label, "original fp32 PyTorch"),
+                     "vs_original_same": ratio_to_baseline(timings, label, f"original {precision} {runtime}"),
                      metric: fidelity(runners[label])})
     return {"metric": metric, "rows": rows, "exports": exports}
 
@@ -150,14 +177,23 @@ def markdown(results: dict) -> str:
     lines = [f"Int8 serving ({results['date']}, {results['machine']}, {results['threads']} thread, "
              f"{results['repeats']} interleaved repeats; the machine was shared with other jobs). Batch {BATCH}; "
              "time min / median / max; speed-up is the median over repeats of the original fp32 PyTorch time "
-             "over the row's, in the same repeat.", ""]
+             "over the row's, in the same repeat; 'vs original' is the same against the original in the row's "
+             "precision and runtime (min / median / max).", ""]
     for name, model in results["models"].items():
         metric = model["metric"]
-        lines += [f"### {name}", "", f"| form | params | time (ms) | speed-up | {metric} |", "|---|---|---|---|---|"]
+        lines += [f"### {name}", "", f"| form | params | time (ms) | speed-up | vs original | {metric} |",
+                  "|---|---|---|---|---|---|"]
         for row in model["rows"]:
-            ms = row["ms"]
-            lines.append(f"| {row['name']} | {row['params'] / 1e6:.2f}M | {ms['min']:.1f} / {ms['median']:.1f} / "
-                         f"{ms['max']:.1f} | {row['speedup']['median']:.2f}x | {row[metric]:.3f} |")
+            ms, same = row["ms"], row["vs_original_same"]
+            lines.append(f"| {row['name']} | {row['params'] / 1e6:.4g}M | {ms['min']:.1f} / {ms['median']:.1f} / "
+                         f"{ms['max']:.1f} | {row['speedup']['median']:.2f}x | {same['min']:.2f} / "
+                         f"{same['median']:.2f} / {same['max']:.2f} | {row[metric]:.3f} |")
+        lines += ["", "ONNX export checks against the float PyTorch model (largest |difference|, lowest "
+                  "per-sample cosine, export seconds):", "", "| export | max abs diff | cosine | seconds |",
+                  "|---|---|---|---|"]
+        for export, check in model["exports"].items():
+            cosine = "-" if check["cosine"] is None else f"{check['cosine']:.4f}"
+            lines.append(f"| {export} | {check['worst']:.3g} | {cosine} | {check['seconds']:.1f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -167,6 +203,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="minilm,fmnist-cnn")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--tag", default="", help="suffix of the result files (results{tag}.json), e.g. _run4")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -180,8 +217,8 @@ def main(argv=None) -> None:
             results["models"][name]["seconds"] = time.perf_counter() - began
             print(f"{name} done in {results['models'][name]['seconds']:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results) + "\n")
+    (args.out / f"results{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"results{args.tag}.md").write_text(markdown(results) + "\n")
     print(markdown(results))
 
 
