@@ -30,7 +30,7 @@ from lrdaccel.planning.auto_measure import (
     BenchmarkLayerTimer, LayerTimer, UnitTimes, combined, factorized, head_error, input_shapes, narrow_error,
     narrowed_shape, resized)
 from lrdaccel.planning.rows import LayerPlan
-from lrdaccel.planning.sensitivity import measure_sensitivity
+from lrdaccel.planning.sensitivity import truncation_loss
 
 MIN_GAIN = 0.02  # as rank optimization's default: a score within this of keeping is noise
 
@@ -60,15 +60,24 @@ def choose_forms(model: nn.Module, factor_rows: list[LayerPlan], narrow_rows: li
     unit_names.update({name: [name] for name in singles})
 
     decomposed = [name for names in unit_names.values() for name in names if factor[name].decomposed]
-    losses = measure_sensitivity(model, decomposed, calibration, sensitivity="output") if decomposed else {}
     observed = [row.name if row.narrow.heads else row.narrow.consumer for row in pairs]
-    stats = collect_input_stats(model, observed, calibration) if observed else {}
+    wanted = list(dict.fromkeys(decomposed + observed))
+    stats = collect_input_stats(model, wanted, calibration) if wanted else {}  # one pass for every error
+    unreached = next((name for name in wanted if not stats[name].count), None)
+    if unreached is not None:
+        raise ValueError(f"form='auto': no calibration batch reaches {unreached!r}; exclude it or give batches "
+                         f"that use it")
     shapes = input_shapes(model, [name for names in unit_names.values() for name in names], example_inputs)
     times = UnitTimes(timer or BenchmarkLayerTimer())
 
     def factor_error(name: str) -> float:
         row = factor[name]
-        return losses[name].loss(row.rank) ** 0.5 if row.decomposed else 0.0
+        if not row.decomposed:
+            return 0.0
+        loss = truncation_loss(model.get_submodule(name), stats[name].covariance())
+        lost, energy = (loss[row.rank], loss[0]) if isinstance(row.rank, int) else (loss[row.rank[1], row.rank[0]],
+                                                                                    loss[0, 0])
+        return float(lost / energy) ** 0.5 if energy > 0 else 0.0
 
     rows = dict(factor)
     record = {}
@@ -123,10 +132,7 @@ def _pair_error(model: nn.Module, pair: LayerPlan, stats: dict) -> float:
         query, key = (model.get_submodule(n) for n in narrow.co_producers)
         return head_error(query, key, model.get_submodule(pair.name), model.get_submodule(narrow.consumer),
                           stats[pair.name], narrow.heads, pair.rank // narrow.heads)
-    consumer = narrow.consumer
-    if not stats[consumer].count:
-        raise ValueError(f"form='auto': no calibration batch reached {consumer!r} (the consumer of {pair.name!r})")
-    return narrow_error(model.get_submodule(consumer), stats[consumer], pair.rank)
+    return narrow_error(model.get_submodule(narrow.consumer), stats[narrow.consumer], pair.rank)
 
 
 def _reason(best: _Option, options: list[_Option]) -> str:

@@ -9,9 +9,10 @@ producer and consumer (the activation, BatchNorms, depthwise convs, the attentio
 timed: it shrinks with a narrowed width, so the sum slightly understates what narrowing saves.
 Identical (module, input shape) pairs are timed once.
 
-Errors (relative output error on the calibration batches, 0 for a kept layer):
+Errors (relative output error on the calibration batches, 0 for a kept layer; the statistics of
+every layer come from one pass over the batches):
 - factorized layer: sqrt of the whitened truncation loss over the output energy at its rank
-  (`planning.sensitivity`, sensitivity "output": exact for SVD, the HOSVD bound for Tucker-2);
+  (`planning.sensitivity.truncation_loss`: exact for SVD, the HOSVD bound for Tucker-2);
 - narrowed pair: the consumer's relative output error after the channel selection and ridge refit
   `lrd.decompose` performs (`factorize.narrow`), on the activations of the original model;
 - narrowed attention: per head, the tail of the whitened singular values of the query/key bilinear
