@@ -30,6 +30,12 @@ RACES = {
         "--lr", "1e-4", "--evaluations", "8",
         "--variants", "original,original(lr=2),lrd(lr=2),prune(lr=2),lora",
     ],
+    # issue 28: the narrow form against the best original (lr x1 and x2 both raced), at each rate
+    "minilm-narrow": [
+        "--model", "minilm", "--task", "wordnet-supersense", "--train-limit", "20000", "--batch-size", "32",
+        "--lr", "1e-4", "--evaluations", "8",
+        "--variants", "original,original(lr=2),lrd(form=narrow),lrd(form=narrow,lr=2)",
+    ],
     "effnet": [
         "--model", "efficientnet-lite0", "--task", "fashion-mnist", "--image-size", "48", "--train-limit", "20000",
         "--eval-limit", "2000", "--batch-size", "64", "--lr", "1e-3", "--evaluations", "10",

@@ -209,6 +209,19 @@ def test_a_plan_made_beforehand_and_the_trained_models_handed_back(tmp_path):
         parse_variants("original,lrd(plan='nowhere.json')")
 
 
+def test_the_narrow_form_races_as_an_lrd_variant():
+    """lrd(form=narrow): the MLP's two hidden widths shrink (ordinary, narrower Linears), refitted on
+    the race's calibration batches, and train like any other variant."""
+    trained = {}
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(form=narrow)", progress=False, trained=trained,
+                   **QUICK, max_steps=2)
+    narrow = trained["lrd(form=narrow)"]
+    assert [type(layer).__name__ for layer in narrow] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert narrow[0].out_features == 32 and narrow[2].in_features == 32  # ratio 2 of the 64-wide pair
+    assert results["variants"][1]["notes"]["decomposed_layers"] >= 1
+    assert results["variants"][1]["params"] < 1.0
+
+
 def test_without_matplotlib_the_report_says_the_plot_was_not_drawn(tmp_path, monkeypatch):
     import sys
 

@@ -42,6 +42,9 @@ def test_values_are_typed():
     ("original,original", "'original' is given twice"),
     ("original," + "lrd(ratio=2,ratio=3)", "variant 'lrd\\(ratio=2,ratio=3\\)': option 'ratio' is given twice"),
     ("original," + "prune(params=0.5, params=0.6)", "option 'params' is given twice"),
+    ("original," + "lrd(form=wide)", "form must be one of"),
+    ("original," + "lrd(form=narrow,merge=true)", "form=narrow does not combine with merge=true"),
+    ("original," + "lrd(form=narrow,freeze=rotate)", "no factors to freeze in turn: give freeze=none"),
 ])
 def test_bad_variants_name_the_variant_and_the_value(text, message):
     with pytest.raises(ValueError, match=message):

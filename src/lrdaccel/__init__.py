@@ -10,7 +10,7 @@
 """
 
 from lrdaccel._version import __version__
-from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx, fuse_batchnorm
+from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx, fuse_batchnorm, quantize
 from lrdaccel.io import load, save
 from lrdaccel.layers import BranchedTuckerConv2d, LowRankModule, MergedConv2d, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.planning import LayerPlan, Plan, PlanConfig, allocate_ranks, find_merge_candidates, plan
@@ -55,6 +55,7 @@ __all__ = [
     "load",
     "optimize_ranks",
     "plan",
+    "quantize",
     "race",
     "recalibrate_batchnorm",
     "save",

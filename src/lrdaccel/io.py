@@ -86,11 +86,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     a crash is refused on load with a clear error. Under torch.distributed only rank 0 writes.
 
     Raises:
-        ValueError: `directory` exists and is not a directory, or lies under a file.
+        ValueError: `directory` exists and is not a directory, or lies under a file; the model is
+            quantized (nothing is written: save the float model, quantize after loading).
     """
     if not _is_writer():
         return
     model = unwrap(model)
+    check_plain_state(model)
     directory = Path(directory)
     check_output_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,19 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     }
 
     write_checkpoint(tensors, directory / WEIGHTS_NAME, config, directory / CONFIG_NAME)
+
+
+def check_plain_state(model: nn.Module) -> None:
+    """Refuse a quantized model before anything is written: its int8 layers keep packed weights,
+    scales and dtypes (`lrd.quantize`, torch.ao, torchao) that safetensors cannot hold and that
+    `lrd.load` could not rebuild. Quantizing after loading gives the same model in a second."""
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and type(value) in (torch.Tensor, nn.Parameter) and not value.is_quantized:
+            continue
+        layer = name.split("._packed_params")[0] if "._packed_params" in name else name.rpartition(".")[0]
+        kind = model.get_submodule(layer)._get_name()
+        raise ValueError(f"lrd.save: layer {layer!r} is quantized ({kind}), which a checkpoint cannot hold; save the "
+                         f"float model and quantize after lrd.load (lrd.quantize(model, 'int8'))")
 
 
 def write_checkpoint(tensors: dict[str, torch.Tensor], weights_path: Path, config: dict, config_path: Path) -> None:

@@ -21,10 +21,11 @@ The target is the best original variant's final accuracy - 0.5 points; the refer
 to it every speed-up divides, is the original variant that reaches it first. Each variant gets a
 one-line verdict that calls no difference within two standard errors a win or a loss.
 
-Variants: `original` (the reference, always raced), `lrd` (lrdaccel's best pipeline), and
+Variants: `original` (always raced; `original(lr=2)` races too and can be the reference), `lrd` (lrdaccel's best pipeline), and
 `lrd(option=value,...)` selecting its parts (each option once): ratio, method (svd|whiten), sequential, allocate
 (none|sensitivity), calibration, optimize (none|infer|train), merge, freeze
-(none|rotate|static|freeze_one), every_steps, lr (multiplier), kd, exclude. With lrdaccel[peers]:
+(none|rotate|static|freeze_one), every_steps, lr (multiplier), kd, exclude, form (factor|narrow), plan
+(a plan JSON made beforehand). With lrdaccel[peers]:
 `prune(params=lrd|fraction,importance=magnitude|taylor)` (structured channel pruning to the first
 lrd variant's parameters, then fine-tuned) and `lora(rank,alpha,ratio)` (LoRA on the layers LRD
 decomposes, served merged). `lr` and `kd` apply to every kind.

@@ -120,9 +120,15 @@ def classifier_plan(plan: Plan, classifier: nn.Module) -> Plan:
 
 
 def _rooted(row: LayerPlan, prefix: str) -> LayerPlan:
-    """A plan row (and the neighbours a merged row absorbs) with `prefix` before every module name."""
-    merge = row.merge
+    """A plan row (and the neighbours a merged or narrow row changes) with `prefix` before every
+    module name."""
+    merge, narrow = row.merge, row.narrow
     if merge is not None:
         merge = dataclasses.replace(merge, first=prefix + merge.first, bn1=prefix + merge.bn1, bn2=prefix + merge.bn2,
                                     last=prefix + merge.last, bn3=merge.bn3 and prefix + merge.bn3)
-    return dataclasses.replace(row, name=prefix + row.name, merge=merge)
+    if narrow is not None:
+        narrow = dataclasses.replace(narrow, consumer=prefix + narrow.consumer,
+                                     resized=tuple(prefix + name for name in narrow.resized),
+                                     co_producers=tuple(prefix + name for name in narrow.co_producers),
+                                     attention=narrow.attention and prefix + narrow.attention)
+    return dataclasses.replace(row, name=prefix + row.name, merge=merge, narrow=narrow)
