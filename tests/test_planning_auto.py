@@ -147,3 +147,22 @@ def test_a_timer_without_a_positive_time_is_refused():
     model, x = ffn(duplicated=True), batches()
     with pytest.raises(ValueError, match=r"the timer gave 0.0 ms for a Linear on input \(256, 64\)"):
         auto(model, x, timer=lambda module, shape: 0.0)
+
+
+class Branchy(nn.Module):
+    """Two layers; the example inputs reach only the first (the calibration batches reach both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(x) if x.shape[0] > 100 else self.a(x)
+
+
+def test_a_layer_the_example_inputs_miss_keeps_its_factor_row_and_says_so():
+    model, x = Branchy(), batches() + [torch.randn(8, 64)]
+    plan = lrd.plan(model, ratio=2.0, form="auto", example_inputs=x[-1], calibration=x, timer=weights_ms)
+    assert plan["b"].kind == "svd" and plan["b"].reason == "ratio 2; auto: not reached by the example inputs, not decided"
+    assert plan["a"].reason.startswith("ratio 2; auto: ")
+    assert set(plan.meta["auto_form"]["units"]) == {"a"}

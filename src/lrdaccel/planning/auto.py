@@ -83,8 +83,10 @@ def choose_forms(model: nn.Module, factor_rows: list[LayerPlan], narrow_rows: li
     record = {}
     not_narrowed = {row.name: row.reason for row in narrow_rows if row.kind == "keep" and row.reason.startswith("not narrowed")}
     for name, names in unit_names.items():
-        if any(n not in shapes for n in names):
-            continue  # not reached by the example inputs: the factor plan's rows stay
+        if any(n not in shapes for n in names):  # nothing to time: the factor plan's rows stay
+            rows.update({n: dataclasses.replace(factor[n], reason=f"{factor[n].reason}; auto: not reached by the "
+                                                                  f"example inputs, not decided") for n in names})
+            continue
         modules = {n: model.get_submodule(n) for n in names}
         keep_ms = times([(modules[n], shapes[n]) for n in names])
         options = [_Option("keep", keep_ms, 0.0)]

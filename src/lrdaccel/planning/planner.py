@@ -15,7 +15,9 @@ k x k conv's ratio ranks, in place of the rows of its three convs; a candidate t
 keeps its rows, the k x k conv's row saying why in `merge_skipped`. With `form="narrow"` (and
 example inputs) every `layer -> activation -> layer` width found by lrdaccel.planning.narrow
 becomes one "narrow" row named by its producer, keeping 1/ratio of the pair's weights; every other
-layer is kept, a width that cannot narrow saying why.
+layer is kept, a width that cannot narrow saying why. With `form="auto"` (example inputs and
+calibration batches) both are planned and each narrowable width and each other factorizable layer
+takes keep, factor or narrow by measured time saved against output error (lrdaccel.planning.auto).
 
 Example:
     >>> import torch, lrdaccel as lrd
@@ -152,8 +154,8 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
 
     Raises:
         ValueError: ratio <= 1, a bad rank, an unknown setting, a name pattern that matches no
-            candidate, merge=True or form="narrow" without example_inputs (or inputs the model
-            fails on), a narrow width out of [1, n],
+            candidate, merge=True or form="narrow" / "auto" without example_inputs (or inputs the
+            model fails on), form="auto" without calibration, a narrow width out of [1, n],
             allocate="sensitivity" without calibration, or calibration without it.
     """
     if ratio is not None:
