@@ -33,8 +33,9 @@ def ffn(d=64, n=256, duplicated=False, low_rank=None, seed=0):
             model[0].bias.copy_(model[0].bias[: n // 2].repeat(2))
         if low_rank:
             def near(rows, cols):
-                return (torch.randn(rows, low_rank, generator=generator) @ torch.randn(low_rank, cols, generator=generator)
-                        / cols ** 0.5 + 1e-3 * torch.randn(rows, cols, generator=generator))
+                left = torch.randn(rows, low_rank, generator=generator)
+                right = torch.randn(low_rank, cols, generator=generator)
+                return left @ right / cols ** 0.5 + 1e-3 * torch.randn(rows, cols, generator=generator)
             model[0].weight.copy_(near(n, d))
             model[2].weight.copy_(near(d, n))
     return model
@@ -163,6 +164,7 @@ class Branchy(nn.Module):
 def test_a_layer_the_example_inputs_miss_keeps_its_factor_row_and_says_so():
     model, x = Branchy(), batches() + [torch.randn(8, 64)]
     plan = lrd.plan(model, ratio=2.0, form="auto", example_inputs=x[-1], calibration=x, timer=weights_ms)
-    assert plan["b"].kind == "svd" and plan["b"].reason == "ratio 2; auto: not reached by the example inputs, not decided"
+    assert plan["b"].kind == "svd"
+    assert plan["b"].reason == "ratio 2; auto: not reached by the example inputs, not decided"
     assert plan["a"].reason.startswith("ratio 2; auto: ")
     assert set(plan.meta["auto_form"]["units"]) == {"a"}

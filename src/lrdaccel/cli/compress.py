@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
                          "narrow or auto")
     if form == "auto":  # which form each width and layer took, and why
         print(plan)
-    needed = calibration if config.method == "whiten" or plan.merged or plan.narrowed else None  # allocation has read them
+    # allocation and auto have read them
+    needed = calibration if config.method == "whiten" or plan.merged or plan.narrowed else None
     report = decompose(model, plan, example_inputs=example, calibration=needed, config=config, progress=True)
     print(report)
     save(model, args.output)

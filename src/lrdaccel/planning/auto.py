@@ -44,8 +44,8 @@ class _Option:
 
 
 def choose_forms(model: nn.Module, factor_rows: list[LayerPlan], narrow_rows: list[LayerPlan], example_inputs: Any,
-                 calibration: Any, *, tradeoff: float = 1.0, timer: LayerTimer | None = None,
-                 selection: str = "qr") -> tuple[list[LayerPlan], dict]:
+                 calibration: Any, *, tradeoff: float = 1.0,
+                 timer: LayerTimer | None = None) -> tuple[list[LayerPlan], dict]:
     """The rows of the mixed plan, and the record of every decision (for `plan.meta["auto_form"]`).
 
     Raises:
@@ -81,7 +81,8 @@ def choose_forms(model: nn.Module, factor_rows: list[LayerPlan], narrow_rows: li
 
     rows = dict(factor)
     record = {}
-    not_narrowed = {row.name: row.reason for row in narrow_rows if row.kind == "keep" and row.reason.startswith("not narrowed")}
+    not_narrowed = {row.name: row.reason for row in narrow_rows
+                    if row.kind == "keep" and row.reason.startswith("not narrowed")}
     for name, names in unit_names.items():
         if any(n not in shapes for n in names):  # nothing to time: the factor plan's rows stay
             rows.update({n: dataclasses.replace(factor[n], reason=f"{factor[n].reason}; auto: not reached by the "
@@ -125,7 +126,8 @@ def _narrowed(modules: dict[str, nn.Module], pair: LayerPlan, shapes: dict[str, 
     """(module, input shape) of each layer of a pair narrowed to the row's width."""
     width, consumer = pair.rank, pair.narrow.consumer
     built = [(resized(modules[n], out=width), shapes[n]) for n in (pair.name, *pair.narrow.co_producers)]
-    return built + [(resized(modules[consumer], into=width), narrowed_shape(modules[consumer], shapes[consumer], width))]
+    read = narrowed_shape(modules[consumer], shapes[consumer], width)
+    return built + [(resized(modules[consumer], into=width), read)]
 
 
 def _pair_error(model: nn.Module, pair: LayerPlan, stats: dict) -> float:
