@@ -16,6 +16,11 @@ Variants:
 - narrow FFN + factorized attention r2: the FFNs narrowed, the attention Linears whitened SVD at
   ratio 2 (every Linear at ratio 2);
 - lrd r2 whitened: every Linear whitened SVD at ratio 2 (lrdaccel 0.3.0's `lrd` ratio 2);
+- auto r2: `lrd.plan(model, ratio=2, form="auto", example_inputs=..., calibration=...)`: per FFN
+  width, per attention and per other Linear, keep / factor (whitened SVD) / narrow, whichever saves
+  most time on this machine (layers timed alone on the example batch) for its relative output
+  error on the calibration glosses (tradeoff 1, and 2: error weighs twice); the choices are
+  written to the JSON;
 - prune at the parameters of narrow FFN r2 and of narrow r2 (the other variants have about the
   same counts as one of them): torch-pruning, magnitude, heads and FFN neurons (`lrdaccel.peers.prune`).
 
@@ -65,8 +70,8 @@ def chunks(tokenizer, texts: list[str], size: int) -> list[dict]:
     return [tokenize(tokenizer, texts[i:i + size]) for i in range(0, len(texts), size)]
 
 
-def variants(original, calibration: list[dict], example: dict) -> dict:
-    """name -> (model, seconds to build)."""
+def variants(original, calibration: list[dict], example: dict, notes: dict) -> dict:
+    """name -> (model, seconds to build); `notes` gets name -> what else to report of a variant."""
     built = {}
 
     def make(name, plan, **settings):
@@ -84,6 +89,15 @@ def variants(original, calibration: list[dict], example: dict) -> dict:
                   for row in narrow], ratio=2.0)
     make("narrow FFN + factorized attention r2", mixed, method="whiten")
     make("lrd r2 (whitened)", factor, method="whiten")
+    for tradeoff in (1.0, 2.0):
+        name = f"auto r2 (tradeoff {tradeoff:g})"
+        start = time.perf_counter()
+        auto = lrd.plan(original, ratio=2, form="auto", example_inputs=example, calibration=calibration,
+                        tradeoff=tradeoff)
+        print(auto)
+        make(name, auto, method="whiten")
+        built[name] = (built[name][0], built[name][1] + time.perf_counter() - start)
+        notes[name] = {"auto_choices": {layer: unit["form"] for layer, unit in auto.meta["auto_form"]["units"].items()}}
     before = count_params(original)
     for name in ("narrow FFN r2", "narrow r2 (FFN + attention heads)"):  # the others: about the same counts
         fraction = count_params(built[name][0]) / before
@@ -108,11 +122,13 @@ def main(argv=None) -> int:
     evaluation = chunks(tokenizer, splits.eval_texts[:args.eval], 100)
     serving = tokenize(tokenizer, splits.eval_texts[:64])
     reference = embeddings(original, evaluation)
-    models = {"original": (original, 0.0), **variants(original, calibration, calibration[0])}
+    notes = {}
+    models = {"original": (original, 0.0), **variants(original, calibration, calibration[0], notes)}
     rows = {}
     for name, (model, seconds) in models.items():
         cosine = F.cosine_similarity(embeddings(model, evaluation), reference).mean().item()
         rows[name] = {"params": count_params(model), "cosine": round(cosine, 4), "build_s": round(seconds, 1)}
+        rows[name].update(notes.get(name, {}))
 
     def step(model):
         def serve():

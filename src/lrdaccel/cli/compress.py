@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if axes and not args.fuse:
         raise ValueError("--dynamic-batch and --dynamic-sequence are for the --fuse export")
     allocating = getattr(args, "allocate", None) is not None
+    form = getattr(args, "form", "factor")
     if args.plan and allocating:
         raise ValueError("--allocate plans the ranks; it does not apply to a --plan file")
     if args.calibration_data == TEXT and args.model != "minilm":
@@ -115,11 +116,18 @@ def run(args: argparse.Namespace) -> int:
                        else calibration_batches(args.calibration_data, args.calibration, args.batch_size))
     elif config.method == "whiten" or allocating:
         raise ValueError("--method whiten and --allocate need --calibration N (batches of calibration samples)")
+    elif form != "factor":
+        raise ValueError(f"--form {form} needs --calibration N (batches of calibration samples)")
     plan = Plan.load(args.plan) if args.plan else plan_from_args(model, args, example,
-                                                                 calibration if allocating else None)
-    if calibration is not None and not (config.method == "whiten" or plan.merged or allocating):
-        raise ValueError("--calibration is only used by --method whiten, --merge and --allocate")
-    needed = calibration if config.method == "whiten" or plan.merged else None  # allocation has read them
+                                                                 calibration if allocating or form == "auto" else None)
+    if calibration is not None and not (config.method == "whiten" or plan.merged or allocating or plan.narrowed
+                                        or form == "auto"):
+        raise ValueError("--calibration is only used by --method whiten, --merge and --allocate, and by --form "
+                         "narrow or auto")
+    if form == "auto":  # which form each width and layer took, and why
+        print(plan)
+    # allocation and auto have read them
+    needed = calibration if config.method == "whiten" or plan.merged or plan.narrowed else None
     report = decompose(model, plan, example_inputs=example, calibration=needed, config=config, progress=True)
     print(report)
     save(model, args.output)

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(parser)
-    add_plan_args(parser)
+    add_plan_args(parser, tradeoff=False)  # the search's --tradeoff also weighs --form auto's choices
     parser.add_argument("--plan", help="start from this plan JSON (from `lrdaccel plan -o`) instead of --ratio "
                                        "and the other plan options")
     search = parser.add_argument_group("rank search")

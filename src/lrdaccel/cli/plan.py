@@ -7,19 +7,29 @@ import argparse
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, write_output
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.planning import Plan, PlanConfig, plan
+from lrdaccel.planning.planner import FORMS
 
-PLAN_OPTIONS = ("ratio", "include", "exclude", "min_rank", "beta", "branches", "merge")
+PLAN_OPTIONS = ("ratio", "include", "exclude", "min_rank", "beta", "branches", "merge", "form")
 
 
 ORDER = 10  # place in `lrdaccel --help`: the pipeline's order
 
-def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, PlanConfig, PLAN_OPTIONS)
+def add_plan_args(parser: argparse.ArgumentParser, tradeoff: bool = True) -> None:
+    """The plan options; `tradeoff=False` where the command has a --tradeoff of its own (optimize's
+    rank search: PlanConfig reads the same value, one rule for both)."""
+    options = PLAN_OPTIONS + (("tradeoff",) if tradeoff else ())
+    add_config_args(parser, PlanConfig, options, choices={"form": FORMS},
+                    notes={"form": "narrow and auto trace the model on its example inputs; auto measures errors on "
+                                   "calibration batches: lrdaccel compress --form auto --calibration N",
+                           "tradeoff": "with --form auto"})
 
 
 def plan_from_args(model, args: argparse.Namespace, example=None, calibration=None) -> Plan:
-    """The plan the options ask for; `example` is traced by --merge, `calibration` read by
-    --allocate (compress only)."""
+    """The plan the options ask for; `example` is traced by --merge and --form narrow / auto,
+    `calibration` read by --allocate and --form auto (compress only)."""
+    if getattr(args, "form", None) == "auto" and calibration is None:
+        raise ValueError("--form auto measures each form's output error on calibration batches, which this command "
+                         "does not read: run lrdaccel compress --form auto --calibration N")
     return plan(model, example_inputs=example, calibration=calibration, **given(args, PlanConfig))
 
 

@@ -15,7 +15,9 @@ k x k conv's ratio ranks, in place of the rows of its three convs; a candidate t
 keeps its rows, the k x k conv's row saying why in `merge_skipped`. With `form="narrow"` (and
 example inputs) every `layer -> activation -> layer` width found by lrdaccel.planning.narrow
 becomes one "narrow" row named by its producer, keeping 1/ratio of the pair's weights; every other
-layer is kept, a width that cannot narrow saying why.
+layer is kept, a width that cannot narrow saying why. With `form="auto"` (example inputs and
+calibration batches) both are planned and each narrowable width and each other factorizable layer
+takes keep, factor or narrow by measured time saved against output error (lrdaccel.planning.auto).
 
 Example:
     >>> import torch, lrdaccel as lrd
@@ -42,13 +44,15 @@ from lrdaccel.layers import LowRankModule, entry_for
 from lrdaccel.layers.merged import MergedConv2d
 from lrdaccel.layers.registry import dense_shape, unsupported_reason, weight_shape
 from lrdaccel.planning.allocation import ALLOCATIONS, BUDGETS, allocate_ranks
+from lrdaccel.planning.auto import choose_forms
+from lrdaccel.planning.auto_measure import LayerTimer
 from lrdaccel.planning.merging import MergeCandidate, find_merge_candidates
 from lrdaccel.planning.narrow import find_narrow_candidates, narrow_rows
 from lrdaccel.planning.rows import LayerPlan, Plan
 from lrdaccel.planning.sensitivity import SENSITIVITIES
 from lrdaccel.planning.targeting import Selector, compile_selector, resolve_per_layer
 
-FORMS = ("factor", "narrow")
+FORMS = ("factor", "narrow", "auto")
 
 
 @dataclass
@@ -80,7 +84,14 @@ class PlanConfig:
         form: "factor" (SVD / Tucker-2 factors, merged bottlenecks) or "narrow": the width between
             a layer and its consumer through an elementwise activation keeps 1/ratio of the pair's
             weights, the rest of the model is kept (needs example_inputs to trace the model; at
-            `lrd.decompose`, calibration batches to choose the channels and refit the consumer).
+            `lrd.decompose`, calibration batches to choose the channels and refit the consumer),
+            or "auto": per narrowable width and per factorizable layer, keep / factor / narrow,
+            whichever scores best by time saved on this runtime minus `tradeoff` x relative output
+            error on the calibration batches (lrdaccel.planning.auto; needs example_inputs and
+            calibration).
+        tradeoff: form="auto"'s weight of relative output error lost against relative time saved; >= 0.
+        timer: form="auto"'s `timer(module, input_shape) -> ms`; None: torch.utils.benchmark,
+            0.05 s per distinct layer and form.
         sensitivity: "fisher" (truncation loss weighted by the output's gradient: the task loss
             where labels are given, distillation to the original otherwise) or "output" (relative
             truncation loss of each layer alone, forward only).
@@ -100,6 +111,8 @@ class PlanConfig:
     budget: str = "params"
     sensitivity: str = "fisher"
     form: str = "factor"
+    tradeoff: float = 1.0
+    timer: LayerTimer | None = None
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -116,8 +129,9 @@ class PlanConfig:
         check_choice("budget", self.budget, BUDGETS)
         check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
         check_choice("form", self.form, FORMS)
-        if self.form == "narrow" and (self.merge or self.branches > 1 or self.allocate is not None):
-            raise ValueError("form='narrow' does not combine with merge=True, branches > 1 or allocate")
+        check_number("tradeoff", self.tradeoff, at_least=0)
+        if self.form != "factor" and (self.merge or self.branches > 1 or self.allocate is not None):
+            raise ValueError(f"form={self.form!r} does not combine with merge=True, branches > 1 or allocate")
         if isinstance(self.ratios, Mapping):
             for name, value in self.ratios.items():
                 check_ratio(value, f"ratios[{name!r}]")
@@ -133,15 +147,15 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
         example_inputs: a tensor, tuple or dict for the model (a batch of one is enough); needed by
             merge=True, which traces one forward to find the bottlenecks.
         config: a PlanConfig; keyword `settings` (its field names) override its fields.
-        calibration: unlabeled batches for allocate="sensitivity" (each called as model(batch),
-            model(*tuple) or model(**dict)).
+        calibration: unlabeled batches for allocate="sensitivity" and form="auto" (each called as
+            model(batch), model(*tuple) or model(**dict)).
         labels: optional class labels per calibration batch: the Fisher weight then uses the
             task loss.
 
     Raises:
         ValueError: ratio <= 1, a bad rank, an unknown setting, a name pattern that matches no
-            candidate, merge=True or form="narrow" without example_inputs (or inputs the model
-            fails on), a narrow width out of [1, n],
+            candidate, merge=True or form="narrow" / "auto" without example_inputs (or inputs the
+            model fails on), form="auto" without calibration, a narrow width out of [1, n],
             allocate="sensitivity" without calibration, or calibration without it.
     """
     if ratio is not None:
@@ -153,9 +167,12 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
     if config.merge and example_inputs is None:
         raise ValueError("plan: merge=True needs example_inputs (a batch for the model): the bottlenecks to "
                          "merge are found by tracing one forward")
-    if config.form == "narrow" and example_inputs is None:
-        raise ValueError("plan: form='narrow' needs example_inputs (a batch for the model): the widths to "
+    if config.form != "factor" and example_inputs is None:
+        raise ValueError(f"plan: form={config.form!r} needs example_inputs (a batch for the model): the widths to "
                          "narrow are found by tracing one forward")
+    if config.form == "auto" and calibration is None:
+        raise ValueError("plan: form='auto' needs calibration batches (calibration=loader_or_list): each form's "
+                         "output error is measured on them")
     candidates, already, unsupported = _candidates(model)
     names = [name for name, _ in candidates]
     context = _Context(model, config, names)
@@ -169,12 +186,18 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
         rows = _merge(context, rows, find_merge_candidates(model, example_inputs))
     if config.form == "narrow":
         rows = narrow_rows(context, rows, find_narrow_candidates(model, example_inputs))
+    meta = {"model": type(model).__name__}
+    if config.form == "auto":
+        narrowed = narrow_rows(context, rows, find_narrow_candidates(model, example_inputs))
+        rows, meta["auto_form"] = choose_forms(model, rows, narrowed, example_inputs, calibration,
+                                               tradeoff=config.tradeoff, timer=config.timer)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda row: order[row.name])
-    result = Plan(rows, ratio=config.ratio, beta=config.beta, meta={"model": type(model).__name__})
+    result = Plan(rows, ratio=config.ratio, beta=config.beta, meta=meta)
     if config.allocate is None:
-        if calibration is not None or labels is not None:
-            raise ValueError("plan: calibration and labels are only used by allocate='sensitivity'")
+        if (calibration is not None and config.form != "auto") or labels is not None:
+            raise ValueError("plan: calibration is only used by allocate='sensitivity' and form='auto', labels "
+                             "by allocate='sensitivity'")
         return result
     if calibration is None:
         raise ValueError("plan: allocate='sensitivity' needs calibration batches (calibration=loader_or_list)")

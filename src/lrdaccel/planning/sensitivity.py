@@ -118,17 +118,21 @@ def measure_sensitivity(
         weights = fisher_weights(model, modules, batches, labels=labels, probes=probes, seed=seed, progress=progress)
     result = {}
     for name, module in modules.items():
-        covariance = stats[name].covariance()
-        if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
-            truncation = whitened_tucker2_truncation_loss(module.weight, covariance, damping)
-            energy = float(truncation[0, 0])
-        else:
-            weight = module.weight[:, :, 0, 0] if isinstance(module, nn.Conv2d) else dense_linear_weight(module)
-            truncation = whitened_svd_truncation_loss(weight, covariance, damping)
-            energy = float(truncation[0])
+        truncation = truncation_loss(module, stats[name].covariance(), damping)
+        energy = float(truncation.flatten()[0])
         factor = weights[name] if sensitivity == "fisher" else 1.0 / energy if energy > 0 else 0.0
         result[name] = LayerSensitivity(factor, energy, truncation, order.positions[name])
     return result
+
+
+def truncation_loss(module: nn.Module, covariance: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """A layer's E||(W - W_r) x||^2 at every rank, index [0] (or [0, 0]) its output energy: the
+    whitened SVD's for a Linear / Conv1D / 1x1 conv, the Tucker-2 HOSVD bound [rank_out, rank_in]
+    for a k x k conv."""
+    if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
+        return whitened_tucker2_truncation_loss(module.weight, covariance, damping)
+    weight = module.weight[:, :, 0, 0] if isinstance(module, nn.Conv2d) else dense_linear_weight(module)
+    return whitened_svd_truncation_loss(weight, covariance, damping)
 
 
 def fisher_weights(model: nn.Module, modules: dict[str, nn.Module], batches: list[Any], *,

@@ -8,7 +8,9 @@ for "infer" / "train" on this machine; "infer" in int8 where the race serves int
 bottlenecks), freeze (rotate / static / freeze_one / none) with every_steps (default: six
 phases over the race), lr (a multiplier of the race's learning rate), kd (weight of distillation from the starting classifier's logits),
 exclude (a full regex of module names kept whole), form (factor: SVD / Tucker-2 factors; narrow:
-the widths between layers shrink, the consumers refitted: `lrd.plan(form="narrow")`), plan (a plan
+the widths between layers shrink, the consumers refitted: `lrd.plan(form="narrow")`; auto: per width
+and per layer, keep / factor / narrow by time saved on this machine against output error on the
+calibration batches: `lrd.plan(form="auto")`), plan (a plan
 made beforehand: a path to its JSON, or a Plan in Python, e.g. ranks `lrd.optimize_ranks` chose for
 another runtime, or a plan for the pretrained model itself, its rows then named as the classifier
 holds them; it replaces ratio, allocate, merge, optimize and form).
@@ -38,7 +40,7 @@ LRD_DEFAULTS: dict[str, Any] = {
     "exclude": "", "plan": "", "form": "factor",
 }
 LRD_CHOICES = {"method": ("svd", "whiten"), "allocate": ("none", "sensitivity"),
-               "optimize": ("none", "infer", "train"), "freeze": FREEZES, "form": ("factor", "narrow")}
+               "optimize": ("none", "infer", "train"), "freeze": FREEZES, "form": ("factor", "narrow", "auto")}
 
 
 def check_lrd_options(options: dict) -> None:
@@ -53,8 +55,8 @@ def check_lrd_options(options: dict) -> None:
             raise ValueError(f"{key} must be true or false, got {options[key]!r}")
     if options["sequential"] and options["method"] != "whiten":
         raise ValueError("sequential=true calibrates the whitened factorization: also give method=whiten")
-    if options["form"] == "narrow" and (options["merge"] or options["allocate"] != "none"):
-        raise ValueError("form=narrow does not combine with merge=true or allocate=sensitivity")
+    if options["form"] != "factor" and (options["merge"] or options["allocate"] != "none"):
+        raise ValueError(f"form={options['form']} does not combine with merge=true or allocate=sensitivity")
     if options["form"] == "narrow" and options["freeze"] != "none":
         raise ValueError("form=narrow leaves ordinary layers, with no factors to freeze in turn: give freeze=none")
     if not isinstance(options["exclude"], str):
@@ -103,9 +105,10 @@ def _plan(options: dict, model: nn.Module, context: BuildContext, excluded, cali
     # Sensitivity is measured against the starting model's own outputs (distillation Fisher), not the
     # task loss: a race's head is often new, and a random head's loss says nothing about a layer.
     allocating = options["allocate"] == "sensitivity"
+    reads = allocating or options["form"] == "auto"  # auto measures each form's error on the batches
     plan = make_plan(model, ratio=options["ratio"], exclude=excluded, merge=options["merge"], form=options["form"],
-                     example_inputs=context.example_inputs,
-                     **({"allocate": "sensitivity", "calibration": calibration} if allocating else {}))
+                     example_inputs=context.example_inputs, calibration=calibration if reads else None,
+                     **({"allocate": "sensitivity"} if allocating else {}))
     if options["optimize"] != "none":
         # ranks for inference are timed as the race serves them: in int8 (on the CPU) under serve="int8"
         int8 = options["optimize"] == "infer" and context.serve == "int8"

@@ -28,6 +28,7 @@ from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved
 from lrdaccel.planning import Plan
 from lrdaccel.planning.forms import apply_forms
 from lrdaccel.decomposition.build import build_modules, swap_modules
+from lrdaccel.decomposition.narrow_build import set_head_size
 
 ORIGINAL = "original"
 
@@ -123,6 +124,8 @@ def compare_end_to_end(
     for name, plan in plans.items():
         variant = copy.deepcopy(model)
         swap_modules(variant, build_modules(variant, plan, factorize=False))
+        for row in plan.narrowed:  # narrowed attention runs at its new head size, as decompose leaves it
+            set_head_size(variant, row)
         apply_forms(variant, plan)
         variants[name] = _prepared(variant, objective, device, dtype)
     reference = variants[ORIGINAL]
