@@ -70,8 +70,8 @@ RACE_DIR = "race"
 DECOMPOSED = "lrd(plan=plan.json)"  # the race's name for the model decomposed at the demo's ranks
 DEMO_MODELS = ("fmnist-cnn-wide", "fmnist-cnn", "fmnist-vit")
 QUICK_SETTINGS = {"model": "fmnist-cnn", "train_limit": 512, "test_limit": 256, "epochs": 1, "finetune_epochs": 2,
-                  "evaluations": 2, "batch_size": 64, "repeats": 2, "min_run_time": 0.0, "rank_budget_s": 0.5, "runtime": "eager",
-                  "runtimes": ["eager"], "deploy": False, "quick": True}
+                  "evaluations": 2, "batch_size": 64, "repeats": 2, "min_run_time": 0.0, "rank_budget_s": 0.5,
+                  "runtime": "eager", "runtimes": ["eager"], "deploy": False, "quick": True}
 
 
 @dataclass
@@ -337,8 +337,9 @@ def run_demo(config: DemoConfig, progress: bool = True, verbose: bool = True) ->
     raced, trained = stages.run(race_stage, lambda: _race(original, train, test, plan, schedule, config, out, progress))
     timed = sum(row["train_seconds"] for row in raced["variants"])
     stages.part(race_stage, "training, as the race times it (steps, each model's setup)", timed)
-    stages.part(race_stage, f"the rest: {len(raced['variants'][0]['curve'])} evaluations of each model on the {len(test):,} "
-                            f"test images, the race's inference timing", stages.seconds(race_stage) - timed)
+    evaluations = len(raced["variants"][0]["curve"])
+    stages.part(race_stage, f"the rest: {evaluations} evaluations of each model on the {len(test):,} test images, "
+                            f"the race's inference timing", stages.seconds(race_stage) - timed)
     tuned, decomposed = trained["original"], trained[DECOMPOSED]
     save(decomposed, out / "model")
     throughput_stage = f"throughput under {', '.join(config.runtimes)} (interleaved)"
