@@ -36,6 +36,7 @@ def test_demo_on_a_small_slice(tmp_path, capsys):
     assert [row["name"] for row in race["variants"]] == ["original", "lrd(plan=plan.json)"]
     # one inference batch across the demo: the throughput rows and the race's inference speed-up
     assert race["config"]["infer_batch_size"] == results["throughput"]["batch_size"] == 32
+    assert race["config"]["eval_batch_size"] == 32  # evaluated in training-size batches, not 512
     assert race["config"]["evaluations"] == results["config"]["evaluations"] == 2
     assert [row["lr_multiplier"] for row in results["race"]["variants"]] == [
         row["options"]["lr"] for row in race["variants"]] == [1.0, 2.0]
