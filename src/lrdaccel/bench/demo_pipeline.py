@@ -23,9 +23,13 @@ The defaults are chosen for a speed-up that is real on a CPU: the CNN is wide en
 of 64-256 channels) that convolutions take the time rather than per-layer overheads (at 32-128
 channels eager PyTorch ran the decomposed model no faster than the original), ranks are chosen
 for torch.compile, where time follows the work saved, and the wider model trains on half of
-Fashion-MNIST for two epochs and fine-tunes for one, so the whole run still fits in minutes
-(measured on this 2-core CPU, one thread: 1.63x inference and 1.46x training compiled, 1.17x /
-1.24x eager, accuracy +0.10 points; 7.4 minutes of CPU time; benchmarks/results/demo_runtimes).
+Fashion-MNIST for two epochs and fine-tunes for one, so the whole run still fits in minutes.
+The report says what each stage cost (wall and CPU seconds). At one thread under a load of 4.5
+(benchmarks/results/demo_0.4): 17 min 34 s wall, 10.2 CPU minutes (training the original 4.0,
+the race 5.0, throughput 0.9 plus compiling in worker processes); 1.47x inference and 1.85x
+training compiled, 1.32x / 1.49x eager, -0.37 points. Earlier demos spent much more evaluating:
+after each pretraining epoch (the race's first evaluation is of the same model), and 8 times in
+the race in batches of 512 (now 4, in batches of 128: 1.7x faster per image here).
 """
 
 from __future__ import annotations
@@ -86,9 +90,9 @@ class DemoConfig:
         epochs: epochs to train the original.
         finetune_epochs: the race: epochs both the original and the decomposed model fine-tune on.
         evaluations: test-set evaluations of each model spread over the race (plus one before it):
-            the points of its curve. Each is a pass over the whole test set, which on a CPU costs
-            a third as much as the training between two of four evaluations, so more of them
-            would make the race mostly evaluating.
+            the points of its curve. Each passes both models over the whole test set (measured,
+            one thread, batches of 512: 54 s, against 82 s of training between two of four
+            points), so many points make the race mostly evaluating; earlier demos used 8.
         schedule: SequentialFreezer schedule of the decomposed model in the race (six phases).
         objective: what rank optimization times per layer: "infer" or "train".
         runtime: what the ranks are optimized for and the headline ratios measured in: "eager",
