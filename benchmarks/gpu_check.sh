@@ -3,7 +3,7 @@
 # (one GPU, at most 8 minutes wall time), everything written under one folder.
 #
 #   benchmarks/gpu_check.sh                  # on the GPU machine: cuda tests, paper tables, MiniLM race
-#   benchmarks/gpu_check.sh --smoke          # here, on the CPU, toy sizes, < 5 minutes: proves the script
+#   benchmarks/gpu_check.sh --smoke          # here, on the CPU, toy sizes, at most 5 minutes: proves the script
 #   benchmarks/gpu_check.sh --steps compile-big-train,compile-small --budget 480   # a second window
 #
 # Steps, in priority order (a step that no longer fits the time budget is skipped and listed so):
@@ -21,8 +21,9 @@
 #   compile-big-train/MODEL, compile-small/MODEL, compile-small-train/MODEL
 #
 # Options: --smoke  --out DIR (default gpu_out, or gpu_out/smoke)  --budget SECONDS (default 480; smoke
-# 290)  --steps a,b (step names or prefixes)  --compile-mode MODE  --python PATH (default $PYTHON or
-# python3)  --archive FILE.tar.gz (the whole folder in one file, for a machine that returns few files).
+# 290)  --steps a,b (step names or prefixes)  --compile-mode MODE  --python PATH (default $PYTHON, else
+# the checkout's .venv/bin/python, else python3; it must import torch)  --archive FILE.tar.gz (the
+# whole folder in one file, for a machine that returns few files).
 # Data for the race, where the machine lacks it: benchmarks/gpu_carry.py packs it into gpu_carry/ here;
 # carry that folder and this script unpacks it there.
 # Exit status: 0 when no step failed or timed out (skipped steps are listed, not failures). A step
@@ -30,7 +31,9 @@
 
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SMOKE=0 OUT="" BUDGET="" STEPS="" COMPILE_MODE=reduce-overhead PY=${PYTHON:-python3} ARCHIVE=""
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ] && PY=$ROOT/.venv/bin/python  # the project's environment
+SMOKE=0 OUT="" BUDGET="" STEPS="" COMPILE_MODE=reduce-overhead ARCHIVE=""
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
@@ -40,13 +43,22 @@ while [ $# -gt 0 ]; do
     --compile-mode) COMPILE_MODE=$2; shift ;;
     --python) PY=$2; shift ;;
     --archive) ARCHIVE=$2; shift ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+USE="pass --python PATH or set PYTHON to the project's environment (e.g. .venv/bin/python)"
+if ! command -v "$PY" > /dev/null; then
+  echo "gpu_check.sh: python $PY not found; $USE" >&2
+  exit 2
+fi
+if ! WHY=$("$PY" -c 'import torch' 2>&1); then  # before blaming CUDA: is this even the right python?
+  echo "gpu_check.sh: $PY has no torch ($(printf '%s' "$WHY" | tail -n 1)); $USE" >&2
+  exit 2
+fi
 if [ $SMOKE = 1 ]; then
   DEVICE=cpu MODELS="hf-resnet-micro hf-vit-micro" BIG=4 SMALL=2 RACE_STEPS=2
   RACE_SIZES="--train-limit 64 --eval-limit 64 --evaluations 1 --infer-repeats 1 --infer-batch-size 8 --calibration-batches 2"

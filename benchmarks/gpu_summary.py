@@ -109,9 +109,11 @@ def race_lines(out: Path) -> list[str]:
         return []
     try:
         race = json.loads(path.read_text())
-        lines = [f"{race['model']} on {race['task']}: target accuracy {race['target_accuracy']:.2f}% "
-                 f"(the original's final minus the margin); details in race/report.md.", "",
-                 "| variant | final accuracy | time to target | vs original | parameters | inference |",
+        target = race["target_accuracy"]
+        said = (f"target accuracy {target:.2f}% (the best original's final minus the margin)" if target is not None
+                else f"no target ({race.get('no_target', 'the best original is at or below chance')})")
+        lines = [f"{race['model']} on {race['task']}: {said}; details in race/report.md.", "",
+                 "| variant | final accuracy | time to target | vs reference | parameters | inference |",
                  "|---|---|---|---|---|---|"]
         for row in race["variants"]:
             reached = "never" if row.get("time_to_target_s") is None else f"{row['time_to_target_s']:.0f} s"

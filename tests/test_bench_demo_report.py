@@ -81,3 +81,15 @@ def test_stage_table_has_wall_cpu_parts_and_the_whole_run(demo):
     assert "(this process, 2 torch thread(s))" in table
     old = render_markdown(demo).split("## Time per stage")[1]  # a file without CPU times: "-"
     assert "| train the original | 95.0 | - |" in old and "the whole run" not in old
+
+
+def test_a_race_without_a_target(demo):
+    results = _current(demo)
+    results["race"]["target_accuracy"] = None  # the original ended at or below chance (lrd.race)
+    for row in results["race"]["variants"]:
+        row["time_to_target_s"] = row["speedup_to_target"] = None
+    text = render_markdown(results)
+    assert "No target: the original ends at or below chance." in text
+    assert "| model | lr | test accuracy | training seconds | time to target |\n" in text
+    assert "| original | 0.001 (x1) | 91.00% | 80 (setup 0) | never |" in text
+    assert "The original is at the target before" not in text

@@ -203,3 +203,23 @@ def test_a_model_torch_pruning_refuses_has_a_note_and_the_rest_of_the_table(tmp_
     (note,) = [note for note in model["notes"] if "channel pruning" in note]
     assert "n/a, cannot prune GPT2LMHeadModel" in note and "Conv1D" in note
     assert f"Note: {note}." in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_int8_runtime_rows_are_named_and_run_int8_kernels(tmp_path):
+    """--runtimes eager,int8 --peers prune: an int8 table with the original, LRD and pruning rows,
+    each timed on its `lrd.quantize` copy (the profile shows quantized operators), inference only."""
+    out = tmp_path / "bench"
+    args = [arg for arg in PEER_RUN if arg != "--no-profile"]
+    assert main(["bench", *args, "--runtimes", "eager,int8", "--rank-runtime", "eager", "--no-train",
+                 "--out", str(out)]) == 0
+    results = load_results(out / "results.json")
+    int8 = next(model for model in results["models"] if model["runtime"] == "int8")
+    assert [row["variant"] for row in int8["rows"]][:2] == ["original", "lrd_opt"]
+    assert "prune" in [row["variant"] for row in int8["rows"]]
+    assert all("train_ratio" not in row for row in int8["rows"])
+    for variant in ("original", "lrd_opt"):
+        names = " ".join(op["op"] for op in int8["profile"][variant]["infer"])
+        assert "quantized::" in names, names
+    report = (out / "report.md").read_text()
+    assert "## resnet-mini, int8" in report and "int8/" in json.dumps(results["best"])

@@ -90,3 +90,16 @@ def test_amp_dtype_reaches_the_run(tmp_path, capsys):
     assert state["config"]["amp_dtype"] == "float16" and state["scaler"]
     assert main(["distill", "--model", FACTORY, "--ratio", "1.5", "--amp-dtype", "float8", *COMMON]) == 2
     assert "--amp-dtype: invalid choice 'float8' (choose from bfloat16, float16)" in capsys.readouterr().err
+
+
+def test_amp_dtype_without_amp_and_a_zero_ratio_are_refused_in_one_line(tmp_path, capsys):
+    """Before, --amp-dtype without --amp ran in float32 without a word (as finetune did), and
+    --ratio 0 was told to "give --from DIR or --ratio R"."""
+    checkpoints = tmp_path / "ckpt"
+    assert main(["distill", "--model", FACTORY, "--ratio", "1.5", "--amp-dtype", "float16", "--checkpoint-dir",
+                 str(checkpoints), *COMMON]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--amp-dtype float16 has no effect without --amp: add --amp" in error
+    assert not checkpoints.exists()
+    assert main(["distill", "--model", FACTORY, "--ratio", "0", *COMMON]) == 2
+    assert capsys.readouterr().err == "lrdaccel distill: error: ratio must be a finite number > 1, got 0.0\n"

@@ -105,7 +105,7 @@ def test_a_bad_output_path_stops_before_any_work(args, bad_kinds, paths, capsys,
     (["plan", *MODEL, "--ratio", "0.5"], "ratio must be a finite number > 1"),
     (["optimize", *MODEL, "--check-rounds", "-1"], "--check-rounds"),
     (["finetune", *MODEL, "--epochs", "0"], "epochs must be an int >= 1"),
-    (["finetune", *MODEL], "--freeze rotate needs a decomposed model"),
+    (["finetune", *MODEL, "--freeze", "rotate"], "--freeze rotate needs a decomposed model"),
     (["bench", "--repeats", "0", "--quick"], "repeats must be an int >= 1"),
     (["demo", "--quick", "--limit", "0"], "--limit: expected a positive int"),
 ])

@@ -103,3 +103,56 @@ def test_compress_merge_fuse_folds_every_batchnorm_of_the_merged_block(tmp_path,
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert np.abs(onnx_output(out / "model.onnx", x) - model(x).numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_export_quantize_int8_with_calibration_writes_a_static_int8_file(tmp_path, capsys):
+    path = tmp_path / "m8.onnx"
+    assert main(["export", *ARGS, "--fuse", "--quantize", "int8", "--calibration", "2", "--calibration-data", "digits",
+                 "-o", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 (" in printed and "cosine" in printed and "tolerance 0.25" in printed
+    ops = {node.op_type for node in __import__("onnx").load(str(path)).graph.node}
+    assert "QuantizeLinear" in ops and "MatMulInteger" in ops
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = conv_bn_net().eval()(x).numpy()
+    assert np.abs(onnx_output(path, x) - expected).max() < 0.25 * max(1.0, np.abs(expected).max())
+
+
+def test_export_calibration_without_quantize_is_refused(tmp_path, capsys):
+    assert main(["export", *ARGS, "--calibration", "2", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "--calibration is for --quantize int8" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+class FixedBatchNet(nn.Module):
+    """A conv, then a reshape to a constant batch of 4 (issue 30, item 11)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        return self.head(self.conv(x).reshape(4, -1))
+
+
+def fixed_batch_net() -> nn.Module:
+    torch.manual_seed(0)
+    return FixedBatchNet()
+
+
+def test_compress_fuse_of_a_fixed_batch_model_is_one_line_before_saving(tmp_path, capsys):
+    """0.3.0 saved the checkpoint, then crashed in the export with a RuntimeError traceback."""
+    args = ["--model", "test_cli_export:fixed_batch_net", "--input-shape", "1,28,28", "--batch-size", "4",
+            "--min-rank", "1"]
+    out = tmp_path / "out"
+    assert main(["compress", *args, "-o", str(out), "--fuse"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fails at batch 5" in err[0] and "--no-dynamic-batch" in err[0]
+    assert not out.exists()
+    assert main(["compress", *args, "-o", str(out), "--fuse", "--no-dynamic-batch"]) == 0
+    assert "fixed batch" in capsys.readouterr().out and (out / "model.onnx").is_file()
+    assert main(["compress", *args, "-o", str(tmp_path / "x"), "--no-dynamic-batch"]) == 2
+    assert "are for the --fuse export" in capsys.readouterr().err

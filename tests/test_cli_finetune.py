@@ -80,3 +80,34 @@ def test_amp_dtype_reaches_the_run(tmp_path, capsys):
     assert state["config"]["amp_dtype"] == "float16" and state["scaler"]  # the scaler float16 needs ran
     assert main(["finetune", "--model", FACTORY, "--amp-dtype", "float8", *COMMON]) == 2
     assert "--amp-dtype: invalid choice 'float8' (choose from bfloat16, float16)" in capsys.readouterr().err
+
+
+def test_amp_dtype_without_amp_is_refused(tmp_path, capsys):
+    """0.3.0 ran in float32 without a word: --amp-dtype only chooses the dtype --amp autocasts in."""
+    checkpoints = tmp_path / "ckpt"
+    code = main(["finetune", "--model", FACTORY, "--ratio", "1.5", "--min-rank", "1", "--amp-dtype", "float16",
+                 "--checkpoint-dir", str(checkpoints), *COMMON])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1
+    assert "--amp-dtype float16 has no effect without --amp: add --amp to autocast in float16" in error
+    assert not checkpoints.exists()  # refused before any work
+
+
+def test_a_plan_file_decomposes_and_nothing_decomposed_trains_unfrozen(tmp_path, capsys):
+    """--plan FILE decomposes by the plan; without --ratio, --plan or --from there is nothing to
+    rotate, and the run trains every weight (0.3.0 refused it unless --freeze none was given)."""
+    plan = tmp_path / "plan.json"
+    lrd.plan(tiny_classifier(), ratio=3.0, min_rank=1).save(plan)
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", FACTORY, "--plan", str(plan), "--input-shape", "1,28,28", "-o", str(out),
+                 *COMMON]) == 0
+    saved = json.loads((out / "lrdaccel_config.json").read_text())["plan"]["layers"]
+    assert [row["rank"] for row in saved] == [row["rank"] for row in json.loads(plan.read_text())["layers"]
+                                              if row["kind"] != "keep"] == [[1, 1], 7, 2]
+    assert main(["finetune", "--model", FACTORY, "--plan", str(plan), "--ratio", "2", *COMMON]) == 2
+    assert f"--plan {plan} gives the ranks: leave out --ratio" in capsys.readouterr().err
+    assert main(["finetune", "--model", FACTORY, "-o", str(tmp_path / "plain"), *COMMON]) == 0
+    history = json.loads((tmp_path / "plain" / "history.json").read_text())
+    assert [e["trainable_share"] for e in history["epochs"]] == [1.0, 1.0]
+    assert main(["finetune", "--model", FACTORY, "--max-length", "64", *COMMON]) == 2
+    assert "--max-length 64 applies to a text --task, not to --dataset" in capsys.readouterr().err

@@ -91,6 +91,20 @@ def test_the_summary_judges_the_targets_from_the_gpu_numbers(tmp_path):
     assert "| vit-b16 eager b256 lrd_both train >= 1.30x | - | not measured |" in text
 
 
+def test_the_summary_of_a_race_without_a_target_says_so(tmp_path):
+    from gpu_summary import race_lines
+
+    race = {"model": "minilm", "task": "wordnet-supersense", "target_accuracy": None,
+            "no_target": "the best original (3.50%) is at or below chance (4.10%)",
+            "variants": [{"name": "original", "final_accuracy": 3.5, "time_to_target_s": None,
+                          "speedup_to_target": None, "params": 1.0, "infer_speedup": 1.0}]}
+    (tmp_path / "race").mkdir()
+    (tmp_path / "race" / "results.json").write_text(json.dumps(race))
+    text = "\n".join(race_lines(tmp_path))
+    assert "no target (the best original (3.50%) is at or below chance (4.10%))" in text
+    assert "| original | 3.50% | never | - | 1.000x | 1.00x |" in text
+
+
 def test_without_a_gpu_the_gpu_run_refuses_and_points_to_the_smoke_run(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -99,3 +113,44 @@ def test_without_a_gpu_the_gpu_run_refuses_and_points_to_the_smoke_run(tmp_path)
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr and "--smoke" in done.stderr
     bad = subprocess.run(["bash", str(SCRIPT), "--fast"], env=_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option --fast" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def python_without_torch(tmp_path_factory) -> Path:
+    """A real python with no torch: a venv without pip or site packages."""
+    venv = tmp_path_factory.mktemp("no_torch") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    return venv / "bin" / "python"
+
+
+def _without_python_setting() -> dict:
+    env = _env()
+    del env["PYTHON"]
+    return env
+
+
+def test_a_python_without_torch_is_named_in_one_line_not_blamed_on_cuda(tmp_path, python_without_torch):
+    for args in ([], ["--smoke"]):
+        done = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "out"), *args],
+                              env={**_env(), "PYTHON": str(python_without_torch)}, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr == (f"gpu_check.sh: {python_without_torch} has no torch (ModuleNotFoundError: No module "
+                               f"named 'torch'); pass --python PATH or set PYTHON to the project's environment "
+                               f"(e.g. .venv/bin/python)\n")
+    missing = subprocess.run(["bash", str(SCRIPT), "--python", str(tmp_path / "nowhere")], env=_env(),
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.startswith(f"gpu_check.sh: python {tmp_path / 'nowhere'} "
+                                                                 f"not found;")
+    assert not (tmp_path / "out").exists()
+
+
+def test_by_default_the_checkout_s_venv_runs_not_python3(tmp_path, python_without_torch):
+    checkout = tmp_path / "checkout"
+    (checkout / "benchmarks").mkdir(parents=True)
+    (checkout / "benchmarks" / "gpu_check.sh").write_text(SCRIPT.read_text())
+    (checkout / ".venv").symlink_to(python_without_torch.parents[1])
+    done = subprocess.run(["bash", str(checkout / "benchmarks" / "gpu_check.sh")], env=_without_python_setting(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"gpu_check.sh: {checkout}/.venv/bin/python has no torch")

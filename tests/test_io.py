@@ -230,3 +230,36 @@ def test_save_into_a_file_path_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         lrd.save(model, target / "inside")
     assert target.read_text() == "keep me"
+
+
+class OtherNet(Net):
+    """Net's layers and tensors, another forward: loading Net's checkpoint onto it must be refused."""
+
+    def forward(self, x):
+        return -super().forward(x)
+
+
+def test_a_model_of_another_class_is_refused_in_one_line_and_left_unchanged(saved):
+    _, out = saved
+    base = OtherNet()
+    snap = snapshot(base)
+    with pytest.raises(ValueError) as error:
+        lrd.load(out, base)
+    assert str(error.value) == (f"{out / CONFIG_NAME}: model_class is 'Net' but the model given is a "
+                                f"'OtherNet'; load it onto a Net")
+    assert unchanged(base, snap)
+
+
+def test_unknown_config_fields_warn_that_a_newer_lrdaccel_wrote_them(saved):
+    model, out = saved
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config.update(quantization="int4", zz_new={"a": 1})
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning) as caught:
+        loaded = lrd.load(out, Net())
+    assert [str(w.message) for w in caught] == [
+        f"{out / CONFIG_NAME}: ignoring unknown model config fields ['quantization', 'zz_new'] "
+        f"(written by a newer lrdaccel? upgrade)"]
+    assert caught[0].filename == __file__  # the caller's line, not lrdaccel's
+    x = torch.randn(2, 3, 24, 24)
+    assert torch.equal(_outputs(loaded, x), _outputs(model, x))

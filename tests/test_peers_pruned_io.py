@@ -110,3 +110,33 @@ def test_minilm_round_trip(tmp_path):
         {name: after for name, (_, after) in report.heads.items()}
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
+
+
+def test_a_subclass_with_another_forward_is_refused_in_one_line(pruned_cnn, tmp_path):
+    peers.save_pruned(pruned_cnn[0], tmp_path)
+    base = zoo.get("fmnist-cnn").build()
+
+    class Doubled(type(base)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    base.__class__ = Doubled
+    with pytest.raises(ValueError) as error:
+        peers.load_pruned(tmp_path, base)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())["model_class"]
+    assert str(error.value) == (f"{tmp_path / CONFIG_NAME}: model_class is {saved!r} but the model given is a "
+                                f"'Doubled'; load it onto a {saved}")
+
+
+def test_unknown_config_fields_warn_that_a_newer_lrdaccel_wrote_them(pruned_cnn, tmp_path):
+    pruned, x = pruned_cnn
+    peers.save_pruned(pruned, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["sparsity"] = 0.5
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"ignoring unknown pruned-model config fields \['sparsity'\] "
+                                         r"\(written by a newer lrdaccel\? upgrade\)") as caught:
+        loaded = peers.load_pruned(tmp_path, zoo.get("fmnist-cnn").build().eval())
+    assert [w.filename for w in caught if "sparsity" in str(w.message)] == [__file__]  # the caller's line
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))

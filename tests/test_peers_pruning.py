@@ -266,3 +266,32 @@ def test_matched_budget_is_the_decomposed_models_parameter_count(cnn):
     lrd.decompose(decomposed, ratio=2.0)
     assert peers.lrd_params(cnn, 2.0) == count_params(decomposed)
     assert peers.lrd_params(cnn, lrd.plan(cnn, ratio=3.0)) < peers.lrd_params(cnn, 2.0)
+
+
+class TiedLM(nn.Module):
+    """An output layer that reads the embedding's weight (tied input/output embeddings)."""
+
+    def __init__(self, vocab=50, dim=32, hidden=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.fc2(torch.relu(self.fc1(self.embed(ids)))))
+
+
+def test_tied_input_and_output_embeddings_stay_one_tensor():
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
+    state = _state(model)
+    pruned, report = peers.prune(model, ids, params_fraction=0.8)
+    assert pruned.head.weight is pruned.embed.weight and pruned.embed.weight.shape == (50, 32)
+    assert torch.equal(pruned.embed.weight, model.embed.weight)
+    assert report.kept["fc2"] == "head's weight is tied to embed's (pruning would untie them)"
+    assert pruned.fc2.out_features == 32 and pruned.fc1.out_features < 64  # only the free width shrank
+    assert pruned(ids).shape == (2, 7, 50)
+    assert model.head.weight is model.embed.weight and _same_state(model, state)

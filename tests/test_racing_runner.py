@@ -103,7 +103,10 @@ def test_results_hold_every_field_and_the_lrd_variant_is_smaller(tmp_path):
     assert original["time_to_target_s"] <= original["train_seconds"]
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"results.json", "report.md", "race.png"}
     report = (tmp_path / "r" / "report.md").read_text()
-    assert "| lrd(method=svd,ratio=2) |" in report and f"{results['target_accuracy']:.2f}%" in report
+    assert "| lrd(method=svd,ratio=2) | 1 |" in report and f"{results['target_accuracy']:.2f}%" in report
+    assert results["reference"] == "original" and [r["lr_multiplier"] for r in results["variants"]] == [1.0, 1.0]
+    assert report.splitlines()[2:4] == [f"- {row['verdict']}" for row in results["variants"]]
+    assert "embeddings" not in report  # no nn.Embedding in this model: nothing said of them
 
 
 def _decomposed_like(ratio: float) -> nn.Module:
@@ -153,6 +156,8 @@ def test_kd_distils_from_the_starting_model():
     ("original,pruning", {}, "unknown variant 'pruning'"),
     ("original", {"budget_epochs": 0}, "budget_epochs must be a finite number > 0, got 0"),
     ("original", {"seeds": 0}, "seeds"),
+    ("original", {"budget_epochs": 1e308}, "budget_epochs 1e\\+308 is over 10,000,000 steps"),
+    ("original", {"budget_epochs": 2e6, "batch_size": 1}, "is 1.92e\\+08 steps of batch 1 on 96 items"),
 ])
 def test_bad_races_fail_before_any_work(variants, settings, message):
     model = mlp()
@@ -204,6 +209,19 @@ def test_a_plan_made_beforehand_and_the_trained_models_handed_back(tmp_path):
         parse_variants("original,lrd(plan='nowhere.json')")
 
 
+def test_the_narrow_form_races_as_an_lrd_variant():
+    """lrd(form=narrow): the MLP's two hidden widths shrink (ordinary, narrower Linears), refitted on
+    the race's calibration batches, and train like any other variant."""
+    trained = {}
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(form=narrow)", progress=False, trained=trained,
+                   **QUICK, max_steps=2)
+    narrow = trained["lrd(form=narrow)"]
+    assert [type(layer).__name__ for layer in narrow] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert narrow[0].out_features == 32 and narrow[2].in_features == 32  # ratio 2 of the 64-wide pair
+    assert results["variants"][1]["notes"]["decomposed_layers"] >= 1
+    assert results["variants"][1]["params"] < 1.0
+
+
 def test_without_matplotlib_the_report_says_the_plot_was_not_drawn(tmp_path, monkeypatch):
     import sys
 
@@ -213,9 +231,10 @@ def test_without_matplotlib_the_report_says_the_plot_was_not_drawn(tmp_path, mon
     assert "race.png was not drawn: it needs matplotlib" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_a_race_from_a_trained_original_says_its_speedups_to_target_are_about_zero(tmp_path):
-    """Decompose-and-recover races start from a model already at the target: the report says why
-    every speed-up to the target is about 0, where a race from an untrained head says nothing."""
+def test_a_race_from_a_trained_original_gives_no_speedup_and_says_at_start(tmp_path):
+    """Decompose-and-recover races start from a model already at the target: no speed-up is given
+    (each would read 0.00x), the reference's row says "at start" and the report says why; a race
+    from an untrained head says nothing of it."""
     trained = mlp()
     optimizer = torch.optim.Adam(trained.parameters(), lr=1e-2)
     inputs, labels = blobs(96, 0).tensors
@@ -226,9 +245,103 @@ def test_a_race_from_a_trained_original_says_its_speedups_to_target_are_about_ze
     results = race(trained, blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,ratio=3)", out=tmp_path / "r",
                    progress=False, **{**QUICK, "lr": 1e-4}, max_steps=2)
     original = results["variants"][0]
-    assert original["curve"][0][2] >= results["target_accuracy"] and original["speedup_to_target"] == 1.0
-    assert "already trained for this task" in (tmp_path / "r" / "report.md").read_text()
+    assert original["curve"][0][2] >= results["target_accuracy"] and results["reference_at_start"]
+    assert [row["speedup_to_target"] for row in results["variants"]] == [None, None]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| original | 1 | 1.000x |" in report and "| at start | - |" in report and "0.00x" not in report
+    assert "original is at the target at its first evaluation, before any step" in report
+    assert "Budget 2 steps of batch 16 (0.333 epoch(s) of 96 items; max_steps 2 cut the 1-epoch budget)" in report
     untrained = race(mlp(), blobs(96, 0), blobs(40, 1), "original", out=tmp_path / "u", progress=False, **QUICK,
                      max_steps=2)
     assert untrained["variants"][0]["curve"][0][2] < untrained["target_accuracy"]
-    assert "already trained" not in (tmp_path / "u" / "report.md").read_text()
+    assert not untrained["reference_at_start"] and untrained["variants"][0]["speedup_to_target"] == 1.0
+    assert "at its first evaluation" not in (tmp_path / "u" / "report.md").read_text()
+
+
+class Bag(nn.Module):
+    """Token ids -> mean of their embeddings -> logits: a model with an nn.Embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+def test_the_report_speaks_of_embeddings_only_where_the_model_has_them(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (48, 5), generator=generator)
+    tokens = TensorDataset(ids, (ids[:, 0] < 10).long())
+    torch.manual_seed(0)
+    race(Bag(), tokens, tokens, "original", out=tmp_path / "r", **{**QUICK, "freeze_embeddings": True}, max_steps=1,
+         progress=False)
+    assert "embeddings frozen in every variant" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_progress_shows_every_variant_by_its_full_name(capsys):
+    name = "lrd(method=svd,ratio=1.5,freeze=static,every_steps=1)"
+    race(mlp(), blobs(96, 0), blobs(40, 1), f"original,{name}", progress=True, **QUICK, max_steps=3)
+    assert f"{name}=" in capsys.readouterr().err
+
+
+def test_an_unreachable_pruning_budget_is_refused_before_any_variant_is_built(monkeypatch):
+    """Issue 30 item 10: pruning this MLP as far as it goes leaves about 0.05x of its parameters;
+    params=0.01 was tried only after the variants before it were built."""
+    pytest.importorskip("torch_pruning")
+    built = []
+    real = runner.build_variant
+    monkeypatch.setattr(runner, "build_variant", lambda spec, *a: built.append(spec.name) or real(spec, *a))
+    with pytest.raises(ValueError, match=r"variant 'prune\(params=0.01\)': params=0.01 asks for 65 of 6,532 "
+                                         r"parameters, .* give params >= 0.0"):
+        race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd),prune(params=0.01)", progress=False,
+             **QUICK, max_steps=1)
+    assert built == []
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,prune(params=0.3)", progress=False, **QUICK,
+                   max_steps=1)
+    assert results["variants"][1]["params"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_race_whose_best_original_is_at_chance_has_no_target(tmp_path):
+    """Issue 30 item 6: every evaluation input is the same, so any model answers one label for all
+    of them and scores at most chance; no target, no speed-up, and the report says so."""
+    labels = torch.arange(40) % 4
+    same = TensorDataset(torch.zeros(40, 32), labels)
+    results = race(mlp(), blobs(96, 0), same, "original,lrd(method=svd)", out=tmp_path / "r", progress=False,
+                   **QUICK, max_steps=2)
+    assert results["target_accuracy"] is None and results["chance_accuracy"] == 25.0
+    assert "at or below chance (25.00%" in results["no_target"] and results["reference"] is None
+    assert all(row["speedup_to_target"] is None and row["time_to_target_s"] is None for row in results["variants"])
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "No target: the best original's final accuracy" in report and "already trained" not in report
+    assert "| no target | - |" in report and "the best original (no reference: no target)" in report
+
+
+def test_a_variant_at_a_rate_no_original_trains_at_is_flagged(tmp_path):
+    """Issue 27 item 2: lr x2 without `original(lr=2)` beside it mixes the learning rate into the
+    comparison; the results and the report say so, and an original at that rate clears it."""
+    results = race(mlp(), blobs(96, 0), blobs(40, 1), "original,lrd(method=svd,lr=2)", out=tmp_path / "r",
+                   progress=False, **QUICK, max_steps=2)
+    assert results["uncontrolled_lr"] == {"lrd(method=svd,lr=2)": 2}
+    assert "race `original(lr=2)` beside it" in (tmp_path / "r" / "report.md").read_text()
+    controlled = race(mlp(), blobs(96, 0), blobs(40, 1), "original,original(lr=2),lrd(method=svd,lr=2)",
+                      progress=False, **QUICK, max_steps=2)
+    assert controlled["uncontrolled_lr"] == {}
+    assert [row["lr_multiplier"] for row in controlled["variants"]] == [1.0, 2, 2]
+
+
+def test_train_eval_overlap_and_dropped_texts_are_in_the_results_and_the_report(tmp_path):
+    """Issue 30 item 3 (the race's half): a task's overlap (tasks.text.Overlap) and its dropped
+    two-label texts are said in results.json and report.md."""
+    from lrdaccel.tasks import Overlap
+
+    leaky = data()
+    leaky.overlap, leaky.conflicts = Overlap(10, 40), 2
+    results = race(mlp(), leaky, None, "original", out=tmp_path / "r", progress=False, **QUICK, max_steps=1)
+    assert results["overlap"] == {"count": 10, "eval_items": 40, "share": 0.25} and results["conflicts_dropped"] == 2
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Overlap: 10 of 40 evaluation texts (25.0%) also occur among the training texts" in report
+    assert "2 text(s) given two or more labels were dropped" in report
+    clean = race(mlp(), data(), None, "original", out=tmp_path / "c", progress=False, **QUICK, max_steps=1)
+    assert clean["overlap"] is None and "Overlap" not in (tmp_path / "c" / "report.md").read_text()

@@ -40,6 +40,11 @@ def test_values_are_typed():
     ("original," + "lrd(exclude='[')", "is not a regex"),
     ("original," + "lrd(ratio)", "must be name=value"),
     ("original,original", "'original' is given twice"),
+    ("original," + "lrd(ratio=2,ratio=3)", "variant 'lrd\\(ratio=2,ratio=3\\)': option 'ratio' is given twice"),
+    ("original," + "prune(params=0.5, params=0.6)", "option 'params' is given twice"),
+    ("original," + "lrd(form=wide)", "form must be one of"),
+    ("original," + "lrd(form=narrow,merge=true)", "form=narrow does not combine with merge=true"),
+    ("original," + "lrd(form=narrow,freeze=rotate)", "no factors to freeze in turn: give freeze=none"),
 ])
 def test_bad_variants_name_the_variant_and_the_value(text, message):
     with pytest.raises(ValueError, match=message):
@@ -56,7 +61,8 @@ def test_peers_are_variants_with_their_own_options():
 @pytest.mark.parametrize("text, message", [
     ("original,prune", "matches the parameters of an lrd variant: put one before it"),
     ("original,prune,lrd", "matches the parameters of an lrd variant"),
-    ("original,prune(params=1.5)", "params must be a finite number > 0 and <= 1"),
+    ("original,prune(params=1.5)", "params must be a fraction of the original's parameters in \\(0, 1\\), got 1.5"),
+    ("original,prune(params=1)", "params must be a fraction of the original's parameters in \\(0, 1\\), got 1"),
     ("original,prune(params=0.5,importance=random)", "importance must be one of"),
     ("original,lora(rank=0)", "rank must be an int >= 1"),
 ])
@@ -71,3 +77,15 @@ def test_a_missing_peers_extra_is_one_line_naming_the_variant(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_pruning", None)
     with pytest.raises(ValueError, match=r"variant 'prune\(params=0.5\)': .*pip install lrdaccel\[peers\]"):
         parse_variants("original,prune(params=0.5)")
+
+
+def test_lrd_and_prune_train_at_the_race_rate_and_the_defaults_have_their_control():
+    """Issue 27: lr x2 gained the original as much as LRD (BENCHMARKS 10b), so `lrd` and `prune`
+    default to the race's rate, and the default variants race an original at every multiplier."""
+    from lrdaccel.racing.variants import DEFAULT_VARIANTS
+
+    specs = parse_variants(DEFAULT_VARIANTS + ",prune")
+    assert [spec.options["lr"] for spec in specs] == [1.0, 1.0, 1.0]
+    defaults = parse_variants(DEFAULT_VARIANTS)
+    controls = {spec.options["lr"] for spec in defaults if spec.kind == "original"}
+    assert {spec.options["lr"] for spec in defaults} <= controls

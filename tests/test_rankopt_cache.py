@@ -113,6 +113,10 @@ def test_saves_merge_with_what_another_process_wrote(tmp_path):
     ('{"format": "something-else"}', "not an lrdaccel timing cache"),
     ('{"format": "lrdaccel.timings", "version": 99, "entries": {}}', "upgrade lrdaccel"),
     ('{"format": "lrdaccel.timings", "version": 1, "entries": {"k": {"ms": "x"}}}', "malformed"),
+    # 0.3.x read these as 5 ms and 1 ms
+    ('{"format": "lrdaccel.timings", "version": 1, "entries": {"k": {"ms": "5", "cost_s": 0.1}}}', "malformed"),
+    ('{"format": "lrdaccel.timings", "version": 1, "entries": {"k": {"ms": true, "cost_s": 0.1}}}', "malformed"),
+    ('{"format": "lrdaccel.timings", "version": 1, "entries": [1, 2]}', "\"entries\" must be an object, got list"),
 ])
 def test_a_file_that_is_not_ours_is_a_clear_error_and_left_alone(tmp_path, content, message):
     path = tmp_path / "timings.json"
@@ -121,3 +125,24 @@ def test_a_file_that_is_not_ours_is_a_clear_error_and_left_alone(tmp_path, conte
         run(small_cnn(), path, CountingTimer())
     assert str(path) in str(error.value)
     assert path.read_text() == content
+
+
+@pytest.mark.parametrize("bad_ms", [-5.0, 0.0, float("nan"), float("inf")])
+def test_entries_with_an_impossible_time_are_dropped_with_one_warning_and_timed_again(tmp_path, bad_ms):
+    model, path = small_cnn(), tmp_path / "timings.json"
+    first = run(model, path, CountingTimer())
+    data = json.loads(path.read_text())
+    broken = sorted(key for key in data["entries"] if "|rank " in key)[:3]
+    for key in broken:
+        data["entries"][key]["ms"] = bad_ms  # json writes NaN / Infinity, which json reads back
+    path.write_text(json.dumps(data))
+    timer = CountingTimer()
+    with pytest.warns(UserWarning) as caught:
+        second = run(model, path, timer)
+    messages = [str(w.message) for w in caught if "timing cache" in str(w.message)]
+    assert messages == [f"timing cache {path}: dropped 3 entries whose time is not a positive finite number; "
+                        f"they will be timed again"]
+    assert timer.calls == 3  # exactly the dropped entries, measured again
+    assert [(r.rank, r.time_ms) for r in second] == [(r.rank, r.time_ms) for r in first]
+    healed = json.loads(path.read_text())["entries"]
+    assert all(healed[key]["ms"] > 0 for key in broken)

@@ -160,3 +160,40 @@ def test_decompose_applies_the_plans_forms_and_save_load_keeps_them(tmp_path):
     assert loaded[2].form == "linear"
     x = torch.randn(2, 16, 4, 4)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_search_under_int8_times_each_candidate_quantized(tmp_path, monkeypatch):
+    """runtime="int8": every layer and candidate is timed as `lrd.quantize` serves it (the
+    decomposed Linear's factors dynamic int8, the convs static int8), and cached under int8."""
+    import lrdaccel.rankopt.layer_timing as layer_timing
+    from lrdaccel.measure.runtimes import int8_model, runtime_label
+
+    timed = []
+
+    def recording(module, x):
+        quantized = int8_model(module, x)
+        timed.append({m._get_name() for m in quantized.modules()})
+        return quantized
+
+    monkeypatch.setattr(layer_timing, "int8_model", recording)
+    model, x, path = tiny_cnn(), torch.randn(2, 16, 4, 4), tmp_path / "timings.json"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimized = lrd.optimize_ranks(model, lrd.plan(model, ratio=2.0, min_rank=2), x, runtime="int8", cache=path,
+                                   budget_s=None, min_run_time=0.01, lowest=0.9)
+    assert optimized.meta["rank_optimization"]["runtime"] == "int8" and all(r.time_original_ms > 0 for r in optimized)
+    assert any("DynamicQuantizedLinear" in names for names in timed)
+    assert any("QuantizedConv2d" in names for names in timed)
+    keys = list(json.loads(path.read_text())["entries"])
+    assert keys and all(f"|runtime {runtime_label('int8')}|" in key for key in keys)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_training_under_int8_is_refused_clearly():
+    model, x = tiny_cnn(), torch.randn(2, 16, 4, 4)
+    plan = lrd.plan(model, ratio=2.0, min_rank=2)
+    with pytest.raises(ValueError, match="runtime 'int8' runs inference only"):
+        lrd.optimize_ranks(model, plan, x, objective="train", runtime="int8", cache=False)
+    with pytest.raises(ValueError, match="runtime 'int8' is timed on the CPU"):
+        from lrdaccel.measure.runtimes import check_runtime
+
+        check_runtime("int8", "infer", "cuda")

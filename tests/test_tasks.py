@@ -66,7 +66,8 @@ def test_jsonl_without_split_holds_out_one_in_ten_by_hash(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ([{"label": "a"}, {"text": "x", "label": "b"}], r"line 1: no \"text\""),
     ([{"text": "x", "label": "a"}, {"text": "y"}], r"line 2: no \"label\""),
-    ([{"text": "x", "label": "a"}, {"text": "  ", "label": "b"}], r"line 2: no \"text\""),
+    ([{"text": "x", "label": "a"}, {"text": "  ", "label": "b"}], r"line 2: \"text\" must be a non-empty string, "
+                                                                  r"got \"  \""),
     (["[1, 2]"], "line 1: expected an object"),
     (["{not json"], "line 1: not valid JSON"),
     ([{"text": "x", "label": "a", "split": "test"}], r"line 1: \"split\" must be one of"),
@@ -99,7 +100,8 @@ def test_a_text_task_needs_a_token_model_with_a_tokenizer(tmp_path):
 def test_text_batches_are_padded_to_their_longest_text(tmp_path):
     rows = [{"text": "a short one", "label": "x"}, {"text": "a much longer sentence with many more words", "label": "y"}]
     path = write_jsonl(tmp_path / "t.jsonl", [dict(r, split="train") for r in rows] + [dict(r, split="eval") for r in rows])
-    data = load_task(str(path), zoo.get("minilm"))
+    with pytest.warns(UserWarning, match="2 of 2 eval texts"):  # the same texts in both splits
+        data = load_task(str(path), zoo.get("minilm"))
     assert isinstance(data, TokenData) and data.classes == ["x", "y"]
     inputs, labels = data.batch("train", [0, 1])
     lengths = inputs["attention_mask"].sum(1)

@@ -75,6 +75,31 @@ def test_no_freezing_trains_everything(decomposed, digits):
     assert history.epochs[0].trainable_share == 1.0 and history.epochs[0].test_accuracy is None
 
 
+class WithBatchMethod(torch.utils.data.Dataset):
+    """A dataset with a `batch(size)` method of its own, as a Hugging Face dataset has."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[index]
+
+    def batch(self, batch_size, drop_last_batch=False):
+        raise AssertionError("the loop called the dataset's own batch() as a batch fetcher")
+
+
+def test_a_dataset_with_its_own_batch_method_is_read_item_by_item(original, digits):
+    """Before, the loop called any `batch` method with a list of indices, taking it for lrdaccel.tasks'."""
+    plain = finetune(copy.deepcopy(original), *digits, epochs=1, schedule=None, batch_size=32, progress=False)
+    wrapped = finetune(copy.deepcopy(original), *(WithBatchMethod(d) for d in digits), epochs=1, schedule=None,
+                       batch_size=32, progress=False)
+    assert wrapped.epochs[0].train_loss == pytest.approx(plain.epochs[0].train_loss, rel=1e-6)
+    assert wrapped.epochs[0].test_accuracy == plain.epochs[0].test_accuracy
+
+
 def test_distillation_teacher_untouched(original, decomposed, digits):
     teacher_state = copy.deepcopy(original.state_dict())
     history = finetune(decomposed, *digits, teacher=original, alpha=0.7, temperature=2.0, epochs=1,

@@ -10,10 +10,11 @@
 """
 
 from lrdaccel._version import __version__
-from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx, fuse_batchnorm
+from lrdaccel.deploy import ExportConfig, ExportReport, FuseReport, export_onnx, fuse_batchnorm, quantize
 from lrdaccel.io import load, save
 from lrdaccel.layers import BranchedTuckerConv2d, LowRankModule, MergedConv2d, SVDConv2d, SVDLinear, TuckerConv2d
 from lrdaccel.planning import LayerPlan, Plan, PlanConfig, allocate_ranks, find_merge_candidates, plan
+from lrdaccel.planning.narrow import find_narrow_candidates
 from lrdaccel.racing import RaceConfig, race
 from lrdaccel.rankopt import SearchSettings, optimize_ranks
 from lrdaccel.calibration import BatchNormReport, recalibrate_batchnorm
@@ -48,11 +49,13 @@ __all__ = [
     "distill",
     "export_onnx",
     "find_merge_candidates",
+    "find_narrow_candidates",
     "finetune",
     "fuse_batchnorm",
     "load",
     "optimize_ranks",
     "plan",
+    "quantize",
     "race",
     "recalibrate_batchnorm",
     "save",

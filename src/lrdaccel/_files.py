@@ -1,12 +1,15 @@
 """The files lrdaccel writes: atomically (a reader never sees half of one), into parent folders
 created on the way (an output path is checked before any work, `check_output_path`, and its
-missing folders are made when it is written), and with a versioned header (`format`,
-`version`) that every reader checks before trusting anything else."""
+missing folders are made when it is written), with the mode a plain write would give them (the
+umask's, or an existing file's own), and with a versioned header (`format`, `version`) that every
+reader checks before trusting anything else."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,15 +27,41 @@ def make_parents(target: str | os.PathLike) -> None:
         raise OSError(error.errno, f"cannot create the folder for {target} ({error.strerror})") from None
 
 
+def _create_temporary(target: Path, tag: str = "") -> str:
+    """A new empty file beside `target` under a unique hidden name, created with mode 0o666 so
+    that the umask applies exactly as for a plain open(): tempfile.mkstemp creates 0600, which
+    left every output unreadable by a serving process or a colleague once renamed into place."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{tag}{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(path)
+    raise FileExistsError(f"cannot find a free temporary name beside {target}")
+
+
+def _write(temporary: str, write: Callable[[str], object], target: Path) -> None:
+    """write(temporary), then give it the mode a plain open(target, "w") would leave: an existing
+    target's own mode (a file its owner made private stays private), else the mode the temporary
+    was created with. Set after writing: a writer that renames its own temporary over ours
+    (safetensors does, with mode 0600) would undo it."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
+    write(temporary)
+    os.chmod(temporary, mode)
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call write(temporary_path) beside target (its folders created), then rename: readers never
     see half a file. An OSError names `target`, never the hidden temporary file."""
     target = Path(target)
     make_parents(target)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+    temporary = _create_temporary(target)
     try:
-        write(temporary)
+        _write(temporary, write, target)
         os.replace(temporary, target)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -57,14 +86,12 @@ def replace_together(files: dict[Path, Callable[[str], object]]) -> None:
     try:
         for target, write in files.items():
             make_parents(target)
-            fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.new.")
-            os.close(fd)
+            temporary = _create_temporary(target, "new.")
             staged[target] = Path(temporary)
-            write(temporary)
+            _write(temporary, write, target)
         for target in list(staged):
             if target.exists():
-                fd, backup = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.old.")
-                os.close(fd)
+                backup = _create_temporary(target, "old.")
                 try:
                     os.replace(target, backup)  # the old file keeps its content under the backup name
                 except BaseException:
@@ -134,3 +161,27 @@ def check_header(data: Any, formats: str | tuple[str, ...], max_version: int, so
     if version > max_version:
         raise ValueError(f"{source}: {what} version {version} is newer than this lrdaccel reads "
                          f"({max_version}); upgrade lrdaccel")
+
+
+def warn_unknown_fields(data: Mapping, known: set[str], source: str, what: str) -> None:
+    """Warn once about fields this lrdaccel does not know: a newer one wrote them, and what they
+    say (a setting the weights depend on, perhaps) is ignored here. Called by a config reader that
+    a loader calls: the warning points at the loader's caller."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown {what} fields {unknown} (written by a newer lrdaccel? upgrade)",
+                      stacklevel=4)
+
+
+def check_model_class(saved: Any, model: Any, source: str) -> None:
+    """The model a checkpoint is loaded onto must be of the class it was saved from (by name, the
+    one thing the file records): a subclass with another forward takes the same tensors and
+    silently computes something else.
+
+    Raises:
+        ValueError: naming both classes and `source`.
+    """
+    mine = type(model).__name__
+    if saved is not None and saved != mine:
+        raise ValueError(f"{source}: model_class is {saved!r} but the model given is a {mine!r}; "
+                         f"load it onto a {saved}")

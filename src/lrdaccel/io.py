@@ -17,10 +17,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lrdaccel._files import check_header, check_output_dir, replace_together
+from lrdaccel._files import check_header, check_model_class, check_output_dir, replace_together, warn_unknown_fields
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 from lrdaccel.decomposition.merged_blocks import merged_rows
+from lrdaccel.decomposition.narrow_build import narrow_config, narrowed_rows
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.registry import dense_shape
 from lrdaccel.planning import LayerPlan, Plan
@@ -31,6 +32,7 @@ CONFIG_NAME = "lrdaccel_config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FORMAT = "lrdaccel.model"
 CONFIG_VERSION = 1
+CONFIG_FIELDS = {"format", "version", "lrdaccel_version", "model_class", "aliases", "plan", "weights_sha256"}
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -43,7 +45,7 @@ def plan_of(model: nn.Module) -> Plan:
             stride = tuple(module.core.stride) if hasattr(module, "core") else (1, 1)
             rows.append(LayerPlan(name, module.kind, module.rank, "saved", _source_type(module),
                                   dense_shape(dense), stride, branches=getattr(module, "branches", 1)))
-    rows += merged_rows(model)
+    rows += merged_rows(model) + narrowed_rows(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return Plan(sorted(rows, key=lambda row: order[row.name]), meta=forms_meta(model))
 
@@ -84,11 +86,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     a crash is refused on load with a clear error. Under torch.distributed only rank 0 writes.
 
     Raises:
-        ValueError: `directory` exists and is not a directory, or lies under a file.
+        ValueError: `directory` exists and is not a directory, or lies under a file; the model is
+            quantized (nothing is written: save the float model, quantize after loading).
     """
     if not _is_writer():
         return
     model = unwrap(model)
+    check_plain_state(model)
     directory = Path(directory)
     check_output_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,19 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     }
 
     write_checkpoint(tensors, directory / WEIGHTS_NAME, config, directory / CONFIG_NAME)
+
+
+def check_plain_state(model: nn.Module) -> None:
+    """Refuse a quantized model before anything is written: its int8 layers keep packed weights,
+    scales and dtypes (`lrd.quantize`, torch.ao, torchao) that safetensors cannot hold and that
+    `lrd.load` could not rebuild. Quantizing after loading gives the same model in a second."""
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and type(value) in (torch.Tensor, nn.Parameter) and not value.is_quantized:
+            continue
+        layer = name.split("._packed_params")[0] if "._packed_params" in name else name.rpartition(".")[0]
+        kind = model.get_submodule(layer)._get_name()
+        raise ValueError(f"lrd.save: layer {layer!r} is quantized ({kind}), which a checkpoint cannot hold; save the "
+                         f"float model and quantize after lrd.load (lrd.quantize(model, 'int8'))")
 
 
 def write_checkpoint(tensors: dict[str, torch.Tensor], weights_path: Path, config: dict, config_path: Path) -> None:
@@ -128,6 +145,7 @@ def read_config(directory: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     check_header(config, CONFIG_FORMAT, CONFIG_VERSION, str(path), "model config")
+    warn_unknown_fields(config, CONFIG_FIELDS, str(path), "model config")
     aliases = config.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise ValueError(f"{path}: field 'aliases' must be an object of tensor name -> tensor name, got {aliases!r}")
@@ -140,13 +158,15 @@ def read_config(directory: str | os.PathLike) -> dict:
 def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = True) -> nn.Module:
     """Rebuild the saved decomposition on `base_model` (undecomposed, same architecture), load weights.
 
-    Returns `base_model`, changed in place. On any mismatch it raises ValueError naming the
-    tensors or layers that differ and leaves `base_model` as it was.
+    Returns `base_model`, changed in place. On any mismatch (another model class than the saved
+    one, tensors or layers that differ) it raises ValueError naming it and leaves `base_model` as
+    it was. Config fields this version does not know are ignored with a warning.
     """
     directory = Path(directory)
     config = read_config(directory)
     plan = Plan.from_dict(config.get("plan"), source=str(directory / CONFIG_NAME))
     model = unwrap(base_model)
+    check_model_class(config.get("model_class"), model, str(directory / CONFIG_NAME))
     built = build_modules(model, plan, factorize=False)
     tensors = read_weights(directory / WEIGHTS_NAME)
     for alias, target in (config.get("aliases") or {}).items():
@@ -160,6 +180,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, strict: bool = Tru
     try:
         model.load_state_dict(tensors, strict=strict)
         apply_forms(model, plan)
+        narrow_config(model, plan)
     except BaseException:
         swap_modules(model, originals)
         raise

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from lrdaccel import zoo
 from lrdaccel._settings import check_choice, check_int, check_number
 from lrdaccel.factorize.ranks import check_ratio
-from lrdaccel.measure.runtimes import RUNTIMES, check_compile_mode, check_runtime
+from lrdaccel.measure.runtimes import INFERENCE_ONLY, RUNTIMES, check_compile_mode, check_runtime
 from lrdaccel.measure.steps import Placement
 from lrdaccel.measure.timer import OBJECTIVES
 from lrdaccel.peers._extra import require_peers
@@ -76,10 +76,12 @@ class BenchConfig:
         warmup: untimed calls per step before measuring (>= 0).
         min_run_time: seconds one measurement lasts at least (fast steps are repeated).
         objective: what rank optimization times per layer: "infer" (forward, as Paper B's
-            Algorithm 1) or "train" (forward + backward); under onnxruntime always "infer".
-        runtimes: what to run in, one table each ("eager", "compile", "onnxruntime"; the last
-            inference only): ranks are optimized for each, every ratio is against the original
-            in the same runtime, and one line compares our best with the original's best.
+            Algorithm 1) or "train" (forward + backward); under onnxruntime and int8 always "infer".
+        runtimes: what to run in, one table each ("eager", "compile", "onnxruntime", "int8"; the
+            last two inference only, on the CPU; "int8" is every row quantized by `lrd.quantize`,
+            its rows named int8/original, int8/lrd, int8/prune...): ranks are optimized for each,
+            every ratio is against the original in the same runtime, and one line compares our
+            best with the original's best.
         compile_mode: torch.compile's mode under "compile": "default", "reduce-overhead" (CUDA
             graphs), "max-autotune" (autotuned kernels + CUDA graphs; minutes to compile) or
             "max-autotune-no-cudagraphs"; recorded with each compile table.
@@ -150,8 +152,8 @@ class BenchConfig:
             raise ValueError(f"runtimes: give each of {RUNTIMES} at most once, at least one; got {self.runtimes}")
         for runtime in self.runtimes:
             check_runtime(runtime, "infer", self.device)
-            if runtime == "onnxruntime" and self.autocast_bf16:
-                raise ValueError("runtimes: onnxruntime runs the exported float graph; bf16 autocast does not apply")
+            if runtime in INFERENCE_ONLY and self.autocast_bf16:
+                raise ValueError(f"runtimes: {runtime} runs its own float or int8 kernels; bf16 autocast does not apply")
             if runtime == "compile" and self.warmup < 1:
                 raise ValueError("warmup must be >= 1 under runtime 'compile' (the first call compiles)")
         check_compile_mode(self.compile_mode)

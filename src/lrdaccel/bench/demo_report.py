@@ -79,10 +79,10 @@ def _race_lines(results: Mapping) -> list[str]:
     """The race: who reached the original's accuracy (minus half a point) in what training time.
     Where the original is at the target before any fine-tuning, a speed-up to the target means
     nothing (the decomposed model's would be 0): the report says so instead of printing one."""
-    race = results["race"]
+    race, target = results["race"], results["race"]["target_accuracy"]  # None: no target (lrd.race)
     sides = (results["original"], results["decomposed"])
-    at_start = [side["history"][0]["accuracy"] >= race["target_accuracy"] for side in sides]
-    speedups = not at_start[0]
+    at_start = [target is not None and side["history"][0]["accuracy"] >= target for side in sides]
+    speedups = target is not None and not at_start[0]
     rows = []
     for row, side, started in zip(race["variants"], sides, at_start):
         reached = row["time_to_target_s"]
@@ -97,12 +97,14 @@ def _race_lines(results: Mapping) -> list[str]:
     lines = ["", "## The race", "",
              f"Both models fine-tuned {race['steps']} steps on the same batches in lockstep (lrd.race), each at the "
              f"race's learning rate times its multiplier (column lr); training seconds exclude evaluation and include "
-             f"the decomposed model's setup (decomposing, calibrating). Target: the original's final accuracy - 0.5 "
-             f"points = {100 * race['target_accuracy']:.2f}%. Details: [{race['folder']}/report.md]"
-             f"({race['folder']}/report.md), [{race['folder']}/race.png]({race['folder']}/race.png).", ""]
+             f"the decomposed model's setup (decomposing, calibrating). "
+             + ("No target: the original ends at or below chance. " if target is None else
+                f"Target: the original's final accuracy - 0.5 points = {100 * target:.2f}%. ")
+             + f"Details: [{race['folder']}/report.md]({race['folder']}/report.md), "
+             f"[{race['folder']}/race.png]({race['folder']}/race.png).", ""]
     lines += table(["model", "lr", "test accuracy", "training seconds", "time to target"]
                    + (["speed-up to target"] if speedups else []), rows)
-    if not speedups:
+    if at_start[0]:
         decomposed = race["variants"][1]["time_to_target_s"]
         recovered = ("it was at the target from the start too" if at_start[1] else "it never did" if decomposed is None
                      else f"{decomposed:.0f} s of training, setup included")
@@ -192,8 +194,9 @@ def demo_plot(results: Mapping, path: Path) -> Path:
         history = results[side]["history"]
         right.plot([h["seconds"] for h in history], [100 * h["accuracy"] for h in history], style, markersize=3,
                    label=side)
-    right.axhline(100 * results["race"]["target_accuracy"], color="grey", linestyle="--", linewidth=1,
-                  label="target (original's final - 0.5)")
+    if results["race"]["target_accuracy"] is not None:
+        right.axhline(100 * results["race"]["target_accuracy"], color="grey", linestyle="--", linewidth=1,
+                      label="target (original's final - 0.5)")
     low = min(100 * h["accuracy"] for side in ("original", "decomposed") for h in results[side]["history"][1:] or
               results[side]["history"])
     right.set_ylim(low - 0.5, 100 * max(results["original"]["accuracy"], results["decomposed"]["accuracy"]) + 0.5)

@@ -34,6 +34,7 @@ from lrdaccel.bench.workloads import training_phases
 from lrdaccel.layers import LowRankModule
 from lrdaccel.measure.counting import count_macs, count_params
 from lrdaccel.measure.profiling import onnxruntime_operators, top_operators
+from lrdaccel.measure.runtimes import INFERENCE_ONLY
 from lrdaccel.measure.steps import Placement, inference_phase
 from lrdaccel.measure.timer import Timings, Workload, measure_interleaved, ratio_to_baseline, spread
 from lrdaccel.planning import Plan
@@ -127,7 +128,7 @@ class _Plans:
         if searched not in self._optimized:
             config, placement = self.config, self.config.placement
             # ONNX Runtime has no training step: its ranks are chosen for inference.
-            objective = "infer" if searched == "onnxruntime" else config.objective
+            objective = "infer" if searched in INFERENCE_ONLY else config.objective
             start = time.perf_counter()
             plan = optimize_ranks(
                 self.original, self.ratio, self.inputs, objective=objective, runtime=searched,
@@ -148,7 +149,7 @@ class _RuntimeEntry:
         self.ratio_plan, self.merged_plan = plans.ratio, plans.merged
         self.optimized_plan, self.optimize_seconds, self.rank_runtime = plans.optimized(runtime)
         by_name = {"ratio": plans.ratio, "optimized": self.optimized_plan, "merged": plans.merged}
-        trains = config.train and runtime != "onnxruntime"
+        trains = config.train and runtime not in INFERENCE_ONLY
         self.notes, self.schedules, self.peer_info = [], {}, {}
         self.variants = []
         self.models: dict[str, nn.Module] = {}
@@ -183,7 +184,7 @@ class _RuntimeEntry:
                                   f"nothing to freeze; it trains like the model it would freeze")
         self.infer = [Workload(self.key(v.key), [inference_phase(self.models[v.key], inputs, self.placement)])
                       for v in self.variants if not v.infer_as]
-        self.train = [] if runtime == "onnxruntime" or not config.train else [
+        self.train = [] if runtime in INFERENCE_ONLY or not config.train else [
             Workload(self.key(v.key), training_phases(self.models[v.key], inputs, self.placement,
                                                       self.schedules[v.key])) for v in self.variants]
 

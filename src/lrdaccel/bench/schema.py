@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from lrdaccel._files import check_header
 from lrdaccel._version import __version__
 from lrdaccel.measure.machine import load_average, machine_info
+from lrdaccel.measure.runtimes import INFERENCE_ONLY
 
 BENCH_FORMAT = "lrdaccel.bench"
 DEMO_FORMAT = "lrdaccel.demo"
@@ -29,7 +30,6 @@ BENCH_ROW_KEYS = ("variant", "label", "params", "macs", "params_ratio", "macs_ra
                   "infer_items_per_s")
 TRAIN_ROW_KEYS = ("train_ratio", "train_items_per_s", "train_phases")
 PEER_KEYS = ("kind", "importance", "matched_to", "target_params", "params", "pruning_ratio", "trials", "seconds")
-INFERENCE_ONLY = ("onnxruntime",)
 SPREAD_KEYS = ("min", "median", "max", "values")
 
 

@@ -5,8 +5,9 @@ LRD + both, LRD + static freezing, LRD + merging (bottleneck models; --variants 
 with --peers prune channel pruning (torch-pruning) at the same parameters. Columns: parameters,
 MACs, inference throughput, training throughput (averaged over the freezing phases), each as a
 ratio to the original in the same runtime, with min/median/max over interleaved repeats (A B A B
-...). One table per runtime (--runtime eager,compile,onnxruntime; ranks optimized for each unless
---rank-runtime; onnxruntime runs inference only; --compile-mode reduce-overhead or max-autotune for
+...). One table per runtime (--runtime eager,compile,onnxruntime,int8; ranks optimized for each unless
+--rank-runtime; onnxruntime and int8 run inference only, int8 being every row quantized by
+lrd.quantize and timed eager on the CPU; --compile-mode reduce-overhead or max-autotune for
 what GPU users run), and one line comparing our best (decomposed, in its fastest runtime) with
 the original in its fastest runtime. Writes results.json, report.md (the tables) and report.png
 (bar chart) into --out, and the time-vs-rank staircase of a [512,512,3,3] conv.

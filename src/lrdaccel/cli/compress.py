@@ -26,7 +26,8 @@ from lrdaccel.calibration import corpora
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
 from lrdaccel.cli.plan import add_plan_args, plan_from_args
-from lrdaccel.deploy import export_onnx
+from lrdaccel.deploy import ExportConfig, export_onnx
+from lrdaccel.deploy.onnx_export import check_shapes
 from lrdaccel.deploy.onnx_session import onnxruntime
 from lrdaccel.io import save
 from lrdaccel.planning import Plan, PlanConfig
@@ -38,6 +39,7 @@ from lrdaccel.decomposition import METHODS, DecomposeConfig, decompose
 
 ORDER = 30  # place in `lrdaccel --help`: the pipeline's order
 ONNX_NAME = "model.onnx"
+DYNAMIC_AXES = ("dynamic_batch", "dynamic_sequence")  # the export's options --fuse takes
 TEXT = "text"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,6 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--fuse", action="store_true",
                         help=f"also fold BatchNorm into the convs before them and write the result to "
                              f"{ONNX_NAME} in --output, checked with ONNX Runtime (needs lrdaccel[onnx])")
+    add_config_args(parser, ExportConfig, DYNAMIC_AXES,
+                    notes={"dynamic_batch": "with --fuse", "dynamic_sequence": "with --fuse"})
     return parser
 
 
@@ -88,6 +92,10 @@ def text_batches(n_batches: int, batch_size: int) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     check_outputs(dirs={"--output": args.output})
     config = DecomposeConfig(**given(args, DecomposeConfig))
+    axes = {key: value for key, value in given(args, ExportConfig).items() if key in DYNAMIC_AXES}
+    export_config = ExportConfig(fuse=True, **axes)
+    if axes and not args.fuse:
+        raise ValueError("--dynamic-batch and --dynamic-sequence are for the --fuse export")
     allocating = getattr(args, "allocate", None) is not None
     if args.plan and allocating:
         raise ValueError("--allocate plans the ranks; it does not apply to a --plan file")
@@ -99,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration is not None:
         require_data("--calibration-data", args.calibration_data)
     model, example = load_model(args, check_input=True)
+    if args.fuse:  # a model that fixes its input shape cannot be exported as asked: say so before saving
+        check_shapes(model, example, export_config)
     calibration = None
     if args.calibration is not None:
         calibration = (text_batches(args.calibration, args.batch_size) if args.calibration_data == TEXT
@@ -115,5 +125,5 @@ def run(args: argparse.Namespace) -> int:
     save(model, args.output)
     print(f"saved to {args.output}")
     if args.fuse:
-        print(export_onnx(model.eval(), example, Path(args.output) / ONNX_NAME, fuse=True))
+        print(export_onnx(model.eval(), example, Path(args.output) / ONNX_NAME, config=export_config))
     return 0

@@ -18,7 +18,7 @@ from lrdaccel import data, zoo
 from lrdaccel.calibration import corpora
 from lrdaccel.cli._common import add_model_args, check_outputs, load_model, positive_int, require_data
 from lrdaccel.cli._config_args import add_config_args, given
-from lrdaccel.cli._training import HISTORY_NAME, add_source_args, decompose_from_args, save_run
+from lrdaccel.cli._training import HISTORY_NAME, add_source_args, check_amp, decompose_from_args, save_run
 from lrdaccel.training.config import AMP_DTYPES, DISTILL_LOSSES, LR_SCHEDULES, OPTIMIZERS, DistillConfig
 from lrdaccel.training.distill import distill
 from lrdaccel.training.distributed import is_main_process, process_group
@@ -89,9 +89,11 @@ def _image_batches(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = DistillConfig(**given(args, DistillConfig))
+    options = given(args, DistillConfig)
+    check_amp(options)
+    config = DistillConfig(**options)
     check_outputs(dirs={"--output": args.output, "--checkpoint-dir": config.checkpoint_dir})
-    if bool(args.source) == bool(args.ratio):
+    if bool(args.source) == (args.ratio is not None):  # --ratio 0 is a ratio to check, not "no ratio"
         raise ValueError("give --from DIR (a model saved by `lrdaccel compress`) or --ratio R (decompose here), "
                          "one of them")
     if args.data == TEXT and not args.tokenizer and args.model != "minilm":

@@ -3,7 +3,9 @@
 On any error while building, the model is untouched; the swap itself is plain attribute
 assignment and is rolled back if it fails part-way. Merged rows (lrdaccel.decomposition.merge_build)
 replace a bottleneck's three convs and two BatchNorms at once, and are followed by re-estimating
-every BatchNorm's statistics on the calibration batches; that too is undone on error.
+every BatchNorm's statistics on the calibration batches; that too is undone on error. Narrow rows
+(lrdaccel.decomposition.narrow_apply) are filled after the swap, in sequence on the partly
+changed model, and undone on error like the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from lrdaccel.decomposition.build import build_modules, relative_error, swap_mod
 from lrdaccel.decomposition.config import DecomposeConfig
 from lrdaccel.decomposition.merge_build import merge_error
 from lrdaccel.decomposition.merge_statistics import collect_block_stats
+from lrdaccel.decomposition.narrow_apply import narrow_in_sequence
+from lrdaccel.decomposition.narrow_build import narrow_config
 from lrdaccel.decomposition.report import DecomposeReport, LayerReport
 from lrdaccel.decomposition.sequential import build_sequential
 from lrdaccel.measure.counting import macs_by_module
@@ -51,12 +55,12 @@ def decompose(
         plan: from `lrd.plan` / `lrd.optimize_ranks`; give either this or `ratio`.
         example_inputs: a tensor, tuple or dict for the model; when given, MACs in the report
             are counted by torch.utils.flop_counter per forward of it.
-        calibration: batches for method="whiten", for merged rows and, without a plan, for
+        calibration: batches for method="whiten", for merged and narrow rows and, without a plan, for
             allocate="sensitivity" (a DataLoader, list or other iterable; each batch called as
             model(tensor), model(*tuple) or model(**dict), so drop labels). Merging uses them to
             choose what to keep and to re-estimate every BatchNorm's statistics afterwards
             (several passes: a generator is read into a list first); use about a thousand samples.
-        config: a DecomposeConfig (method, n_iter, damping, sequential, refit, refit_damping).
+        config: a DecomposeConfig (method, n_iter, damping, sequential, refit, refit_damping, selection).
         progress: show a tqdm bar.
         **settings: DecomposeConfig fields; without a plan, also PlanConfig fields
             (`decompose(model, ratio=2.0, min_rank=4)`; `merge=True` traces `example_inputs`).
@@ -107,21 +111,32 @@ def decompose(
         built = build_modules(model, plan, config=config, input_stats=input_stats, progress=progress,
                               block_stats=block_stats)
     errors = {row.name: merge_error(model, row, built, block_stats) if row.kind == "merged"
-              else relative_error(model.get_submodule(row.name), built[row.name]) for row in plan.changed}
+              else relative_error(model.get_submodule(row.name), built[row.name])
+              for row in plan.changed if row.kind != "narrow"}
     originals = swap_modules(model, built)
+    narrowed, config_before = {}, []
     try:  # the model's own forward may fail on the new layers: then undo the swap
+        if plan.narrowed:  # undoes its own swaps on error
+            narrowed, narrow_errors, config_before = narrow_in_sequence(model, plan.narrowed, calibration,
+                                                                        config.selection, progress)
+            errors.update(narrow_errors)
+            config_before += narrow_config(model, plan)
         apply_forms(model, plan)
         macs_after = None if example_inputs is None else macs_by_module(model, example_inputs)
-        if merged and calibration is not None:  # restores the statistics itself on error
+        if (merged or any(row.narrow.resized for row in plan.narrowed)) and calibration is not None:
+            # restores the statistics itself on error
             recalibrate_batchnorm(model, calibration)
     except BaseException:
+        for owner, attribute, value in reversed(config_before):
+            setattr(owner, attribute, value)
+        swap_modules(model, narrowed)
         swap_modules(model, originals)
         raise
     rows = []
     for row in plan.changed:
         before, after = row.macs_before, row.macs_after
         if macs_before is not None:
-            names = [row.name, *(row.merge.convs if row.merge else ())]
+            names = [row.name, *(row.merge.convs if row.merge else ()), *([row.narrow.consumer] if row.narrow else [])]
             before = sum(macs_before[1].get(name, 0) for name in names)
             after = sum(macs_after[1].get(name, 0) for name in names)
         rows.append(LayerReport(row.name, row.kind, row.rank, row.params_before, row.params_after,
@@ -146,11 +161,14 @@ def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: Decompos
     Raises:
         ValueError: calibration missing where needed or given where nothing reads it.
     """
-    merged = plan.merged
+    merged, narrowed = plan.merged, [row.name for row in plan.narrowed]
     approximate = [row.name for row in merged if row.merge.act1 or row.merge.act2]
-    if config.method == "svd" and calibration is not None and not merged and not allocating:
-        raise ValueError("calibration is only used by method='whiten', by merged rows and by "
+    if config.method == "svd" and calibration is not None and not merged and not narrowed and not allocating:
+        raise ValueError("calibration is only used by method='whiten', by merged and narrow rows and by "
                          "allocate='sensitivity'; pass method='whiten' or drop it")
+    if narrowed and calibration is None:
+        raise ValueError(f"narrow rows {narrowed[:3]}{' ...' if len(narrowed) > 3 else ''} choose their channels on "
+                         f"calibration activations: pass calibration=batches (a loader or list)")
     if approximate and calibration is None:
         raise ValueError(f"merged rows {approximate[:3]}{' ...' if len(approximate) > 3 else ''} merge across an "
                          f"activation, which needs calibration batches (calibration=loader_or_list)")
@@ -164,7 +182,8 @@ def _statistics(model: nn.Module, plan: Plan, calibration: Any, config: Decompos
                 raise ValueError(f"sequential=True calibrates SVD and Tucker-2 rows; the plan also has "
                                  f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}: use sequential=False")
             return None, None
-        input_stats = collect_input_stats(model, [row.name for row in plan.changed if row.kind != "merged"],
+        whitened = [row.name for row in plan.changed if row.kind not in ("merged", "narrow")]
+        input_stats = collect_input_stats(model, whitened,
                                           calibration, progress=progress)
     if merged and calibration is not None:
         block_stats = collect_block_stats(model, merged, calibration)

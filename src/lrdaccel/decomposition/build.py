@@ -11,6 +11,7 @@ from lrdaccel.calibration.statistics import InputStats
 from lrdaccel.decomposition.config import DecomposeConfig
 from lrdaccel.decomposition.merge_build import build_merged, merged_like
 from lrdaccel.decomposition.merge_statistics import BlockStats
+from lrdaccel.decomposition.narrow_build import narrowed_like
 from lrdaccel.layers import LowRankModule
 from lrdaccel.layers.base import warn_plain
 from lrdaccel.layers.registry import layer_class_for
@@ -35,12 +36,19 @@ def build_modules(
     inputs' covariance; a layer the calibration never reached falls back to the plain
     factorization with a warning naming it. Merged rows need `block_stats`
     (`lrdaccel.decomposition.merge_statistics.collect_block_stats`) unless both their sides are linear.
+    Narrow rows are built here only with factorize=False (their shapes); their weights depend on
+    the partly narrowed model, so `decompose` fills them in sequence after the swap
+    (lrdaccel.decomposition.narrow_apply).
     """
     validate_plan(model, plan)
     config = config or DecomposeConfig()
     built = {}
     rows = plan.changed
     for row in tqdm(rows, desc="decomposing", unit="layer", disable=not progress or not rows):
+        if row.kind == "narrow":
+            if not factorize:
+                built.update(narrowed_like(model, row))
+            continue
         if row.kind == "merged":
             if not factorize:
                 built.update(merged_like(model, row))

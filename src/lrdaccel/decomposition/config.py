@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lrdaccel._settings import check_choice, check_int
+from lrdaccel.factorize.narrow import SELECTIONS
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, DEFAULT_REFIT_DAMPING, REFITS, check_damping
 
 METHODS = ("svd", "whiten")
@@ -29,6 +30,9 @@ class DecomposeConfig:
             regression; Tucker-2: the last 1x1), "last" (the last factor and bias, least
             squares) or "none".
         refit_damping: relative ridge of that re-solve, towards the factorization's own factors.
+        selection: how narrow rows choose the channels they keep on calibration activations:
+            "qr" (pivoted QR, an interpolative decomposition), "greedy" (least consumer output
+            error after the refit) or "energy" (activation norm x output column norm).
     """
 
     method: str = "svd"
@@ -37,6 +41,7 @@ class DecomposeConfig:
     sequential: bool = False
     refit: str = "joint"
     refit_damping: float = DEFAULT_REFIT_DAMPING
+    selection: str = "qr"
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -44,6 +49,7 @@ class DecomposeConfig:
         check_damping(self.damping)
         check_choice("refit", self.refit, REFITS)
         check_damping(self.refit_damping)
+        check_choice("selection", self.selection, SELECTIONS)
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
         if self.sequential and self.method != "whiten":

@@ -82,7 +82,17 @@ def flat_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...],
     return tensors, keywords, names
 
 
-def export_program(model: nn.Module, inputs: Any, dynamic_batch: bool = False, optimize: bool = True):
+def token_inputs(inputs: Any) -> list[str]:
+    """Graph input names of the token inputs: integer tensors of at least two dimensions
+    ([batch, sequence, ...]: input ids, attention masks, token types), whose dimension 1 is a
+    sequence length; image and feature inputs are floating point."""
+    tensors, _, names = flat_inputs(inputs)
+    return [name for name, t in zip(names, tensors) if t.dim() >= 2 and not t.is_floating_point()
+            and not t.is_complex()]
+
+
+def export_program(model: nn.Module, inputs: Any, dynamic_batch: bool = False, optimize: bool = True,
+                   dynamic_sequence: bool = False):
     """The model's inference graph as a `torch.onnx.ONNXProgram` (dynamo exporter, no file).
 
     Args:
@@ -90,6 +100,8 @@ def export_program(model: nn.Module, inputs: Any, dynamic_batch: bool = False, o
             becomes the graph's one output, "output".
         inputs: a tensor, tuple or dict of tensors, as the model is called.
         dynamic_batch: make dimension 0 of every input symbolic ("batch").
+        dynamic_sequence: make dimension 1 of every token input (`token_inputs`) symbolic, one
+            length shared by all of them: a transformer exported at 64 tokens runs at 32.
         optimize: let the exporter fold constants (False keeps one initializer per parameter,
             named by its parameter, which `reweighted` relies on).
 
@@ -99,9 +111,12 @@ def export_program(model: nn.Module, inputs: Any, dynamic_batch: bool = False, o
     onnxruntime()
     tensors, keywords, names = flat_inputs(inputs)
     kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
-    if dynamic_batch:
+    if dynamic_batch or dynamic_sequence:
         batch = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
-        kwargs["dynamic_shapes"] = (tuple({0: batch} for _ in tensors),)  # MainOutput.forward(*args)
+        tokens = set(token_inputs(inputs)) if dynamic_sequence else set()
+        axes = [({0: batch} if dynamic_batch else {}) | ({1: torch.export.Dim.DYNAMIC} if name in tokens else {})
+                for name in names]
+        kwargs["dynamic_shapes"] = (tuple(axes),)  # MainOutput.forward(*args)
     # The exporter prints progress and warns about its own internals; neither is the user's business.
     try:
         with kept_modes(model), _quiet(), torch.no_grad():

@@ -38,7 +38,7 @@ class LowRankModule(nn.Module):
 
     def factor_params(self) -> int:
         """Weight parameters of the factors (biases excluded)."""
-        return sum(f.weight.numel() for f in self.factors)
+        return sum(factor_weight(f).numel() for f in self.factors)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight, in the replaced layer's layout (differentiable)."""
@@ -71,6 +71,15 @@ class LowRankModule(nn.Module):
             f"kind={self.kind}, rank={self.rank}, "
             f"compression={self.dense_params() / self.factor_params():.2f}x"
         )
+
+
+def factor_weight(module: nn.Module) -> torch.Tensor:
+    """A factor's weight as a float tensor: the parameter itself (differentiable), or for a layer
+    quantized by torch.ao (`lrd.quantize`), which gives an int8 tensor through a method,
+    `weight()`, its dequantized values; so the repr and the dense view work on a served model."""
+    weight = module.weight
+    weight = weight() if callable(weight) else weight
+    return weight.dequantize() if weight.is_quantized else weight
 
 
 CONV_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",

@@ -14,7 +14,7 @@ from torch import nn
 from lrdaccel.factorize import check_finite
 from lrdaccel.factorize.branched import DEFAULT_ALS_ITERS, branched_dense, branched_tucker2, check_branched_rank
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING
-from lrdaccel.layers.base import ThreeConvModule, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import ThreeConvModule, copy_module_state, factor_weight, whitened_or_plain
 
 
 class BranchedTuckerConv2d(ThreeConvModule):
@@ -56,8 +56,8 @@ class BranchedTuckerConv2d(ThreeConvModule):
         return self.core.groups
 
     def dense_weight(self) -> torch.Tensor:
-        return branched_dense(self.first.weight[:, :, 0, 0].T, self.core.weight, self.last.weight[:, :, 0, 0],
-                              self.branches)
+        return branched_dense(factor_weight(self.first)[:, :, 0, 0].T, factor_weight(self.core),
+                              factor_weight(self.last)[:, :, 0, 0], self.branches)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, branches={self.branches}"

@@ -20,7 +20,8 @@ from torch import nn
 
 from lrdaccel.factorize import check_finite, svd_split
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_svd_split
-from lrdaccel.layers.base import LowRankModule, assign, copy_conv_attributes, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import (LowRankModule, assign, copy_conv_attributes, copy_module_state, factor_weight,
+                                  whitened_or_plain)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -71,7 +72,7 @@ class _TwoFactors(LowRankModule):
 
     @property
     def rank(self) -> int:
-        return self.first.weight.shape[0]
+        return factor_weight(self.first).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
@@ -111,7 +112,7 @@ class SVDLinear(_TwoFactors):
         return self.in_features * self.out_features
 
     def dense_weight(self) -> torch.Tensor:
-        weight = self.second.weight @ self.first.weight
+        weight = factor_weight(self.second) @ factor_weight(self.first)
         return weight.T if self.transposed else weight
 
     @torch.no_grad()
@@ -204,7 +205,7 @@ class SVDConv2d(_TwoFactors):
         return self.in_channels * self.out_channels
 
     def dense_weight(self) -> torch.Tensor:
-        return (self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0])[:, :, None, None]
+        return (factor_weight(self.second)[:, :, 0, 0] @ factor_weight(self.first)[:, :, 0, 0])[:, :, None, None]
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:

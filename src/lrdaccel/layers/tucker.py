@@ -14,7 +14,7 @@ from torch import nn
 from lrdaccel.factorize import check_finite, tucker2
 from lrdaccel.factorize.ranks import tucker_pair
 from lrdaccel.factorize.whiten import DEFAULT_DAMPING, whitened_tucker2
-from lrdaccel.layers.base import ThreeConvModule, copy_module_state, whitened_or_plain
+from lrdaccel.layers.base import ThreeConvModule, copy_module_state, factor_weight, whitened_or_plain
 
 DEFAULT_HOOI_ITERS = 2
 
@@ -51,6 +51,6 @@ class TuckerConv2d(ThreeConvModule):
         return layer.fill(u_in, core, u_out, dense.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return torch.einsum("srhw,os,ri->oihw", self.core.weight, self.last.weight[:, :, 0, 0],
-                            self.first.weight[:, :, 0, 0])
+        return torch.einsum("srhw,os,ri->oihw", factor_weight(self.core), factor_weight(self.last)[:, :, 0, 0],
+                            factor_weight(self.first)[:, :, 0, 0])
 

@@ -18,6 +18,9 @@ not), so every speed figure and every rank choice names its runtime:
 - "onnxruntime": exported with torch.onnx (the dynamo exporter) and run by an ONNX Runtime
   InferenceSession on the CPU with torch's thread count. Inference only: there is no training
   step to time there. An optional extra: `pip install lrdaccel[onnx]`.
+- "int8": eager PyTorch on the int8 copy `lrd.quantize` makes (dynamic int8 Linear; convs static
+  int8, calibrated on the timed inputs: ranges change values, not speed). What a CPU server
+  does first; inference only, on the CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from torch import nn
 from lrdaccel._modules import call_model
 from lrdaccel._settings import check_choice
 
-RUNTIMES = ("eager", "compile", "onnxruntime")
+RUNTIMES = ("eager", "compile", "onnxruntime", "int8")
+INFERENCE_ONLY = ("onnxruntime", "int8")  # no training step to time there
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # Dynamo keeps compiled code per code object (every nn.Conv2d shares Conv2d.forward), so model
@@ -45,19 +49,21 @@ def check_runtime(runtime: str, objective: str = "infer", device: torch.device |
 
     Raises:
         ValueError: an unknown runtime; training or a non-CPU device under "onnxruntime";
-            ONNX Runtime not installed (saying how to install it).
+            ONNX Runtime not installed (saying how to install it); training or a non-CPU
+            device under "int8".
     """
     check_choice("runtime", runtime, RUNTIMES)
-    if runtime != "onnxruntime":
+    if runtime not in INFERENCE_ONLY:
         return
     if objective == "train":
-        raise ValueError("runtime 'onnxruntime' runs inference only: training is timed under 'eager' or "
-                         "'compile' (objective='train'), or choose objective='infer'")
+        raise ValueError(f"runtime {runtime!r} runs inference only: training is timed under 'eager' or "
+                         f"'compile' (objective='train'), or choose objective='infer'")
     if torch.device(device).type != "cpu":
-        raise ValueError(f"runtime 'onnxruntime' is timed on the CPU execution provider; got device {str(device)!r}")
-    from lrdaccel.deploy.onnx_session import onnxruntime
+        raise ValueError(f"runtime {runtime!r} is timed on the CPU; got device {str(device)!r}")
+    if runtime == "onnxruntime":
+        from lrdaccel.deploy.onnx_session import onnxruntime
 
-    onnxruntime()
+        onnxruntime()
 
 
 def check_compile_mode(mode: str) -> None:
@@ -70,6 +76,8 @@ def runtime_label(runtime: str, compile_mode: str = "default") -> str:
     reports): "eager", "compile", "compile max-autotune", "onnxruntime 1.32.0"."""
     if runtime == "compile" and compile_mode != "default":
         return f"compile {compile_mode}"
+    if runtime == "int8":
+        return f"int8 {torch.backends.quantized.engine}"  # the kernels' engine (x86, fbgemm, qnnpack)
     if runtime != "onnxruntime":
         return runtime  # torch's version is part of every key already
     from lrdaccel.deploy.onnx_session import onnxruntime
@@ -103,7 +111,8 @@ def runtime_forward(model: nn.Module, runtime: str, fullgraph: bool = False,
     `compile_mode` is torch.compile's `mode` (ignored by eager).
 
     Raises:
-        ValueError: "onnxruntime" (not a module: use `inference_step`), an unknown runtime or mode.
+        ValueError: "onnxruntime" or "int8" (inference only: use `inference_step`), an unknown
+            runtime or mode.
     """
     check_choice("runtime", runtime, RUNTIMES)
     check_compile_mode(compile_mode)
@@ -113,7 +122,7 @@ def runtime_forward(model: nn.Module, runtime: str, fullgraph: bool = False,
         mode = None if compile_mode == "default" else compile_mode
         compiled = torch.compile(model, dynamic=False, fullgraph=fullgraph, mode=mode)
         return (_new_graph_step(compiled) if compile_mode in CUDA_GRAPH_MODES else compiled), compiled_calls
-    raise ValueError("runtime 'onnxruntime' has no differentiable forward: it runs inference only")
+    raise ValueError(f"runtime {runtime!r} has no differentiable forward: it runs inference only")
 
 
 def _new_graph_step(compiled: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,6 +140,14 @@ def _eager_calls(inference: bool) -> Iterator[None]:
         yield
 
 
+def int8_model(model: nn.Module, inputs: Any) -> nn.Module:
+    """The model as runtime "int8" serves it: `lrd.quantize`'s int8 copy, convs calibrated on
+    `inputs` (one batch as the model is called)."""
+    from lrdaccel.deploy.quantize import quantizable_convs, quantize
+
+    return quantize(model, "int8", calibration=[inputs] if quantizable_convs(model) else None)
+
+
 def inference_step(model: nn.Module, inputs: Any, runtime: str = "eager",
                    autocast: Callable[[], ContextManager] | None = None,
                    compile_mode: str = "default") -> Callable[[], Any]:
@@ -138,11 +155,13 @@ def inference_step(model: nn.Module, inputs: Any, runtime: str = "eager",
     no-argument callable.
 
     The model should be in eval mode. Under "onnxruntime" the model is exported and a session
-    created here (seconds); under "compile" the first call compiles.
+    created here (seconds); under "int8" its int8 copy is made here; under "compile" the first
+    call compiles.
 
     Raises:
         ValueError: an unknown runtime; for "onnxruntime" autocast, a model the exporter cannot
-            take, or ONNX Runtime not installed.
+            take, or ONNX Runtime not installed; for "int8" autocast or a model with no layer to
+            quantize.
     """
     check_runtime(runtime)
     if runtime == "onnxruntime":
@@ -152,7 +171,12 @@ def inference_step(model: nn.Module, inputs: Any, runtime: str = "eager",
             raise ValueError("runtime 'onnxruntime' runs the exported float graph: bf16 autocast does not apply")
         session = make_session(export_program(model, inputs).model_proto.SerializeToString())
         return session_step(session, inputs)
-    forward, calls = runtime_forward(model, runtime, compile_mode=compile_mode)
+    if runtime == "int8":
+        if autocast is not None:
+            raise ValueError("runtime 'int8' runs int8 kernels: bf16 autocast does not apply")
+        forward, calls = int8_model(model, inputs), _eager_calls
+    else:
+        forward, calls = runtime_forward(model, runtime, compile_mode=compile_mode)
     autocast = autocast or contextlib.nullcontext
 
     def step() -> Any:

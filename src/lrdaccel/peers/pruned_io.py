@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrdaccel._files import check_header, check_output_dir
+from lrdaccel._files import check_header, check_model_class, check_output_dir, warn_unknown_fields
 from lrdaccel._modules import unwrap
 from lrdaccel._version import __version__
 # one reader of safetensors files and one digest for every lrdaccel checkpoint
@@ -31,6 +31,8 @@ CONFIG_NAME = "pruned_config.json"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FORMAT = "lrdaccel.pruned"
 CONFIG_VERSION = 1
+CONFIG_FIELDS = {"format", "version", "lrdaccel_version", "model_class", "layers", "attention_heads", "aliases",
+                 "weights_sha256"}
 
 # the attributes that say how wide a layer is, per layer type (first match wins)
 WIDTH_ATTRS: tuple[tuple[type, tuple[str, ...]], ...] = (
@@ -89,8 +91,8 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module) -> nn.Modul
     Raises:
         FileNotFoundError: a file is missing.
         ValueError: not a pruned-model directory of ours, a newer format, a weights file that is
-            not the one the config was saved with, or a checkpoint of another architecture (naming
-            the layer or tensor that differs).
+            not the one the config was saved with, a `base_model` of another class than the saved
+            one, or a checkpoint of another architecture (naming the layer or tensor that differs).
     """
     directory = Path(directory)
     config = _read_config(directory / CONFIG_NAME)
@@ -102,6 +104,7 @@ def load_pruned(directory: str | os.PathLike, base_model: nn.Module) -> nn.Modul
         if target not in tensors:
             raise ValueError(f"{directory / CONFIG_NAME}: alias {alias!r} points to missing tensor {target!r}")
         tensors[alias] = tensors[target]
+    check_model_class(config.get("model_class"), unwrap(base_model), str(directory / CONFIG_NAME))
     model = copy.deepcopy(unwrap(base_model))
     source = str(directory)
     _shrink_layers(model, config["layers"], source)
@@ -124,6 +127,7 @@ def _read_config(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     check_header(config, CONFIG_FORMAT, CONFIG_VERSION, str(path), "pruned-model config")
+    warn_unknown_fields(config, CONFIG_FIELDS, str(path), "pruned-model config")
     for field, kind in (("layers", dict), ("attention_heads", dict), ("aliases", dict), ("weights_sha256", str)):
         if not isinstance(config.get(field), kind):
             raise ValueError(f"{path}: field {field!r} must be a {kind.__name__}, got {config.get(field)!r}")

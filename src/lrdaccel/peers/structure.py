@@ -11,7 +11,11 @@ layers is kept, so keeping is decided per group, with a reason the report shows:
   so shrinking it would change the output's shape;
 - in a transformer, the residual stream (a group holding a LayerNorm or an embedding): only
   attention heads and MLP widths shrink, as in the structured-pruning papers LRD is compared to;
-- a weight shared by two modules (tied embeddings), which pruning would silently untie.
+- a weight shared by two modules (tied embeddings: an output layer reading the embedding's
+  weight), which pruning would silently untie: torch-pruning has no notion of a shared tensor and
+  gives each owner its own pruned copy. Every group that would shrink such a weight in any of its
+  dimensions (a layer's output, or the input width a layer reads) keeps its width, so the tied
+  layers stay one tensor.
 
 A model torch-pruning cannot handle fails here, naming the layer, before any copy is pruned.
 """
@@ -181,15 +185,17 @@ def analyse(model: nn.Module, example_inputs: Any, excluded: set[str], keep_stem
     transformer = bool(attention) or any(isinstance(m, nn.MultiheadAttention) for m in scratch.modules())
     first = scratch.get_submodule(called[0]) if called else None
     stem = called[0] if keep_stem and isinstance(first, nn.modules.conv._ConvNd) else None
-    shared = {name for owners in weight_owners(scratch).values() if len(set(owners)) > 1 for name in owners}
+    shared = {name: sorted(set(owners) - {name}) for owners in weight_owners(scratch).values()
+              if len(set(owners)) > 1 for name in owners}
     structure = Structure(excluded=set(excluded))
     coupled: dict[str, set[str]] = {}
     for group in groups:
-        outs, reads, stream = [], False, False
+        outs, touched, reads, stream = [], [], False, False
         for dep, _ in group:
             module = dep.target.module
             if module not in names:  # torch-pruning's placeholder ops (reshapes, sums, outputs)
                 continue
+            touched.append(names[module])
             if graph.is_out_channel_pruning_fn(dep.handler):
                 outs.append(names[module])
             elif isinstance(module, READERS):
@@ -199,7 +205,7 @@ def analyse(model: nn.Module, example_inputs: Any, excluded: set[str], keep_stem
             continue
         for name in outs:
             coupled[name] = set(outs)
-        kept = _kept_reason(outs, excluded, stem, reads, stream and transformer, shared)
+        kept = _kept_reason(outs, touched, excluded, stem, reads, stream and transformer, shared)
         if kept:
             name, reason = kept
             structure.ignored.update(outs)
@@ -208,9 +214,10 @@ def analyse(model: nn.Module, example_inputs: Any, excluded: set[str], keep_stem
     return structure
 
 
-def _kept_reason(outs: list[str], excluded: set[str], stem: str | None, reads: bool, stream: bool,
-                 shared: set[str]) -> tuple[str, str] | None:
-    """(the layer that keeps the group, why), or None for a group that may be pruned."""
+def _kept_reason(outs: list[str], touched: list[str], excluded: set[str], stem: str | None, reads: bool,
+                 stream: bool, shared: dict[str, list[str]]) -> tuple[str, str] | None:
+    """(the layer that keeps the group, why), or None for a group that may be pruned. `touched`:
+    every layer the group would shrink, by its output or by the input width it reads."""
     for name in outs:
         if name in excluded:
             return name, "excluded"
@@ -220,7 +227,7 @@ def _kept_reason(outs: list[str], excluded: set[str], stem: str | None, reads: b
         return outs[0], "its output leaves the model (classifier or pooler)"
     if stream:
         return outs[0], "transformer residual stream (LayerNorm / embedding width)"
-    for name in outs:
+    for name in touched:
         if name in shared:
-            return name, "weight shared with another module"
+            return outs[0], f"{name}'s weight is tied to {', '.join(shared[name])}'s (pruning would untie them)"
     return None

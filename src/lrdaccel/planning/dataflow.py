@@ -37,6 +37,8 @@ PASS_THROUGH = frozenset({"dropout", "dropout_", "alpha_dropout", "feature_alpha
                           "contiguous", "clone", "detach"})
 CONV_OPS = frozenset({"conv2d"})
 NORM_OPS = frozenset({"batch_norm"})
+# Matrix products with a weight: F.linear(x, weight, bias), HF Conv1D's addmm(bias, x, weight).
+LINEAR_OPS = {"linear": (1, "weight"), "addmm": (2, "mat2")}
 
 
 @dataclass
@@ -46,11 +48,12 @@ class Op:
     Attributes:
         index: position in execution order.
         name: the torch function's name ("conv2d", "batch_norm", "relu", "add", ...).
-        kind: "conv", "bn", "act", "pass" or "other".
-        module: for conv / bn, the qualified name of the module whose parameters it read.
+        kind: "conv", "bn", "linear", "act", "pass" or "other".
+        module: for conv / bn / linear, the qualified name of the module whose parameters it read.
         inputs: indices of the ops that produced its tensor inputs, in argument order (the
             data input first); tensors from outside the trace (model inputs, parameters) are left out.
         readers: indices of the ops that read its result (filled as the trace proceeds).
+        shape: the shape of its first tensor result.
     """
 
     index: int
@@ -59,6 +62,7 @@ class Op:
     module: str | None = None
     inputs: list[int] = field(default_factory=list)
     readers: list[int] = field(default_factory=list)
+    shape: tuple[int, ...] = ()
 
     def describe(self) -> str:
         return self.module or f"{self.name} (op {self.index})"
@@ -80,9 +84,9 @@ class _Recorder(TorchFunctionMode):
             return result
         name = getattr(func, "__name__", "")
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        op = Op(len(self.ops), name, _kind(name))
-        if op.kind in ("conv", "bn"):
-            op.module = self._owner(args, kwargs, op.kind)
+        op = Op(len(self.ops), name, _kind(name), shape=tuple(outputs[0].shape))
+        if op.kind in ("conv", "bn", "linear"):
+            op.module = self._owner(args, kwargs, op.kind, name)
         data = args[0] if args and isinstance(args[0], torch.Tensor) else None
         for tensor in tensors:
             source = self.producer.get(id(tensor))
@@ -98,9 +102,10 @@ class _Recorder(TorchFunctionMode):
             self._track(tensor, op.index)
         return result
 
-    def _owner(self, args, kwargs, kind: str) -> str | None:
+    def _owner(self, args, kwargs, kind: str, name: str) -> str | None:
         # F.conv2d(input, weight, ...); F.batch_norm(input, running_mean, running_var, weight, ...)
-        tensor = _argument(args, kwargs, 1 if kind == "conv" else 3, "weight", None)
+        position, key = LINEAR_OPS[name] if kind == "linear" else (1 if kind == "conv" else 3, "weight")
+        tensor = _argument(args, kwargs, position, key, None)
         if tensor is None and kind == "bn":  # affine=False: the running mean names the module
             tensor = _argument(args, kwargs, 1, "running_mean", None)
         return self.owners.get(id(tensor)) if tensor is not None else None
@@ -128,6 +133,8 @@ def _kind(name: str) -> str:
         return "conv"
     if name in NORM_OPS:
         return "bn"
+    if name in LINEAR_OPS:
+        return "linear"
     if name in ACTIVATIONS:
         return "act"
     if name in PASS_THROUGH:

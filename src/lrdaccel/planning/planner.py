@@ -12,7 +12,10 @@ With `branches=N` every Tucker-2 row becomes "tucker2_branched" (core as a group
 branches) at the ratio's branched ranks. With `merge=True` (and example inputs to trace one
 forward) every bottleneck found by lrdaccel.planning.merging becomes one "merged" row at its
 k x k conv's ratio ranks, in place of the rows of its three convs; a candidate that cannot merge
-keeps its rows, the k x k conv's row saying why in `merge_skipped`.
+keeps its rows, the k x k conv's row saying why in `merge_skipped`. With `form="narrow"` (and
+example inputs) every `layer -> activation -> layer` width found by lrdaccel.planning.narrow
+becomes one "narrow" row named by its producer, keeping 1/ratio of the pair's weights; every other
+layer is kept, a width that cannot narrow saying why.
 
 Example:
     >>> import torch, lrdaccel as lrd
@@ -40,9 +43,12 @@ from lrdaccel.layers.merged import MergedConv2d
 from lrdaccel.layers.registry import dense_shape, unsupported_reason, weight_shape
 from lrdaccel.planning.allocation import ALLOCATIONS, BUDGETS, allocate_ranks
 from lrdaccel.planning.merging import MergeCandidate, find_merge_candidates
+from lrdaccel.planning.narrow import find_narrow_candidates, narrow_rows
 from lrdaccel.planning.rows import LayerPlan, Plan
 from lrdaccel.planning.sensitivity import SENSITIVITIES
 from lrdaccel.planning.targeting import Selector, compile_selector, resolve_per_layer
+
+FORMS = ("factor", "narrow")
 
 
 @dataclass
@@ -71,6 +77,10 @@ class PlanConfig:
             (lrdaccel.planning.allocation); needs calibration batches.
         budget: what allocation keeps 1/ratio of: "params" (weight parameters) or "macs"
             (multiply-accumulates per forward of the calibration batches).
+        form: "factor" (SVD / Tucker-2 factors, merged bottlenecks) or "narrow": the width between
+            a layer and its consumer through an elementwise activation keeps 1/ratio of the pair's
+            weights, the rest of the model is kept (needs example_inputs to trace the model; at
+            `lrd.decompose`, calibration batches to choose the channels and refit the consumer).
         sensitivity: "fisher" (truncation loss weighted by the output's gradient: the task loss
             where labels are given, distillation to the original otherwise) or "output" (relative
             truncation loss of each layer alone, forward only).
@@ -89,6 +99,7 @@ class PlanConfig:
     allocate: str | None = None
     budget: str = "params"
     sensitivity: str = "fisher"
+    form: str = "factor"
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
@@ -104,6 +115,9 @@ class PlanConfig:
                                  "with branches > 1 or merge=True")
         check_choice("budget", self.budget, BUDGETS)
         check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
+        check_choice("form", self.form, FORMS)
+        if self.form == "narrow" and (self.merge or self.branches > 1 or self.allocate is not None):
+            raise ValueError("form='narrow' does not combine with merge=True, branches > 1 or allocate")
         if isinstance(self.ratios, Mapping):
             for name, value in self.ratios.items():
                 check_ratio(value, f"ratios[{name!r}]")
@@ -126,7 +140,8 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
 
     Raises:
         ValueError: ratio <= 1, a bad rank, an unknown setting, a name pattern that matches no
-            candidate, merge=True without example_inputs (or inputs the model fails on),
+            candidate, merge=True or form="narrow" without example_inputs (or inputs the model
+            fails on), a narrow width out of [1, n],
             allocate="sensitivity" without calibration, or calibration without it.
     """
     if ratio is not None:
@@ -138,6 +153,9 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
     if config.merge and example_inputs is None:
         raise ValueError("plan: merge=True needs example_inputs (a batch for the model): the bottlenecks to "
                          "merge are found by tracing one forward")
+    if config.form == "narrow" and example_inputs is None:
+        raise ValueError("plan: form='narrow' needs example_inputs (a batch for the model): the widths to "
+                         "narrow are found by tracing one forward")
     candidates, already, unsupported = _candidates(model)
     names = [name for name, _ in candidates]
     context = _Context(model, config, names)
@@ -149,6 +167,8 @@ def plan(model: nn.Module, ratio: float | None = None, *, example_inputs: Any = 
     rows += [context.row(name, module) for name, module in candidates]
     if config.merge:
         rows = _merge(context, rows, find_merge_candidates(model, example_inputs))
+    if config.form == "narrow":
+        rows = narrow_rows(context, rows, find_narrow_candidates(model, example_inputs))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda row: order[row.name])
     result = Plan(rows, ratio=config.ratio, beta=config.beta, meta={"model": type(model).__name__})
@@ -239,7 +259,7 @@ class _Context:
         if self.config.merge and entry.kind == "svd" and isinstance(self.ranks.get(name), (tuple, list)):
             # A rank pair on a 1x1 conv only makes sense as the inner conv of a merged block.
             return keep(f"rank pair {tuple(self.ranks[name])} set for a merged block")
-        if self.full_rank or name in self.ranks:
+        if (self.full_rank or name in self.ranks) and self.config.form != "narrow":  # narrow widths: narrow_rows
             rank = self._explicit_rank(name, module, entry.kind, shape, branches)
             reason = "full rank" if self.full_rank else "rank set by user"
             return LayerPlan(name, kind, rank, reason, layer_type, shape, stride, ratio_rank=rank, branches=branches)

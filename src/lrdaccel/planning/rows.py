@@ -9,7 +9,9 @@ optimization searches, `Plan.decomposed`); "tucker2_branched" replaces a k x k c
 chain whose core is a grouped conv of `branches` branches; "merged" stands for a whole bottleneck
 (1x1 conv -> BN -> act -> k x k conv -> BN -> act -> 1x1 conv): the row is named by the k x k conv,
 its rank is (r1, r2), and `merge` names the 1x1 convs it absorbed (which get no rows of their own)
-and the BatchNorms resized to r1 / r2 channels; its counts cover all three convs.
+and the BatchNorms resized to r1 / r2 channels; its counts cover all three convs. "narrow" keeps
+`rank` of a layer's output channels (the width between it and the consumer `narrow` names, which
+gets no row of its own); its counts cover both layers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lrdaccel._files import atomic_write
 from lrdaccel._version import __version__
 from lrdaccel.factorize.branched import branched_params
 from lrdaccel.factorize.ranks import Rank, layer_cost, weight_params
+from lrdaccel.planning.pairs import NarrowPair, narrow_cost
 from lrdaccel.planning.schema import (KINDS, LAYER_KINDS, PLAN_FORMAT, PLAN_VERSION, check_plan_fields,
                                       row_fields)
 
@@ -74,8 +77,8 @@ class LayerPlan:
 
     Attributes:
         name: qualified module name in the model.
-        kind: "svd", "tucker2", "tucker2_branched", "merged" or "keep".
-        rank: int for SVD, (rank_in, rank_out) for Tucker-2, branched and merged rows, None for keep.
+        kind: "svd", "tucker2", "tucker2_branched", "merged", "narrow" or "keep".
+        rank: int for SVD, the kept width for narrow, (rank_in, rank_out) for Tucker-2, branched and merged rows, None for keep.
         reason: why kept, or how the rank was chosen.
         layer_type: class name of the dense layer (Linear, Conv1D, Conv2d, or what the row keeps).
         shape: {"out", "in", "kernel"} of the dense weight; checked when the plan is applied.
@@ -92,6 +95,8 @@ class LayerPlan:
             merged row cover the three convs (per output position of the row's conv).
         merge_skipped: why the merge candidate centred on this conv was not merged (None if it
             was, or if the conv is no candidate).
+        narrow: for "narrow" rows, the consumer of the narrowed width (a NarrowPair); else None.
+            Counts of a narrow row cover producer and consumer.
     """
 
     name: str
@@ -113,6 +118,7 @@ class LayerPlan:
     branches: int = 1
     merge: MergeBlock | None = None
     merge_skipped: str | None = None
+    narrow: NarrowPair | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -122,6 +128,8 @@ class LayerPlan:
         self.ratio_rank = _as_rank(self.ratio_rank, self.name)
         if isinstance(self.merge, Mapping):
             self.merge = MergeBlock(**self.merge)
+        if isinstance(self.narrow, Mapping):
+            self.narrow = NarrowPair(**self.narrow)
         self._check_form()
         self.params_before, self.macs_before, self.params_after, self.macs_after = row_cost(self)
 
@@ -136,6 +144,9 @@ class LayerPlan:
         if (self.kind == "merged") != (self.merge is not None):
             raise ValueError(f"layer {self.name!r}: a 'merged' row needs its merge block and no other kind has "
                              f"one (kind {self.kind!r}, merge {self.merge!r})")
+        if (self.kind == "narrow") != (self.narrow is not None):
+            raise ValueError(f"layer {self.name!r}: a 'narrow' row needs its consumer and no other kind has one "
+                             f"(kind {self.kind!r}, narrow {self.narrow!r})")
 
     @property
     def decomposed(self) -> bool:
@@ -160,6 +171,8 @@ class LayerPlan:
             values["branches"] = 1
         if values["kind"] != "merged":
             values["merge"] = None
+        if values["kind"] != "narrow":
+            values["narrow"] = None
         return LayerPlan(**values)
 
 
@@ -168,6 +181,8 @@ def row_cost(row: LayerPlan) -> tuple[int, int, int, int]:
     and MACs per output position of the row's layer."""
     if row.kind == "merged":
         return merged_cost(row.shape, row.stride, row.merge, row.rank)
+    if row.kind == "narrow":
+        return narrow_cost(row.shape, row.narrow, row.rank)
     before = weight_params(row.shape)
     if row.kind == "tucker2_branched":
         c_out, c_in, area = row.shape["out"], row.shape["in"], math.prod(row.shape["kernel"])
@@ -223,7 +238,8 @@ class Plan:
                 return row
         block = self.absorbed().get(name)
         if block is not None:
-            raise KeyError(f"no row {name!r} in the plan: it is merged into the row {block!r}")
+            how = "narrowed with" if any(name in row.narrow.module_names() for row in self.narrowed) else "merged into"
+            raise KeyError(f"no row {name!r} in the plan: it is {how} the row {block!r}")
         raise KeyError(f"no layer {name!r} in the plan")
 
     def replace(self, row: LayerPlan) -> "Plan":
@@ -246,9 +262,15 @@ class Plan:
     def merged(self) -> list[LayerPlan]:
         return [row for row in self.layers if row.kind == "merged"]
 
+    @property
+    def narrowed(self) -> list[LayerPlan]:
+        return [row for row in self.layers if row.kind == "narrow"]
+
     def absorbed(self) -> dict[str, str]:
-        """Module name of each conv a merged row absorbed -> that row's name."""
-        return {conv: row.name for row in self.merged for conv in row.merge.convs}
+        """Module name of each conv a merged row absorbed, and of each narrowed width's consumer,
+        -> that row's name."""
+        absorbed = {conv: row.name for row in self.merged for conv in row.merge.convs}
+        return absorbed | {name: row.name for row in self.narrowed for name in row.narrow.module_names()}
 
     def totals(self) -> dict[str, int]:
         """Weight parameters and per-position MACs summed over the supported candidate layers."""
@@ -324,10 +346,11 @@ class Plan:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
         t = self.totals()
         saved = 1 - t["params_after"] / t["params_before"] if t["params_before"] else 0.0
-        merged = len(self.merged)
+        merged, narrowed = len(self.merged), len(self.narrowed)
         footer = (
-            f"{len(self.changed) - merged}/{len(self.layers)} layers decomposed"
+            f"{len(self.changed) - merged - narrowed}/{len(self.layers)} layers decomposed"
             + (f", {merged} bottlenecks merged (3 convs each)" if merged else "")
+            + (f", {narrowed} widths narrowed (producer and consumer each)" if narrowed else "")
             + f"; candidate-layer weights {t['params_before']:,} -> {t['params_after']:,} ({saved:.1%} fewer)"
         )
         return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines] + [footer])

@@ -13,7 +13,7 @@ from lrdaccel.planning.dataflow import ACTIVATIONS
 
 PLAN_FORMAT = "lrdaccel.plan"
 PLAN_VERSION = 1
-KINDS = ("svd", "tucker2", "tucker2_branched", "merged", "keep")
+KINDS = ("svd", "tucker2", "tucker2_branched", "merged", "narrow", "keep")
 LAYER_KINDS = ("svd", "tucker2")  # the decomposition a layer's type gets; what rank optimization searches
 PAIR_KINDS = ("tucker2", "tucker2_branched", "merged")  # ranks (rank_in, rank_out)
 
@@ -45,6 +45,9 @@ def row_fields(raw: Any, where: str) -> tuple[str, dict]:
     if values.get("merge") is not None:
         _check_fields(values["merge"], _MERGE_SCHEMA, f"{where}: field 'merge'", _MERGE_OPTIONAL)
         values["merge"] = {k: v for k, v in values["merge"].items() if k in _MERGE_SCHEMA}
+    if values.get("narrow") is not None:
+        _check_fields(values["narrow"], _NARROW_SCHEMA, f"{where}: field 'narrow'", _NARROW_OPTIONAL)
+        values["narrow"] = {k: v for k, v in values["narrow"].items() if k in _NARROW_SCHEMA}
     return where, values
 
 
@@ -89,9 +92,10 @@ _ROW_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "branches": (lambda v: _is_int(v, 1), "an int >= 1"),
     "merge": (lambda v: v is None or isinstance(v, Mapping), "null or an object naming the merged neighbours"),
     "merge_skipped": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "narrow": (lambda v: v is None or isinstance(v, Mapping), "null or an object naming the consumer"),
 }
 _ROW_OPTIONAL = {"stride", "ratio_rank", "time_original_ms", "time_ratio_rank_ms", "time_ms", "supported",
-                 "branches", "merge", "merge_skipped"}
+                 "branches", "merge", "merge_skipped", "narrow"}
 
 
 def _is_name(value: Any) -> bool:
@@ -115,6 +119,18 @@ _MERGE_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "first_stride": (_is_stride, "a list of two ints >= 1"),
 }
 _MERGE_OPTIONAL = {"act1", "act2", "bn3", "first_stride"}
+_NARROW_SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "consumer": (_is_name, "a non-empty string"),
+    "consumer_type": (_is_name, "a non-empty string"),
+    "consumer_shape": (_is_shape, 'an object {"out": int, "in": int, "kernel": [ints]}'),
+    "resized": (lambda v: isinstance(v, (list, tuple)) and all(_is_name(x) for x in v), "a list of names"),
+    "depthwise_area": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "co_producers": (lambda v: isinstance(v, (list, tuple)) and all(_is_name(x) for x in v), "a list of names"),
+    "co_producer_inputs": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "heads": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "attention": (lambda v: isinstance(v, str), "a string"),
+}
+_NARROW_OPTIONAL = {"resized", "depthwise_area", "co_producers", "co_producer_inputs", "heads", "attention"}
 _DERIVED = {"params_before", "params_after", "macs_before", "macs_after"}
 
 
@@ -135,12 +151,13 @@ def _check_fields(data: Mapping, schema: dict, where: str, optional: set[str]) -
 
 
 def _check_rank_field(raw: Mapping, field: str, where: str, kind: str | None) -> None:
-    """rank: None for keep, an int >= 1 for svd, two ints >= 1 for the pair kinds; ratio_rank: any of those."""
+    """rank: None for keep, an int >= 1 for svd and narrow (the kept width), two ints >= 1 for the
+    pair kinds; ratio_rank: any of those."""
     value = raw.get(field)
     is_int = _is_int(value, 1)
     is_pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(r, 1) for r in value)
     pair = (is_pair, "a list of two ints >= 1 [rank_in, rank_out]")
-    expected = {"keep": (value is None, "null"), "svd": (is_int, "an int >= 1"),
+    expected = {"keep": (value is None, "null"), "svd": (is_int, "an int >= 1"), "narrow": (is_int, "an int >= 1"),
                 **{k: pair for k in PAIR_KINDS},
                 None: (value is None or is_int or is_pair, "null, an int >= 1 or two ints >= 1")}[kind]
     if not expected[0]:

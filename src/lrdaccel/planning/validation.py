@@ -1,6 +1,7 @@
 """Does a plan fit a model? Checked before anything reads calibration data or changes a module:
 every row names a layer of the right type and shape, every decomposed row a layer that can be
-decomposed at that rank and form, every merged row its whole bottleneck."""
+decomposed at that rank and form, every merged row its whole bottleneck, every narrow row its
+consumer at a width in [1, n]."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def validate_plan(model: nn.Module, plan: Plan) -> None:
     _check_plan_type(plan)
     claimed: dict[str, str] = {}
     for row in plan:
-        for name in [row.name, *(row.merge.module_names() if row.merge else [])]:
+        absorbed = (row.merge.module_names() if row.merge else []) + (row.narrow.module_names() if row.narrow else [])
+        for name in [row.name, *absorbed]:
             if name in claimed:
                 raise ValueError(f"plan row {row.name!r}: module {name!r} is also claimed by row {claimed[name]!r}")
             claimed[name] = row.name
@@ -67,7 +69,12 @@ def _check_plan_type(plan: Any) -> None:
 def _check_form(model: nn.Module, module: nn.Module, row) -> None:
     """The row's kind and ranks fit the layer (and, for a merged row, its neighbours)."""
     entry = entry_for(module)
-    if row.kind == "merged":
+    if row.kind == "narrow":
+        why = narrow_check(model, row)
+        if why is not None:
+            raise ValueError(f"plan row {row.name!r}: {why}")
+        convs = [module, model.get_submodule(row.narrow.consumer)]
+    elif row.kind == "merged":
         if not isinstance(module, nn.Conv2d):
             raise ValueError(f"plan row {row.name!r}: a merged row must name a Conv2d, got {row.layer_type}")
         why = merged_shape_check(model, row)
@@ -119,4 +126,43 @@ def merged_shape_check(model: nn.Module, row: LayerPlan) -> str | None:
             return f"the model has no BatchNorm {name!r}"
         if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != channels:
             return f"{name!r} is not a BatchNorm2d over {channels} channels"
+    return None
+
+
+def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
+    """Why `model` cannot take this narrow row (a width out of range, a consumer that differs from
+    the plan's), or None."""
+    width, n = row.rank, row.shape["out"]
+    if not 1 <= width <= n:
+        return f"narrow width must be in [1, {n}] (the layer's {n} outputs), got {width}"
+    pair = row.narrow
+    try:
+        consumer = model.get_submodule(pair.consumer)
+    except AttributeError:
+        return f"the model has no consumer {pair.consumer!r}; the plan is for another architecture"
+    if type(consumer).__name__ != pair.consumer_type or entry_for(consumer) is None:
+        return (f"consumer {pair.consumer!r} is a {type(consumer).__name__}, the plan says {pair.consumer_type}; "
+                f"the plan is for another architecture")
+    if dense_shape(consumer) != pair.consumer_shape or pair.consumer_shape["in"] != n:
+        return (f"consumer {pair.consumer!r} has weight {dense_shape(consumer)}, the plan says "
+                f"{pair.consumer_shape}; the plan is for another architecture")
+    if pair.heads and width % pair.heads:
+        return f"narrow width must be a multiple of its {pair.heads} heads, got {width}"
+    for name in pair.co_producers:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            return f"the model has no layer {name!r}; the plan is for another architecture"
+        if entry_for(layer) is None or dense_shape(layer)["out"] != n:
+            return f"{name!r} is not a layer with {n} outputs; the plan is for another architecture"
+    for name in pair.resized:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return f"the model has no module {name!r} to resize; the plan is for another architecture"
+        norm = isinstance(module, nn.BatchNorm2d) and module.num_features == n
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == n
+        if not (norm or depthwise):
+            return (f"{name!r} is neither a BatchNorm2d nor a depthwise conv over {n} channels; the plan is for "
+                    f"another architecture")
     return None

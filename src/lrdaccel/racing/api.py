@@ -7,11 +7,15 @@ batches, and measure who reaches the original's accuracy first.
     print(results["variants"][1]["speedup_to_target"])
 
 See lrdaccel.racing.runner for how one seed runs, lrdaccel.racing.results for what comes back.
+With `out`, each seed's results are written as it finishes (results.json and report.md hold the
+seeds finished so far), so an interrupted race keeps them: Ctrl-C raises `RaceInterrupted` (a
+KeyboardInterrupt) saying which seeds are in `out`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,18 +31,27 @@ from lrdaccel.tasks.data import RaceData, TensorData
 from lrdaccel.racing.report import write_report
 from lrdaccel.racing.results import combine, new_header, write_results
 from lrdaccel.racing.runner import run_seed
-from lrdaccel.racing.variants import parse_variants, reference_first
+from lrdaccel.racing.saving import save_variants
+from lrdaccel.racing.variants import DEFAULT_VARIANTS, parse_variants, reference_first
 
 RESULTS_NAME = "results.json"
 StartModel = nn.Module | Callable[[int], tuple[nn.Module, Sequence[str]]]
 
 
+class RaceInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a race: `finished` seeds were written to `out` (None: nothing was written)."""
+
+    def __init__(self, finished: list[int], pending: list[int], out: Path | None):
+        super().__init__(f"race interrupted after seeds {finished}")
+        self.finished, self.pending, self.out = finished, pending, out
+
+
 def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset | None = None,
-         variants: str | Sequence[VariantSpec] = "original,lrd", *, config: RaceConfig | None = None,
+         variants: str | Sequence[VariantSpec] = DEFAULT_VARIANTS, *, config: RaceConfig | None = None,
          keep: Sequence[str] = (), classes: Sequence[str] | None = None,
          transform: Callable[[torch.Tensor], torch.Tensor] | None = None, out: str | Path | None = None,
          describe: dict | None = None, progress: bool = True, trained: dict[str, nn.Module] | None = None,
-         **settings: Any) -> dict:
+         save: bool = False, **settings: Any) -> dict:
     """Race the variants from `model`; return the results (and write them to `out`).
 
     Args:
@@ -47,8 +60,8 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
             one per seed (a new head drawn from each seed).
         train_data, eval_data: (input, label) datasets as `lrd.finetune` takes, or one RaceData
             (lrdaccel.tasks.registry.load_task) as `train_data` with `eval_data` None.
-        variants: "original,lrd,..." (lrdaccel.racing.variants) or parsed specs; `original` is the
-            reference and must be among them.
+        variants: "original,lrd,..." (lrdaccel.racing.variants) or parsed specs; `original` must
+            be among them; the reference is the original variant first at the target.
         config: a RaceConfig; keyword `settings` override its fields.
         keep: module names no variant compresses (a freshly initialised head).
         classes: label names (default: 0..n-1 from the labels seen).
@@ -58,13 +71,17 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
         progress: tqdm bars.
         trained: a dict that receives each variant's trained model, as served, by name (the last
             seed's), for what comes after the race (saving, exporting, more timing).
+        save: keep every trained variant (the last seed's) under `out/models/` (lrdaccel.racing.saving).
 
     Returns:
-        The results dict (lrdaccel.racing.results): target_accuracy, variants with params,
-        final_accuracy, train_seconds, curve, time_to_target_s, speedup_to_target, infer_speedup.
+        The results dict (lrdaccel.racing.results): target_accuracy, reference, variants with
+        params, lr_multiplier, final_accuracy (+ _se), train_seconds, curve, time_to_target_s
+        (+ _interval_s), speedup_to_target, infer_speedup, verdict.
 
     Raises:
-        ValueError: a bad setting or variant, no `original`, empty data, fewer than two classes.
+        ValueError: a bad setting or variant, no `original`, empty data, fewer than two classes,
+            a step count over RaceConfig's limit, `save` without `out`.
+        RaceInterrupted: Ctrl-C; the seeds finished before it are in `out`.
     """
     config = resolve(RaceConfig, config, settings, "race")
     specs = parse_variants(variants) if isinstance(variants, str) else reference_first(list(variants))
@@ -74,19 +91,47 @@ def race(model: StartModel, train_data: Dataset | RaceData, eval_data: Dataset |
             raise ValueError(f"race: the {split} data is empty")
     if len(data.classes) < 2:
         raise ValueError(f"race: a classification task needs at least two classes, got {len(data.classes)}")
+    config.steps(data.size("train"))  # a budget too large to run is refused before any model is built
+    if save and out is None:
+        raise ValueError("race: save=True keeps the trained variants under out/models/: give out")
     if out is not None:
         out = Path(out)
         check_output_path(out, directory=True)
-    seeds = []
-    for seed in range(config.seed, config.seed + config.seeds):
-        start, start_keep = model(seed) if callable(model) and not isinstance(model, nn.Module) else (model, keep)
-        seeds.append(run_seed(start, data, specs, config, seed, list(start_keep), progress=progress, trained=trained))
-    results = combine(seeds, {**new_header(dataclasses.asdict(config), config.device), **(describe or {})})
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(results, out / RESULTS_NAME)
-        write_report(results, out)
+    header = {**new_header(dataclasses.asdict(config), config.device), **_data_header(data), **(describe or {}),
+              "seeds_planned": config.seeds}
+    trained = {} if save and trained is None else trained
+    numbers, seeds = list(range(config.seed, config.seed + config.seeds)), []
+    try:
+        for seed in numbers:
+            start, start_keep = model(seed) if callable(model) and not isinstance(model, nn.Module) else (model, keep)
+            seeds.append(run_seed(start, data, specs, config, seed, list(start_keep), progress=progress,
+                                  trained=trained))
+            results = combine(seeds, {**header, "config": {**header["config"], "seeds": len(seeds)}})
+            if out is not None:
+                _write(results, out)
+    except KeyboardInterrupt:
+        done = [seed["seed"] for seed in seeds]
+        raise RaceInterrupted(done, numbers[len(done):], out if done and out is not None else None) from None
+    if save:
+        results["saved"] = save_variants(trained, start, list(start_keep), data, results, out)
+        _write(results, out)
     return results
+
+
+def _write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(results, out / RESULTS_NAME)
+    write_report(results, out)
+
+
+def _data_header(data: RaceData) -> dict:
+    """What says which data the race ran on, for pooling only like with like (racing.pooling)."""
+    labels = data.labels("eval").to(torch.int64).numpy().tobytes()
+    overlap = data.overlap  # a text task's eval texts that are also training texts: memory, not generalisation
+    return {"train_items": data.size("train"), "eval_items": data.size("eval"),
+            "eval_labels_sha256": hashlib.sha256(labels).hexdigest(), "conflicts_dropped": data.conflicts,
+            "overlap": None if overlap is None else {"count": overlap.count, "eval_items": overlap.eval_items,
+                                                     "share": overlap.share}}
 
 
 def _tensor_data(train: Dataset, evaluation: Dataset | None, classes: Sequence[str] | None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from lrdaccel._settings import check_choice, check_int, check_number, parse_device
 
 LR_SCHEDULES = ("linear", "constant", "cosine")
+MAX_STEPS = 10_000_000  # the batches' index lists alone would not fit in memory long before this
 
 
 @dataclass
@@ -15,7 +16,8 @@ class RaceConfig:
 
     Attributes:
         budget_epochs: passes over the training data (> 0; a fraction is allowed): every variant
-            trains the same steps on the same batches in the same order.
+            trains the same steps on the same batches in the same order. At most MAX_STEPS steps
+            (checked here where the epochs alone exceed it, and in `steps` once the data is known).
         max_steps: stop earlier, after this many steps (quick runs).
         batch_size: training batch.
         eval_batch_size: evaluation batch.
@@ -61,6 +63,9 @@ class RaceConfig:
 
     def __post_init__(self) -> None:
         check_number("budget_epochs", self.budget_epochs, above=0)
+        if self.max_steps is None and self.budget_epochs > MAX_STEPS:
+            raise ValueError(f"budget_epochs {self.budget_epochs!r} is over {MAX_STEPS:,} steps however small the "
+                             f"data: give fewer epochs, or max_steps")
         check_int("max_steps", self.max_steps, 1, optional=True)
         for name in ("batch_size", "eval_batch_size", "evaluations", "calibration_batches", "infer_batch_size",
                      "infer_repeats", "seeds"):
@@ -77,7 +82,16 @@ class RaceConfig:
         parse_device(self.device)
 
     def steps(self, train_size: int) -> int:
-        """Training steps of the budget for `train_size` items (at least one)."""
+        """Training steps of the budget for `train_size` items (at least one).
+
+        Raises:
+            ValueError: more than MAX_STEPS steps.
+        """
         per_epoch = -(-train_size // self.batch_size)
-        steps = max(1, round(self.budget_epochs * per_epoch))
-        return min(steps, self.max_steps) if self.max_steps else steps
+        planned = self.budget_epochs * per_epoch  # a float: 1e308 epochs give inf, not an OverflowError
+        if self.max_steps is not None and planned > self.max_steps:
+            return self.max_steps
+        if planned > MAX_STEPS:
+            raise ValueError(f"budget_epochs {self.budget_epochs!r} is {planned:.3g} steps of batch {self.batch_size} "
+                             f"on {train_size:,} items, over {MAX_STEPS:,}: give fewer epochs, or max_steps")
+        return max(1, round(planned))

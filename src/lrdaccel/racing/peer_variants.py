@@ -2,8 +2,10 @@
 
 - `prune`: structured channel pruning (torch-pruning) of the starting classifier, then trained
   as the original is. `params=lrd` (default) matches the whole-model parameters of the race's
-  first `lrd` variant; a number in (0, 1) is a fraction of the original's. `importance`:
-  magnitude or taylor (on the race's calibration batches and labels).
+  first `lrd` variant; a number in (0, 1) is a fraction of the original's (one the model cannot
+  reach, e.g. below what its embeddings alone hold, is refused before any variant is built).
+  `importance`: magnitude or taylor (on the race's calibration batches and labels). It trains at
+  the race's learning rate (`lr=1`), as `lrd` and the original do.
 - `lora`: PEFT LoRA adapters (rank `rank`, scale `alpha`) on the layers LRD decomposes at
   `ratio` (Linear, Conv1D, ungrouped Conv2d), the new head trained in full; served merged, so it serves as fast as the original.
   Its `lr` multiplier defaults to 10 (5e-4 at the race's default 5e-5): adapters start at zero
@@ -21,11 +23,14 @@ from torch import nn
 
 from lrdaccel._settings import check_choice, check_int, check_number
 from lrdaccel.factorize.ranks import check_ratio
+from lrdaccel.measure.counting import count_params
 from lrdaccel.peers import labelled_loss, lora, merge_lora, prune, require_peers
+from lrdaccel.peers.budget import pruning_floor
+from lrdaccel.peers.prune_config import PruneConfig
 from lrdaccel.planning import plan as make_plan
 from lrdaccel.racing.contestants import BuildContext, Built
 
-PRUNE_DEFAULTS: dict[str, Any] = {"params": "lrd", "importance": "magnitude", "lr": 2.0, "kd": 0.0}
+PRUNE_DEFAULTS: dict[str, Any] = {"params": "lrd", "importance": "magnitude", "lr": 1.0, "kd": 0.0}
 LORA_DEFAULTS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "ratio": 2.0, "lr": 10.0, "kd": 0.0}
 
 
@@ -34,7 +39,29 @@ def check_prune_options(options: dict) -> None:
     require_peers("prune")
     check_choice("importance", options["importance"], ("magnitude", "taylor"))
     if options["params"] != "lrd":
-        check_number("params", options["params"], above=0, at_most=1)
+        check_number("params", options["params"], above=0)
+        if options["params"] >= 1:
+            raise ValueError(f"params must be a fraction of the original's parameters in (0, 1), got "
+                             f"{options['params']!r}")
+
+
+def check_prune_reachable(name: str, options: dict, model: nn.Module, context: BuildContext) -> None:
+    """A fraction of the parameters below the fewest pruning can leave is refused before any
+    variant is built (MiniLM's embeddings alone are over half of it: params=0.5 cannot be met).
+
+    Raises:
+        ValueError: naming the variant, the floor and the fraction that can be asked for.
+    """
+    if options["params"] == "lrd":
+        return
+    before = count_params(model)
+    floor = pruning_floor(model, context.example_inputs, exclude=list(context.keep) or None)
+    tolerance = PruneConfig.tolerance
+    if options["params"] * before < floor * (1 - tolerance):
+        raise ValueError(f"variant {name!r}: params={options['params']:g} asks for {options['params'] * before:,.0f} "
+                         f"of {before:,} parameters, but pruning every group as far as it goes leaves {floor:,} "
+                         f"({floor / before:.3f}x; embeddings, the residual stream and the new head are kept): "
+                         f"give params >= {floor / before:.3f}")
 
 
 def check_lora_options(options: dict) -> None:

@@ -2,10 +2,14 @@
 seeds with its spread, in one JSON object (`results.json`).
 
 Per variant, the headline fields are medians over the seeds: `final_accuracy`, `train_seconds`,
-`time_to_target_s` and `speedup_to_target` (a seed where the variant never reached the target
-counts as never: infinitely late, no speed-up; a median that lands there is null), and
-`infer_speedup`; `curve` is the point-by-point median of the seeds' curves (they evaluate at the
-same steps). `spread` holds {min, median, max, values} of each over the seeds.
+`time_to_target_s` (and `time_to_target_interval_s`, the evaluations around it) and
+`speedup_to_target` (a seed where the variant never reached the target counts as never:
+infinitely late, no speed-up; a median that lands there is null), and `infer_speedup`; `curve` is
+the point-by-point median of the seeds' curves (they evaluate at the same steps). `spread` holds
+{min, median, max, values} of each over the seeds. `final_accuracy_se` and `verdict` say how
+sure the race is (lrdaccel.racing.verdict); `reference` names the original variant first at the
+target (lrdaccel.racing.scoring), `uncontrolled_lr` the variants at a learning rate no original
+raced at.
 """
 
 from __future__ import annotations
@@ -13,34 +17,78 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from lrdaccel._files import atomic_write, check_header
 from lrdaccel.bench.schema import results_header
+from lrdaccel.racing.verdict import compare, final_accuracy_se, verdict
 
 RACE_FORMAT = "lrdaccel.race"
-RACE_VERSION = 1
+RACE_VERSION = 2  # 2: reference, final_accuracy_se, verdict, lr_multiplier, intervals
 MEDIAN_KEYS = ("final_accuracy", "train_seconds", "setup_seconds", "infer_speedup", "params")
 
 
 def combine(seeds: Sequence[dict], header: dict) -> dict:
-    """The results object: `header` (results_header), the seeds, and the medians over them."""
+    """The results object: `header` (results_header), the seeds, the medians over them, each
+    variant's final accuracy with its standard error and a one-line verdict (racing.verdict)."""
     variants = []
     for i, first in enumerate(seeds[0]["variants"]):
         rows = [seed["variants"][i] for seed in seeds]
-        row = {key: first[key] for key in ("name", "kind", "options", "param_count", "trainable_params", "notes")}
+        row = {key: first[key] for key in ("name", "kind", "options", "lr_multiplier", "param_count",
+                                           "trainable_params", "notes")}
         row.update({key: statistics.median(r[key] for r in rows) for key in MEDIAN_KEYS})
+        row["final_accuracy_se"] = final_accuracy_se([r["final_accuracy"] for r in rows], seeds[0]["eval_items"])
         row["time_to_target_s"] = _median_or_none([r["time_to_target_s"] for r in rows], never=math.inf)
+        intervals = [r["time_to_target_interval_s"] or [None, None] for r in rows]
+        row["time_to_target_interval_s"] = (None if row["time_to_target_s"] is None else
+                                            [_median_or_none([iv[k] for iv in intervals], never=math.inf)
+                                             for k in (0, 1)])
         row["speedup_to_target"] = _median_or_none([r["speedup_to_target"] for r in rows], never=0.0)
         row["reached_target"] = sum(r["time_to_target_s"] is not None for r in rows)
         row["curve"] = _median_curve([r["curve"] for r in rows])
         row["spread"] = {key: _spread([r[key] for r in rows]) for key in
                          ("final_accuracy", "train_seconds", "time_to_target_s", "speedup_to_target", "infer_speedup")}
         variants.append(row)
-    return {**header, "format": RACE_FORMAT, "version": RACE_VERSION,
-            "target_accuracy": statistics.median(seed["target_accuracy"] for seed in seeds),
-            "seeds": list(seeds), "variants": variants}
+    results = {**header, "format": RACE_FORMAT, "version": RACE_VERSION, "seeds": list(seeds), "variants": variants,
+               **_pooled_target(seeds, [row["name"] for row in variants])}
+    by_name = {row["name"]: row for row in variants}
+    reference = by_name[results["reference"] or results["best_original"]]
+    for row in variants:
+        if row is not reference:
+            row["vs_reference"] = compare(row, reference)
+        row["verdict"] = verdict(row, reference, results, len(seeds))
+    results["uncontrolled_lr"] = _uncontrolled_lr(variants)
+    return results
+
+
+def _pooled_target(seeds: Sequence[dict], names: list[str]) -> dict:
+    """The target (median over the seeds), the reference and the best original (named by most
+    seeds, the first listed on a tie), and why there is no target where a seed had none."""
+    missing = [seed["seed"] for seed in seeds if seed.get("no_target")]
+    if missing:
+        reason = next(seed["no_target"] for seed in seeds if seed.get("no_target"))
+        no_target = reason if len(seeds) == 1 else f"seed(s) {missing}: {reason}"
+        target = None
+    else:
+        no_target, target = None, statistics.median(seed["target_accuracy"] for seed in seeds)
+
+    def most(key: str) -> str | None:
+        votes = Counter(seed[key] for seed in seeds if seed[key] is not None)
+        return max(names, key=lambda name: votes[name]) if votes else None
+
+    return {"target_accuracy": target, "no_target": no_target, "chance_accuracy": seeds[0]["chance_accuracy"],
+            "reference": None if no_target else most("reference"), "best_original": most("best_original"),
+            "reference_at_start": all(seed["reference_at_start"] for seed in seeds)}
+
+
+def _uncontrolled_lr(variants: list[dict]) -> dict[str, float]:
+    """Variants at a learning-rate multiplier no original variant trains at, by name: their
+    comparison with the reference mixes the learning rate in."""
+    controlled = {row["lr_multiplier"] for row in variants
+                  if row["kind"] == "original" and not row["options"].get("kd")}
+    return {row["name"]: row["lr_multiplier"] for row in variants if row["lr_multiplier"] not in controlled}
 
 
 def _median_or_none(values: list[float | None], never: float) -> float | None:
@@ -68,41 +116,6 @@ def _median_curve(curves: list[list[list]]) -> list[list]:
     length = min(len(curve) for curve in curves)
     return [[statistics.median(curve[i][0] for curve in curves), curves[0][i][1],
              statistics.median(curve[i][2] for curve in curves)] for i in range(length)]
-
-
-def pool_runs(runs: Sequence[dict], sources: Sequence[str]) -> dict:
-    """One results object from races of the same model, task, variants and settings run apart
-    (different seeds in parallel processes): their seeds pooled, medians taken again.
-
-    Raises:
-        ValueError: fewer than two runs, runs that differ in anything but their seeds (naming the
-            file and what differs), or a seed that occurs twice.
-    """
-    if len(runs) < 2:
-        raise ValueError("pooling needs at least two race results")
-    first, where = runs[0], sources[0]
-    ignore = {"seed", "seeds"}
-    reference = {k: v for k, v in first["config"].items() if k not in ignore}
-    names = [row["name"] for row in first["variants"]]
-    for run, source in zip(runs[1:], sources[1:]):
-        config = {k: v for k, v in run["config"].items() if k not in ignore}
-        differing = sorted(k for k in set(config) | set(reference) if config.get(k) != reference.get(k))
-        if differing:
-            raise ValueError(f"{source}: its settings differ from {where}'s in {differing}: only races that differ "
-                             f"in their seeds can be pooled")
-        for key in ("model", "task"):
-            if run.get(key) != first.get(key):
-                raise ValueError(f"{source}: {key} {run.get(key)!r} differs from {where}'s {first.get(key)!r}")
-        if [row["name"] for row in run["variants"]] != names:
-            raise ValueError(f"{source}: its variants differ from {where}'s ({names})")
-    seeds = [seed for run in runs for seed in run["seeds"]]
-    numbers = [seed["seed"] for seed in seeds]
-    if len(set(numbers)) != len(numbers):
-        raise ValueError(f"seeds {numbers} occur twice among the runs: run each seed once (--seed)")
-    header = {k: v for k, v in first.items() if k not in ("seeds", "variants", "target_accuracy")}
-    header["config"] = {**first["config"], "seed": min(numbers), "seeds": len(numbers)}
-    header["pooled_from"] = list(sources)
-    return combine(sorted(seeds, key=lambda seed: seed["seed"]), header)
 
 
 def new_header(config: dict, device: str) -> dict:

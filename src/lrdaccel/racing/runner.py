@@ -7,9 +7,13 @@ step (on CUDA, synchronised). Drawing batches and evaluating are not timed. Beca
 variants alternate step by step, whatever else the machine does slows them alike: their
 training seconds compare like interleaved benchmark repeats.
 
+Each variant trains with its own random stream (lrdaccel.racing.streams), seeded from the seed and
+its name: its dropout draws, and so its curve, are the same whichever variants race beside it.
+
 Each variant's curve starts with an evaluation before its first step, at its setup time (what
 it spent factorizing, calibrating, pruning: counted as training time), then one evaluation at
-each of `config.evaluations` evenly spaced steps.
+each of `config.evaluations` evenly spaced steps. The target and the speed-ups are scored from
+the curves afterwards (lrdaccel.racing.scoring.score_seed).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from lrdaccel.measure.timer import Workload, measure_interleaved, ratio_to_basel
 from lrdaccel.racing.config import RaceConfig
 from lrdaccel.racing.contestants import BuildContext, Built, VariantSpec
 from lrdaccel.tasks.data import RaceData
-from lrdaccel.racing.scoring import speedup_to_target, target_accuracy, time_to_target
-from lrdaccel.racing.variants import build_variant
+from lrdaccel.racing.scoring import chance_accuracy, score_seed
+from lrdaccel.racing.streams import RandomStream
+from lrdaccel.racing.variants import build_variant, check_before_building
 from lrdaccel.training.task import distillation_loss
 
 Clock = Callable[[], float]
@@ -48,6 +53,7 @@ class _Contestant:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     forward: Callable
     setup_seconds: float
+    stream: RandomStream
     seconds: float = 0.0
     curve: list[list] = field(default_factory=list)
     digest: Any = field(default_factory=hashlib.sha256)
@@ -70,6 +76,7 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
     teacher = None
     if any(spec.options.get("kd") for spec in specs):
         teacher = copy.deepcopy(start).eval().requires_grad_(False)
+    check_before_building(specs, start, context)
     contestants = []
     for spec in specs:
         torch.manual_seed(seed)
@@ -80,7 +87,8 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
                 if isinstance(module, nn.Embedding):
                     module.weight.requires_grad_(False)
         _sync(device)
-        contestants.append(_contestant(spec, built, config, steps, clock() - began))
+        stream = RandomStream(seed, spec.name, device)
+        contestants.append(_contestant(spec, built, config, steps, clock() - began, stream))
         context.built[spec.name] = built.model
         context.kinds[spec.name] = spec.kind
     for contestant in contestants:
@@ -95,11 +103,12 @@ def run_seed(start: nn.Module, data: RaceData, specs: list[VariantSpec], config:
         for contestant in contestants[shift:] + contestants[:shift]:
             if contestant.diverged_at is None:
                 contestant.digest.update(key)
-                _train_step(contestant, inputs, labels, teacher, placement, device, clock, step)
+                with contestant.stream.active():
+                    _train_step(contestant, inputs, labels, teacher, placement, device, clock, step)
         if step in at:
             for contestant in contestants:
                 _evaluate(contestant, data, config, placement, step)
-            bar.set_postfix({c.spec.name[:12]: f"{c.curve[-1][2]:.1f}" for c in contestants[:4]})
+            bar.set_postfix({c.spec.name: f"{c.curve[-1][2]:.1f}" for c in contestants})  # full names
         bar.update(1)
     bar.close()
     if trained is not None:
@@ -129,13 +138,14 @@ def _context(data: RaceData, batches: list[list[int]], config: RaceConfig, keep:
     return BuildContext(inputs, labels, inputs[0], list(keep), steps)
 
 
-def _contestant(spec: VariantSpec, built: Built, config: RaceConfig, steps: int, setup: float) -> _Contestant:
+def _contestant(spec: VariantSpec, built: Built, config: RaceConfig, steps: int, setup: float,
+                stream: RandomStream) -> _Contestant:
     model = built.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr * built.lr_scale, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.lr_schedule, steps, config.warmup))
     forward = torch.compile(model, dynamic=True) if config.compile else model
     model.train()
-    return _Contestant(spec, built, optimizer, scheduler, forward, setup)
+    return _Contestant(spec, built, optimizer, scheduler, forward, setup, stream)
 
 
 def lr_factor(schedule: str, steps: int, warmup: float) -> Callable[[int], float]:
@@ -230,22 +240,28 @@ def _inference_speedups(contestants: list[_Contestant], data: RaceData, config: 
     return {c.spec.name: ratio_to_baseline(timings, c.spec.name, baseline) for c in contestants}
 
 
+def param_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names and bytes): equal digests, bitwise equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _results(contestants: list[_Contestant], start: nn.Module, data: RaceData, config: RaceConfig,
              placement: Placement, seed: int, steps: int) -> dict:
-    original = contestants[0]
-    target = target_accuracy(original.curve[-1][2], config.margin)
-    original_time = time_to_target(original.curve, target)
     speedups = _inference_speedups(contestants, data, config, placement)
     start_params = count_params(start)
     rows = []
     for contestant in contestants:
-        reached = time_to_target(contestant.curve, target)
         served = _served(contestant)
         rows.append({
             "name": contestant.spec.name,
             "kind": contestant.spec.kind,
             "options": {key: value if isinstance(value, (str, int, float, bool)) else type(value).__name__
                         for key, value in contestant.spec.options.items()},
+            "lr_multiplier": contestant.built.lr_scale,
             "params": count_params(served) / start_params,
             "param_count": count_params(served),
             "trainable_params": sum(p.numel() for p in contestant.built.model.parameters() if p.requires_grad),
@@ -253,12 +269,14 @@ def _results(contestants: list[_Contestant], start: nn.Module, data: RaceData, c
             "train_seconds": contestant.setup_seconds + contestant.seconds,
             "setup_seconds": contestant.setup_seconds,
             "curve": contestant.curve,
-            "time_to_target_s": reached,
-            "speedup_to_target": speedup_to_target(original_time, reached),
             "infer_speedup": speedups[contestant.spec.name]["median"],
             "infer_speedup_spread": speedups[contestant.spec.name],
             "data_order_digest": contestant.digest.hexdigest(),
+            "param_digest": param_digest(contestant.built.model),
             "diverged_at_step": contestant.diverged_at,
             "notes": contestant.built.notes,
         })
-    return {"seed": seed, "steps": steps, "target_accuracy": target, "variants": rows}
+    embeddings = sum(p.numel() for m in start.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    result = {"seed": seed, "steps": steps, "train_items": data.size("train"), "eval_items": data.size("eval"),
+              "embedding_params": embeddings, "variants": rows}
+    return score_seed(result, config.margin, chance_accuracy(data.labels("eval")))

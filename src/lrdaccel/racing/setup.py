@@ -9,42 +9,46 @@ from typing import Any, Sequence
 from torch import nn
 
 from lrdaccel import zoo
+from lrdaccel._settings import resolve
 from lrdaccel.racing.api import race
 from lrdaccel.tasks.classifier import make_classifier
 from lrdaccel.racing.config import RaceConfig
-from lrdaccel.tasks.registry import check_task, load_task, task_kind
+from lrdaccel.tasks.registry import check_task_model, load_task
 
 
 def race_on_task(model: str, task: str, variants: str = "original,lrd", *, config: RaceConfig | None = None,
                  base: nn.Module | None = None, image_size: int = 64, max_length: int = 128,
                  train_limit: int | None = None, eval_limit: int | None = None, out: Any = None,
-                 progress: bool = True, **settings: Any) -> dict:
+                 progress: bool = True, describe: dict | None = None, save: bool = False, **settings: Any) -> dict:
     """Race `variants` of the zoo model `model` on `task` (lrdaccel.tasks.registry).
 
     Args:
         base: the model to start from (e.g. trained weights already loaded); default: the zoo's
             `build()` (pretrained where the zoo has real weights).
-        image_size, max_length, train_limit, eval_limit: as `load_task`.
+        image_size, max_length, train_limit, eval_limit: as `load_task`; recorded in the
+            results' `data` (with `describe`'s, e.g. the weights file), so that only races on the
+            same data are pooled.
         Others: as `lrd.race`.
 
     Raises:
         ValueError: an unknown model, task or variant, or a task the model cannot take; checked
-            before the model or the data are loaded where possible.
+            before the model or the data are loaded where possible; a step count too large to run,
+            before the model is built.
     """
     spec = zoo.get(model)
-    check_task(task)
-    expected = "tokens" if task_kind(task) == "text" else "image"
-    if spec.kind != expected:
-        raise ValueError(f"task {task!r} needs {'a token' if expected == 'tokens' else 'an image'} model; "
-                         f"{model!r} takes {spec.kind}")
+    check_task_model(task, spec)
     data = load_task(task, spec, image_size=image_size, max_length=max_length, train_limit=train_limit,
                      eval_limit=eval_limit)
+    resolve(RaceConfig, config, settings, "race").steps(data.size("train"))  # before the model is built
     base = spec.build() if base is None else base
     example, _ = data.batch("train", list(range(min(4, data.size("train")))))
 
     def start(seed: int) -> tuple[nn.Module, Sequence[str]]:
         return make_classifier(base, example, len(data.classes), seed)
 
-    return race(start, data, variants=variants, config=config, out=out, progress=progress,
-                describe={"model": model, "task": task, "classes": data.classes,
-                          "train_items": data.size("train"), "eval_items": data.size("eval")}, **settings)
+    extra = dict(describe or {})
+    settings_used = {"train_limit": train_limit, "eval_limit": eval_limit, "max_length": max_length,
+                     "image_size": image_size, **extra.pop("data", {})}
+    return race(start, data, variants=variants, config=config, out=out, progress=progress, save=save,
+                describe={"model": model, "task": task, "classes": data.classes, "data": settings_used, **extra},
+                **settings)

@@ -10,7 +10,10 @@ Kinds:
 - `prune`, `lora`: the peers (lrdaccel.racing.peer_variants), with the `peers` extra.
 
 `lr` (a multiplier of the race's learning rate) and `kd` (weight of distillation from the
-starting classifier's logits) apply to every kind.
+starting classifier's logits) apply to every kind. `lrd` and `prune` train at the race's rate by
+default (`lr=1`), as the original does: a higher rate helped the original as much as LRD in the
+benchmarks (BENCHMARKS.md 10b), so a doubled default credited LRD with the learning rate.
+`DEFAULT_VARIANTS` races an original at every multiplier its other variants use.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from lrdaccel._settings import check_number
 from lrdaccel.racing.contestants import BuildContext, Built, VariantSpec
 from lrdaccel.racing.lrd_variant import LRD_DEFAULTS, build_lrd, check_lrd_options
 from lrdaccel.racing.peer_variants import (LORA_DEFAULTS, PRUNE_DEFAULTS, build_lora, build_prune, check_lora_options,
-                                           check_prune_options)
+                                           check_prune_options, check_prune_reachable)
 
 SHARED_DEFAULTS: dict[str, Any] = {"lr": 1.0, "kd": 0.0}
 DEFAULTS: dict[str, dict[str, Any]] = {"original": SHARED_DEFAULTS, "lrd": LRD_DEFAULTS, "prune": PRUNE_DEFAULTS,
@@ -34,6 +37,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {"lrd": check_lrd_options, "prune": 
 BUILDERS: dict[str, Callable[[dict, nn.Module, BuildContext], Built]] = {"lrd": build_lrd, "prune": build_prune,
                                                                          "lora": build_lora}
 KINDS = tuple(DEFAULTS)
+DEFAULT_VARIANTS = "original,lrd"  # lrd at lr x1: the original at lr x1 is its control
 
 
 def parse_variants(text: str) -> list[VariantSpec]:
@@ -104,6 +108,8 @@ def parse_variant(item: str) -> VariantSpec:
         key, sep, raw = part.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"variant {item!r}: option {part!r} must be name=value")
+        if key.strip() in options:
+            raise ValueError(f"variant {item!r}: option {key.strip()!r} is given twice; give it once")
         options[key.strip()] = _value(raw.strip())
     name = item.strip()
     return VariantSpec(name, kind, checked_options(kind, options, name))
@@ -143,6 +149,18 @@ def checked_options(kind: str, options: dict, name: str) -> dict:
     except (ValueError, ImportError) as error:  # a missing extra is the user's to fix: one line, before work
         raise ValueError(f"variant {name!r}: {error}") from None
     return merged
+
+
+def check_before_building(specs: list[VariantSpec], model: nn.Module, context: BuildContext) -> None:
+    """What needs the model itself, checked before any variant is built: a pruning budget the
+    model cannot reach.
+
+    Raises:
+        ValueError: naming the variant and what it can reach.
+    """
+    for spec in specs:
+        if spec.kind == "prune":
+            check_prune_reachable(spec.name, spec.options, model, context)
 
 
 def build_variant(spec: VariantSpec, model: nn.Module, context: BuildContext) -> Built:

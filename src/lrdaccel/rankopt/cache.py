@@ -9,7 +9,9 @@ atomically (temp file + rename) and merged with whatever another process wrote m
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -44,7 +46,12 @@ class TimingCache:
         path: the JSON file; None keeps times in memory only (still shared by identical layers).
 
     Raises:
-        ValueError: the file exists but is not an lrdaccel timing cache, or is newer than this reads.
+        ValueError: the file exists but is not an lrdaccel timing cache, is newer than this reads,
+            or has a malformed entry (a time or cost that is not a JSON number: "5", true, null).
+
+    Entries whose time is not a positive finite number (zero, negative, NaN, infinite: a broken
+    timer or a hand-edited file) would choose ranks by nonsense; they are dropped when the file is
+    read, with one warning, so the layers they covered are timed again.
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
@@ -52,7 +59,11 @@ class TimingCache:
         self._entries: dict[str, CachedTime] = {}
         self._dirty = False
         if self.path is not None and self.path.exists():
-            self._entries = _read(self.path)
+            self._entries, dropped = _read(self.path)
+            if dropped:
+                warnings.warn(f"timing cache {self.path}: dropped {dropped} entr{'y' if dropped == 1 else 'ies'} "
+                              f"whose time is not a positive finite number; they will be timed again",
+                              stacklevel=2)
 
     @classmethod
     def from_arg(cls, cache: CacheArg) -> "TimingCache":
@@ -82,7 +93,7 @@ class TimingCache:
         if self.path is None or not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        merged = _read(self.path) if self.path.exists() else {}
+        merged = _read(self.path)[0] if self.path.exists() else {}
         merged.update(self._entries)
         data = {
             "format": CACHE_FORMAT,
@@ -95,17 +106,43 @@ class TimingCache:
         self._dirty = False
 
 
-def _read(path: Path) -> dict[str, CachedTime]:
+def _read(path: Path) -> tuple[dict[str, CachedTime], int]:
+    """(the file's usable entries, how many were dropped for a time that is not positive and finite)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"timing cache {path}: cannot read it as JSON ({error}); "
                          f"delete it or pass another path") from None
     check_header(data, CACHE_FORMAT, CACHE_VERSION, f"timing cache {path}", "timing cache")
-    entries = {}
-    for key, value in (data.get("entries") or {}).items():
+    raw = data.get("entries") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"timing cache {path}: \"entries\" must be an object, got {type(raw).__name__}; "
+                         f"delete it or pass another path")
+    entries, dropped = {}, 0
+    for key, value in raw.items():
         try:
-            entries[key] = CachedTime(float(value["ms"]), float(value["cost_s"]))
-        except (TypeError, KeyError, ValueError):
+            entry = CachedTime(_number(value["ms"]), _number(value["cost_s"]))
+        except (TypeError, KeyError):
             raise ValueError(f"timing cache {path}: entry {key!r} is malformed: {value!r}") from None
-    return entries
+        if _usable(entry):
+            entries[key] = entry
+        else:
+            dropped += 1
+    return entries, dropped
+
+
+def _number(value: object) -> float:
+    """A JSON number as a float. The cache writes numbers only: a string ("5", "1_000") or a bool
+    (true, which float() reads as 1 ms) is an edit or a corruption, not a time.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return float(value)
+
+
+def _usable(entry: CachedTime) -> bool:
+    """A time a search can trust: positive and finite (its cost finite and not negative)."""
+    return math.isfinite(entry.ms) and entry.ms > 0 and math.isfinite(entry.cost_s) and entry.cost_s >= 0

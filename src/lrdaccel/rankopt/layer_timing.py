@@ -20,6 +20,8 @@ Per runtime (`lrdaccel.measure.runtimes`):
     onnxruntime: the candidate exported once per layer and kind; other ranks reuse that graph
         with their own weights (`deploy.onnx_session.reweighted`; exporting costs ~2 s, a session
         ~10 ms), and every session's output is checked against PyTorch before it is timed.
+    int8: the candidate's int8 copy (`measure.runtimes.int8_model`: dynamic int8 Linear, static
+        int8 convs calibrated on the timing input), timed eager under inference mode.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from lrdaccel.factorize.ranks import Rank
 from lrdaccel.layers import BranchedTuckerConv2d, entry_for
 from lrdaccel.layers.merged import BottleneckChain
 from lrdaccel.layers.svd import dense_linear_weight
-from lrdaccel.measure.runtimes import runtime_forward
+from lrdaccel.measure.runtimes import int8_model, runtime_forward
 from lrdaccel.measure.timer import median_seconds
 from lrdaccel.rankopt.capture import InputSpec
 
@@ -55,7 +57,7 @@ class TimingJob:
         input: the layer's input as captured in the model (shape and memory format are used).
         objective: "infer" or "train".
         device, dtype: where and in what precision to time.
-        runtime: "eager", "compile" or "onnxruntime".
+        runtime: "eager", "compile", "onnxruntime" or "int8".
         form: the decomposed layer's execution form ("conv" or "linear", `SVDConv2d.FORMS`);
             None for the layer's default.
         branches: > 1 times a Tucker-2 rank as a branched core (`BranchedTuckerConv2d`).
@@ -131,6 +133,8 @@ class BenchmarkTimer:
         module, x = job.build(), job.make_input()
         if job.runtime == "onnxruntime":
             return self._onnxruntime_ms(job, module, x)
+        if job.runtime == "int8":
+            return self._int8_ms(module, x)
         warmup = self.warmup
         if job.runtime == "compile":
             import torch._dynamo
@@ -142,6 +146,11 @@ class BenchmarkTimer:
         step = (lambda: forward(x)) if inference else train_step(forward, module, x)
         with calls(inference):
             return median_seconds(step, self.min_run_time, warmup) * 1e3
+
+    def _int8_ms(self, module: nn.Module, x: torch.Tensor) -> float:
+        quantized = int8_model(module.eval(), x)
+        with torch.inference_mode():
+            return median_seconds(lambda: quantized(x), self.min_run_time, self.warmup) * 1e3
 
     def _onnxruntime_ms(self, job: TimingJob, module: nn.Module, x: torch.Tensor) -> float:
         from lrdaccel.deploy.onnx_session import export_program, reweighted, session_step

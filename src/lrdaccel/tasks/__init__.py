@@ -10,6 +10,7 @@
 from lrdaccel.tasks.classifier import EncoderClassifier, make_classifier
 from lrdaccel.tasks.data import RaceData, TensorData, TokenData
 from lrdaccel.tasks.registry import TASKS, check_task, load_task
+from lrdaccel.tasks.text import Overlap
 
-__all__ = ["EncoderClassifier", "RaceData", "TASKS", "TensorData", "TokenData", "check_task", "load_task",
+__all__ = ["EncoderClassifier", "Overlap", "RaceData", "TASKS", "TensorData", "TokenData", "check_task", "load_task",
            "make_classifier"]

@@ -9,17 +9,22 @@
 
 The new head is initialised from `seed` and named in `head_names`, so that a race keeps it out
 of decomposition (a random head has nothing to compress).
+
+`classifier_plan` names a plan made for the pretrained model (`lrdaccel plan --model minilm`) as
+the classifier's modules are named (under `encoder.`), so that it decomposes the classifier.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
 from lrdaccel._modules import call_model, kept_modes, output_tensor, parent_and_attr
+from lrdaccel.planning import LayerPlan, Plan
 
 
 class EncoderClassifier(nn.Module):
@@ -99,3 +104,31 @@ def _initialise(head: nn.Linear, generator: torch.Generator) -> None:
         head.weight.copy_(torch.empty_like(head.weight, device="cpu").uniform_(-bound, bound, generator=generator))
         if head.bias is not None:
             head.bias.copy_(torch.empty_like(head.bias, device="cpu").uniform_(-bound, bound, generator=generator))
+
+
+def classifier_plan(plan: Plan, classifier: nn.Module) -> Plan:
+    """`plan` with its rows named as `classifier` names its modules: a plan for the model an
+    `EncoderClassifier` wraps names that model's layers, which the classifier holds under
+    `encoder.`. A plan that already names the classifier's modules (or any other plan) is
+    returned as it is, for `decompose` to check."""
+    names = dict(classifier.named_modules())
+    if not (isinstance(classifier, EncoderClassifier) and plan.layers
+            and all(row.name not in names and f"encoder.{row.name}" in names for row in plan.layers)):
+        return plan
+    return Plan([_rooted(row, "encoder.") for row in plan.layers], ratio=plan.ratio, beta=plan.beta,
+                meta=dict(plan.meta))
+
+
+def _rooted(row: LayerPlan, prefix: str) -> LayerPlan:
+    """A plan row (and the neighbours a merged or narrow row changes) with `prefix` before every
+    module name."""
+    merge, narrow = row.merge, row.narrow
+    if merge is not None:
+        merge = dataclasses.replace(merge, first=prefix + merge.first, bn1=prefix + merge.bn1, bn2=prefix + merge.bn2,
+                                    last=prefix + merge.last, bn3=merge.bn3 and prefix + merge.bn3)
+    if narrow is not None:
+        narrow = dataclasses.replace(narrow, consumer=prefix + narrow.consumer,
+                                     resized=tuple(prefix + name for name in narrow.resized),
+                                     co_producers=tuple(prefix + name for name in narrow.co_producers),
+                                     attention=narrow.attention and prefix + narrow.attention)
+    return dataclasses.replace(row, name=prefix + row.name, merge=merge, narrow=narrow)

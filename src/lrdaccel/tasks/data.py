@@ -9,6 +9,9 @@ not one per variant.
   Fashion-MNIST for an ImageNet CNN, normalising); `finetune`'s kind of dataset.
 - `TokenData`: texts tokenized once up front, padded per batch to its longest text (dynamic
   padding: a batch of short glosses carries no 128-token padding).
+
+`split(name)` is one split as a dataset `lrd.finetune` takes (`len` and `fetch_batch(indices)`),
+so the training loop fetches the same padded batches the race does.
 """
 
 from __future__ import annotations
@@ -19,13 +22,23 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from lrdaccel.tasks.text import Overlap
+
 SPLITS = ("train", "eval")
 
 
 class RaceData:
-    """Labelled items of two splits, fetched as batches; `classes` names the labels."""
+    """Labelled items of two splits, fetched as batches; `classes` names the labels.
+
+    Attributes:
+        overlap: for a text task, the evaluation items the model reads as a training item (the
+            same token ids; count and share; None where not measured, as for images).
+        conflicts: texts dropped from a text task because they occur with two or more labels.
+    """
 
     classes: list[str]
+    overlap: Overlap | None = None
+    conflicts: int = 0
 
     def size(self, split: str) -> int:
         raise NotImplementedError
@@ -40,6 +53,37 @@ class RaceData:
 
     def labels(self, split: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def split(self, split: str) -> "SplitView":
+        """One split as a dataset for `lrd.finetune`."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return SplitView(self, split)
+
+    def shuffled_batches(self, batch_size: int, count: int, seed: int) -> list[list[int]]:
+        """The first `count` batches of the training items in an order drawn from `seed` alone
+        (a fresh permutation per pass): what a run calibrates on before it trains."""
+        generator = torch.Generator().manual_seed(seed)
+        size, batches = self.size("train"), []
+        while len(batches) < count:
+            order = torch.randperm(size, generator=generator).tolist()
+            batches += [order[i:i + batch_size] for i in range(0, size, batch_size)]
+        return batches[:count]
+
+
+@dataclass(frozen=True)
+class SplitView:
+    """A split of `data` as `lrd.finetune` reads a dataset: its size, and `fetch_batch(indices)`
+    giving (inputs, labels) ready for the model (texts padded per batch)."""
+
+    data: RaceData
+    name: str
+
+    def __len__(self) -> int:
+        return self.data.size(self.name)
+
+    def fetch_batch(self, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
+        return self.data.batch(self.name, indices)
 
 
 @dataclass
@@ -81,12 +125,15 @@ class TokenData(RaceData):
         ids: per split, each text's token ids (special tokens included, truncated to max_length).
         targets: per split, label indices.
         pad_id: the tokenizer's padding id.
+        overlap, conflicts: as RaceData's.
     """
 
     ids: dict[str, list[list[int]]]
     targets: dict[str, torch.Tensor]
     classes: list[str]
     pad_id: int = 0
+    overlap: Overlap | None = None
+    conflicts: int = 0
 
     @classmethod
     def tokenize(cls, tokenizer: Any, texts: dict[str, list[str]], labels: dict[str, list[int]],

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,29 +24,32 @@ from torch.utils.data import TensorDataset
 from lrdaccel import data as datasets
 from lrdaccel._settings import check_int
 from lrdaccel.tasks.data import RaceData, TensorData, TokenData
-from lrdaccel.tasks.text import TextSplits, jsonl_task, wordnet_supersense
+from lrdaccel.tasks.text import TextSplits, check_task_file, jsonl_task, text_overlap, wordnet_supersense
 from lrdaccel.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
 TEXT_TASKS: dict[str, Callable[[], TextSplits]] = {"wordnet-supersense": wordnet_supersense}
 IMAGE_TASKS = ("fashion-mnist",)
 TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
+MAX_LENGTH = 128  # tokens kept per text by default
 
 
 def is_task_file(task: str) -> bool:
-    return task.endswith(".jsonl") or os.sep in task
+    """A path, not a task name: it ends in .jsonl, has a folder in it, or names something that
+    exists (`data.json` in the current folder is a file, not an unknown task)."""
+    return task.endswith(".jsonl") or os.sep in task or Path(task).exists()
 
 
 def check_task(task: str) -> None:
     """A known task name or an existing JSONL file, checked before any work.
 
     Raises:
-        ValueError: an unknown name; FileNotFoundError: a JSONL path that does not exist.
+        ValueError: an unknown name; FileNotFoundError: a JSONL path that does not exist;
+        IsADirectoryError: a directory.
     """
     if task in TASKS:
         return
     if is_task_file(task):
-        if not Path(task).is_file():
-            raise FileNotFoundError(f"task file {task} not found")
+        check_task_file(Path(task))
         return
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}, or a path to a JSONL file "
                      f"(one {{\"text\": ..., \"label\": ...}} per line)")
@@ -57,9 +61,30 @@ def task_kind(task: str) -> str:
     return "image" if task in IMAGE_TASKS else "text"
 
 
-def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: int = 128,
+def check_task_model(task: str, spec: ModelSpec) -> None:
+    """The zoo model `spec` can take `task` (checked before the model or the data are loaded).
+
+    Raises:
+        ValueError: text for a model without tokens and a tokenizer, images for a token model, or
+            a bad task (as check_task).
+    """
+    if task_kind(task) == "text":
+        if spec.kind != "tokens" or spec.tokenizer is None:
+            raise ValueError(f"task {task!r} is text: it needs a token model with a tokenizer (e.g. minilm), "
+                             f"not {spec.name!r}")
+    elif spec.kind != "image":
+        raise ValueError(f"task {task!r} is images: it needs an image model, not {spec.name!r}")
+
+
+def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: int = MAX_LENGTH,
               train_limit: int | None = None, eval_limit: int | None = None) -> RaceData:
     """The task's data, ready for the model `spec` describes.
+
+    For a text task, `overlap` on the result counts the evaluation texts (after the limits) that
+    the model reads as a training text (the same token ids: case folded by an uncased tokenizer,
+    cut at `max_length`), warned once where there are any; `conflicts` the texts dropped for
+    having two labels (lrdaccel.tasks.text), and the inputs dropped for the same reason once
+    tokenized (texts that differ only in case, or in what `max_length` cuts off), warned once.
 
     Args:
         task: a name of TASKS or a JSONL path.
@@ -70,23 +95,59 @@ def load_task(task: str, spec: ModelSpec, *, image_size: int = 64, max_length: i
 
     Raises:
         ValueError: a task the model cannot take (text for an image model, a token model
-            without a tokenizer), an unknown task, a bad limit.
+            without a tokenizer), an unknown task, a bad limit, a split that dropping the
+            conflicting inputs empties.
     """
     check_int("image_size", image_size, 8)
     check_int("max_length", max_length, 2)
     check_int("train_limit", train_limit, 1, optional=True)
     check_int("eval_limit", eval_limit, 1, optional=True)
+    check_task_model(task, spec)
     if task_kind(task) == "text":
-        if spec.kind != "tokens" or spec.tokenizer is None:
-            raise ValueError(f"task {task!r} is text: it needs a token model with a tokenizer (e.g. minilm), "
-                             f"not {spec.name!r}")
         splits = TEXT_TASKS[task]() if task in TEXT_TASKS else jsonl_task(task)
         texts = {"train": splits.train_texts[:train_limit], "eval": splits.eval_texts[:eval_limit]}
         labels = {"train": splits.train_labels[:train_limit], "eval": splits.eval_labels[:eval_limit]}
-        return TokenData.tokenize(spec.tokenizer(), texts, labels, splits.classes, max_length)
-    if spec.kind != "image":
-        raise ValueError(f"task {task!r} is images: it needs an image model, not {spec.name!r}")
+        data = TokenData.tokenize(spec.tokenizer(), texts, labels, splits.classes, max_length)
+        # compared as the model reads them: an uncased tokenizer makes "Great" and "great" one input,
+        # and texts that agree in their first max_length tokens are one input too
+        read_alike = _drop_conflicting_inputs(data, task, max_length)
+        overlap = text_overlap(*([tuple(ids) for ids in data.ids[split]] for split in ("train", "eval")))
+        if overlap.count:
+            warnings.warn(f"task {task}: {overlap} as the model reads them (tokenized, at most {max_length} "
+                          f"tokens): accuracy on them measures memory, not generalisation", stacklevel=2)
+        data.overlap, data.conflicts = overlap, splits.conflicts + read_alike
+        return data
     return _fashion_mnist(spec, image_size, train_limit, eval_limit)
+
+
+def _drop_conflicting_inputs(data: TokenData, task: str, max_length: int) -> int:
+    """Drop the items whose token ids (the text as the model reads it) occur with two or more
+    labels, as lrdaccel.tasks.text drops texts with two labels: "Good" labelled pos and "good"
+    labelled neg are one input to an uncased tokenizer. Returns how many inputs (warned once).
+
+    Raises:
+        ValueError: a split left with no items.
+    """
+    labels: dict[tuple, set[int]] = {}
+    for split in ("train", "eval"):
+        for ids, label in zip(data.ids[split], data.targets[split].tolist()):
+            labels.setdefault(tuple(ids), set()).add(label)
+    conflicting = {ids for ids, found in labels.items() if len(found) > 1}
+    if not conflicting:
+        return 0
+    dropped = 0
+    for split in ("train", "eval"):
+        keep = [i for i, ids in enumerate(data.ids[split]) if tuple(ids) not in conflicting]
+        dropped += len(data.ids[split]) - len(keep)
+        if not keep:
+            raise ValueError(f"task {task}: no {split} texts once the {len(conflicting)} input(s) that the model reads "
+                             f"alike with two labels are dropped")
+        data.ids[split] = [data.ids[split][i] for i in keep]
+        data.targets[split] = data.targets[split][keep]
+    warnings.warn(f"task {task}: {len(conflicting)} input(s) occur with two or more labels as the model reads them "
+                  f"(tokenized, at most {max_length} tokens: e.g. texts that differ only in case); dropped their "
+                  f"{dropped} items", stacklevel=3)
+    return len(conflicting)
 
 
 def _fashion_mnist(spec: ModelSpec, image_size: int, train_limit: int | None, eval_limit: int | None) -> TensorData:

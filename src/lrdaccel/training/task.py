@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from lrdaccel._modules import output_tensor
+from lrdaccel._modules import call_model, move_inputs, output_tensor
 from lrdaccel.training.config import FinetuneConfig
 
 
@@ -64,7 +64,8 @@ class Task:
 
 
 class LabelledTask(Task):
-    """Labelled (input, label) pairs: cross-entropy, plus distillation where a teacher is given."""
+    """Labelled (input, label) pairs: cross-entropy, plus distillation where a teacher is given.
+    An input batch is a tensor, or a dict of tensors the model takes as keywords (texts)."""
 
     verb = "finetune"
 
@@ -74,17 +75,18 @@ class LabelledTask(Task):
         self.transform, self.config = transform, config
         self.size, self.items_per_step = len(train_data), config.batch_size
 
-    def fetch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = (t.to(device) for t in fetch_items(self.train_data, indices)[:2])
+    def fetch(self, indices: list[int], device: torch.device) -> tuple[Any, torch.Tensor]:
+        inputs, labels = fetch_items(self.train_data, indices)[:2]
+        inputs, labels = move_inputs(inputs, device), labels.to(device)
         return (self.transform(inputs) if self.transform is not None else inputs), labels
 
     def loss(self, net: nn.Module, batch) -> tuple[torch.Tensor, int]:
         inputs, labels = batch
-        logits = output_tensor(net(inputs)).float()
+        logits = output_tensor(call_model(net, inputs)).float()
         loss = F.cross_entropy(logits, labels)
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = output_tensor(self.teacher(inputs)).float()
+                teacher_logits = output_tensor(call_model(self.teacher, inputs)).float()
             loss = self.config.alpha * distillation_loss(logits, teacher_logits, self.config.temperature) \
                 + (1 - self.config.alpha) * loss
         return loss, len(labels)
@@ -98,11 +100,12 @@ class LabelledTask(Task):
         loss_sum, correct = 0.0, 0
         size = self.config.eval_batch_size
         for i in range(0, len(indices), size):
-            inputs, labels = (t.to(device) for t in fetch_items(self.eval_data, indices[i:i + size])[:2])
+            inputs, labels = fetch_items(self.eval_data, indices[i:i + size])[:2]
+            inputs, labels = move_inputs(inputs, device), labels.to(device)
             if self.transform is not None:
                 inputs = self.transform(inputs)
             with torch.autocast(device.type, dtype=amp_dtype(self.config), enabled=self.config.amp):
-                logits = output_tensor(model(inputs)).float()
+                logits = output_tensor(call_model(model, inputs)).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
         return loss_sum, correct, len(indices)
@@ -121,7 +124,13 @@ def needs_grad_scaler(config) -> bool:
 
 
 def fetch_items(dataset: Dataset, indices: list[int]):
-    """A batch: one indexing call on a TensorDataset, else the default collate of the items."""
+    """A batch: the dataset's own `fetch_batch(indices)` where it has one (lrdaccel.tasks' splits,
+    whose texts are padded per batch), one indexing call on a TensorDataset, else the default
+    collate of the items. Not a method named `batch`: a Hugging Face dataset has one, which groups
+    the whole dataset into batches of a size."""
+    fetch = getattr(dataset, "fetch_batch", None)
+    if callable(fetch):
+        return fetch(indices)
     if isinstance(dataset, TensorDataset):
         # The indices live with the data (a TensorDataset may be on the GPU already).
         return dataset[torch.as_tensor(indices, dtype=torch.long, device=dataset.tensors[0].device)]
