@@ -24,10 +24,10 @@ of 64-256 channels) that convolutions take the time rather than per-layer overhe
 channels eager PyTorch ran the decomposed model no faster than the original), ranks are chosen
 for torch.compile, where time follows the work saved, and the wider model trains on half of
 Fashion-MNIST for two epochs and fine-tunes for one, so the whole run still fits in minutes.
-The report says what each stage cost (wall and CPU seconds). At one thread under a load of 4.5
-(benchmarks/results/demo_0.4): 17 min 34 s wall, 10.2 CPU minutes (training the original 4.0,
-the race 5.0, throughput 0.9 plus compiling in worker processes); 1.47x inference and 1.85x
-training compiled, 1.32x / 1.49x eager, -0.37 points. Earlier demos spent much more evaluating:
+The report says what each stage cost (wall and CPU seconds). At one thread under a load of 3-7
+(benchmarks/results/demo_0.4): 20 min 31 s wall, 9.9 CPU minutes (training the original 4.2,
+the race 4.7, throughput 0.8 plus compiling in worker processes); 1.66x inference and 1.88x
+training compiled, 1.43x / 1.61x eager, -0.42 points. Earlier demos spent much more evaluating:
 after each pretraining epoch (the race's first evaluation is of the same model), and 8 times in
 the race in batches of 512 (now 4, in batches of 128: 1.7x faster per image here).
 """

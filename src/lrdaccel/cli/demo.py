@@ -9,8 +9,8 @@ inference and training throughput as ratios to the original in eager PyTorch and
 inference figure on one batch size, --batch-size), the race, and the wall and CPU seconds of
 each stage. It ends with the deploy step: BatchNorm folded into the convs, exported to ONNX and
 checked with ONNX Runtime. Files in --out: results.json, report.md, report.png, plan.json,
-race/, model/ (reload with lrd.load), model.onnx. It costs about 10 minutes of CPU time at one
-thread (measured: 17 min 34 s wall at load 4.5); on an idle 2-core CPU, at two threads, expect
+race/, model/ (reload with lrd.load), model.onnx. It costs about 10.5 minutes of CPU time at one
+thread (measured: 20 min 31 s wall at load 3-7); on an idle 2-core CPU, at two threads, expect
 about 6-7 minutes.
 
 The dataset is checked before any work; a step whose optional extra is missing is skipped with a
