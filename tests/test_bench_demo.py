@@ -29,9 +29,18 @@ def test_demo_on_a_small_slice(tmp_path, capsys):
     assert decomposed["accuracy"] == decomposed["history"][-1]["accuracy"]
     assert original["accuracy"] == original["history"][-1]["accuracy"]
     assert decomposed["accuracy_before_finetune"] == decomposed["history"][0]["accuracy"]
-    assert original["history"][0]["accuracy"] == results["pretrained"]["accuracy"]  # it starts where training ended
+    # the pretraining is not evaluated: the race's first evaluation, of that very model, gives its accuracy
+    assert original["history"][0]["accuracy"] == results["pretrained"]["accuracy"]
+    assert [set(epoch) for epoch in results["pretrained"]["history"]] == [{"epoch", "loss", "seconds"}]
     race = json.loads((out / "race" / "results.json").read_text())
     assert [row["name"] for row in race["variants"]] == ["original", "lrd(plan=plan.json)"]
+    # one inference batch across the demo: the throughput rows and the race's inference speed-up
+    assert race["config"]["infer_batch_size"] == results["throughput"]["batch_size"] == 32
+    assert race["config"]["eval_batch_size"] == 32  # evaluated in training-size batches, not 512
+    assert race["config"]["evaluations"] == results["config"]["evaluations"] == 2
+    assert [row["lr_multiplier"] for row in results["race"]["variants"]] == [
+        row["lr_multiplier"] for row in race["variants"]] == [1.0, 1.0]  # lrd at the race's rate (lrd.race's default)
+    assert results["race"]["lr"] == race["config"]["lr"]
     seed = race["seeds"][0]["variants"]
     assert seed[0]["data_order_digest"] == seed[1]["data_order_digest"]
     target = results["race"]["target_accuracy"]  # none where the original ends at or below chance (lrd.race)
@@ -49,6 +58,18 @@ def test_demo_on_a_small_slice(tmp_path, capsys):
     if plan.decomposed:  # rank optimization may keep every layer on a noisy machine; then no freezing
         assert race["variants"][1]["options"]["freeze"] == "rotate"
         assert decomposed["params"] < results["original"]["params"]
+
+    # every stage's wall and CPU seconds, in running order; the race's and the throughput's split in parts
+    names = [name.split(". ", 1)[1] for name in results["stages"]]
+    assert [name.split(" ")[0] for name in names] == ["load", "train", "optimize", "race:", "throughput"]
+    assert results["stages"].keys() == results["stage_cpu_seconds"].keys()
+    for stage, parts in results["stage_parts"].items():
+        assert stage.split(". ", 1)[1].split(" ")[0] in ("race:", "throughput")
+        assert sum(seconds for _, seconds in parts) == pytest.approx(results["stages"][stage], abs=0.02)
+    race_parts = next(parts for stage, parts in results["stage_parts"].items() if "race" in stage)
+    assert race_parts[0][1] == pytest.approx(sum(row["train_seconds"] for row in race["variants"]), abs=0.01)
+    assert "3 evaluations of each model on the 128 test images" in race_parts[1][0]
+    assert results["total_seconds"]["wall"] >= sum(results["stages"].values())
 
     printed = capsys.readouterr().out
     assert (out / "report.md").read_text() in printed
@@ -81,6 +102,7 @@ def test_demo_without_rank_optimization_freezes_every_decomposed_layer(tmp_path)
     ({"model": "resnet50"}, "model"),
     ({"schedule": "sometimes"}, "schedule"),
     ({"epochs": 0}, "epochs"),
+    ({"evaluations": 0}, "evaluations"),
     ({"train_limit": 0}, "train_limit"),
     ({"ratio": 0.5}, "ratio"),
     ({"finetune_lr": 0}, "finetune_lr"),

@@ -48,8 +48,8 @@ def test_demo_markdown_table(demo):
     assert "| inference throughput (batch 128) | 5,000 img/s | 6,500 img/s | 1.30x (1.25-1.35) |" in text
     assert ("| training throughput (batch 128) | 1,500 img/s | 2,250 img/s (mean over 6 freezing phases) "
             "| 1.50x (1.45-1.55) |") in text
-    assert "| original | 91.00% | 80 (setup 0) | 0 s | 1.00x |" in text  # at the target before any step
-    assert "| lrd(plan=plan.json) | 90.75% | 58 (setup 2) | 58 s | 0.00x |" in text
+    assert "| original | - | 91.00% | 80 (setup 0) | at the start |" in text  # at the target before any step
+    assert "| lrd(plan=plan.json) | - | 90.75% | 58 (setup 2) | 58 s |" in text  # see test_bench_demo_report
     assert "| 235 | 90.80% (40) | 90.00% (30) |" in text
     assert "| blocks.2.conv2 | 77x77 | 64x64 | snapped to the step |" in text
     assert "| classifier | 4 | original | kept: not faster |" in text

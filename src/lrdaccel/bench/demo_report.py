@@ -1,5 +1,9 @@
 """The demo's report: what changed (parameters, MACs, throughput per runtime), the race of the
-original and the decomposed model through the same fine-tuning, the layers, the deploy step."""
+original and the decomposed model through the same fine-tuning, the layers, the deploy step, and
+what each stage of the run cost.
+
+It also re-draws results files of earlier demos (`lrdaccel bench --report`), which lack the
+fields added since (learning-rate multipliers, CPU seconds, stage parts): those cells say "-"."""
 
 from __future__ import annotations
 
@@ -38,7 +42,10 @@ def demo_markdown(results: Mapping) -> str:
     ] + _throughput_rows(throughput, ratios))
     lines += ["", f"Throughput ratios: median (min-max) over {config['repeats']} interleaved repeats, each against the "
                   f"original in the same runtime"
-              + (f"; the headline runtime is `{throughput['runtime']}`." if "runtime" in throughput else ".")]
+              + (f"; the headline runtime is `{throughput['runtime']}`." if "runtime" in throughput else "."),
+              f"Every inference figure of the demo, in these rows and the race's inference speed-up "
+              f"([{results['race']['folder']}/report.md]({results['race']['folder']}/report.md), eager), is timed on "
+              f"batches of {throughput['batch_size']} images."]
     lines += [f"Note: {note}." for note in results.get("notes", [])]
     lines += _deploy_lines(results.get("deploy"))
     lines += _race_lines(results)
@@ -46,35 +53,77 @@ def demo_markdown(results: Mapping) -> str:
     lines += table(["layer", "ratio rank", "chosen", "reason"], [
         [row["name"], _rank(row["ratio_rank"]), _rank(row["rank"]) if row["kind"] != "keep" else "original",
          row["reason"]] for row in decomposed["layers"]])
-    lines += ["", "## Time per stage", ""]
-    lines += table(["stage", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["stages"].items()])
+    lines += _stage_lines(results)
     return "\n".join(lines) + "\n"
 
 
-def _race_lines(results: Mapping) -> list[str]:
-    """The race: who reached the original's accuracy (minus half a point) in what training time."""
-    race = results["race"]
+def _stage_lines(results: Mapping) -> list[str]:
+    """Wall and CPU seconds per stage, what parts of a stage went where, and the whole run."""
+    cpu, parts = results.get("stage_cpu_seconds", {}), results.get("stage_parts", {})
     rows = []
-    for row, side in zip(race["variants"], (results["original"], results["decomposed"])):
+    for name, seconds in results["stages"].items():
+        rows.append([name, f"{seconds:.1f}", f"{cpu[name]:.1f}" if name in cpu else "-"])
+        rows += [[f"&nbsp;&nbsp;of which {label}", f"{part:.1f}", ""] for label, part in parts.get(name, [])]
+    total = results.get("total_seconds")
+    if total:
+        rows.append(["**the whole run** (with saving and counting; until the report)", f"**{total['wall']:.1f}**",
+                     f"**{total['cpu']:.1f}**"])
+    threads = results["machine"].get("torch_threads", "?")
+    return ["", "## Time per stage", "",
+            f"Wall seconds are what this run took here; CPU seconds what it asked of the CPU (this process, "
+            f"{threads} torch thread(s)). Other work on the machine stretches the wall time, not the CPU time: on an "
+            f"idle machine a one-thread run takes about its CPU time.", ""] + table(["stage", "wall s", "CPU s"], rows)
+
+
+def _race_lines(results: Mapping) -> list[str]:
+    """The race: who reached the original's accuracy (minus half a point) in what training time.
+    Where the original is at the target before any fine-tuning, a speed-up to the target means
+    nothing (the decomposed model's would be 0): the report says so instead of printing one."""
+    race, target = results["race"], results["race"]["target_accuracy"]  # None: no target (lrd.race)
+    sides = (results["original"], results["decomposed"])
+    at_start = [target is not None and side["history"][0]["accuracy"] >= target for side in sides]
+    speedups = target is not None and not at_start[0]
+    rows = []
+    for row, side, started in zip(race["variants"], sides, at_start):
         reached = row["time_to_target_s"]
-        rows.append([row["name"], f"{100 * side['accuracy']:.2f}%",
-                     f"{row['train_seconds']:.0f} (setup {row['setup_seconds']:.0f})",
-                     "never" if reached is None else f"{reached:.0f} s",
-                     "-" if row["speedup_to_target"] is None else f"{row['speedup_to_target']:.2f}x"])
+        multiplier = row.get("lr_multiplier")
+        cells = [row["name"], "-" if multiplier is None else f"{multiplier * race['lr']:g} (x{multiplier:g})",
+                 f"{100 * side['accuracy']:.2f}%",
+                 f"{row['train_seconds']:.0f} (setup {row['setup_seconds']:.0f})",
+                 "at the start" if started else "never" if reached is None else f"{reached:.0f} s"]
+        if speedups:
+            cells.append(_speedup_words(row["speedup_to_target"], started))
+        rows.append(cells)
     lines = ["", "## The race", "",
-             f"Both models fine-tuned {race['steps']} steps on the same batches in lockstep (lrd.race); training "
-             f"seconds exclude evaluation and include the decomposed model's setup (decomposing, calibrating). "
-             + ("No target: the original ends at or below chance. " if race["target_accuracy"] is None else
-                f"Target: the original's final accuracy - 0.5 points = {100 * race['target_accuracy']:.2f}%. ") +
-             f"Details: [{race['folder']}/report.md]({race['folder']}/report.md), "
+             f"Both models fine-tuned {race['steps']} steps on the same batches in lockstep (lrd.race), each at the "
+             f"race's learning rate times its multiplier (column lr); training seconds exclude evaluation and include "
+             f"the decomposed model's setup (decomposing, calibrating). "
+             + ("No target: the original ends at or below chance. " if target is None else
+                f"Target: the original's final accuracy - 0.5 points = {100 * target:.2f}%. ")
+             + f"Details: [{race['folder']}/report.md]({race['folder']}/report.md), "
              f"[{race['folder']}/race.png]({race['folder']}/race.png).", ""]
-    lines += table(["model", "test accuracy", "training seconds", "time to target", "speed-up to target"], rows)
+    lines += table(["model", "lr", "test accuracy", "training seconds", "time to target"]
+                   + (["speed-up to target"] if speedups else []), rows)
+    if at_start[0]:
+        decomposed = race["variants"][1]["time_to_target_s"]
+        recovered = ("it was at the target from the start too" if at_start[1] else "it never did" if decomposed is None
+                     else f"{decomposed:.0f} s of training, setup included")
+        lines += ["", "The original is at the target before any fine-tuning (it was trained for this task), so there "
+                      "is no time of the original's to compare with and no speed-up to the target: what the race "
+                      f"shows is how soon the decomposed model recovers the accuracy ({recovered}) and, above, how "
+                      "much faster it then runs."]
     lines += ["", "Test accuracy along the race (training seconds in brackets):", ""]
     original, decomposed = results["original"]["history"], results["decomposed"]["history"]
     lines += table(["step", "original", "decomposed"], [
         [a["step"], f"{100 * a['accuracy']:.2f}% ({a['seconds']:.0f})", f"{100 * b['accuracy']:.2f}% ({b['seconds']:.0f})"]
         for a, b in zip(original, decomposed)])
     return lines
+
+
+def _speedup_words(speedup: float | None, started: bool) -> str:
+    if started:
+        return "at the target from the start"
+    return "-" if speedup is None else f"{speedup:.2f}x"
 
 
 def _throughput_rows(throughput: Mapping, ratios: Mapping) -> list[list[str]]:

