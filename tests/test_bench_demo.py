@@ -126,3 +126,22 @@ def test_keep_input_layer_rejects_only_the_layer_reading_the_image():
     plan = lrd.plan(model, ratio=2.0, filter_fn=keep_input_layer(1))
     assert [row.name for row in plan if row.reason == "rejected by filter_fn"] == ["stem.0"]
     assert all(row.decomposed for row in plan if row.name.startswith("blocks."))
+
+
+def test_int8_throughput_is_inference_only_against_the_int8_original():
+    """int8 is a serving runtime (issue 29): its row times both models quantized, inference only;
+    before, the demo's training step refused it late."""
+    import torch
+
+    from lrdaccel.bench.demo_pipeline import _throughput
+
+    original = zoo.get("fmnist-cnn").build().eval()
+    decomposed = zoo.get("fmnist-cnn").build().eval()
+    lrd.decompose(decomposed, ratio=2.0)
+    config = DemoConfig(runtime="eager", runtimes=["eager", "int8"], repeats=1, min_run_time=0.01, batch_size=8)
+    by_runtime, _ = _throughput(original, decomposed, torch.randn(8, 1, 28, 28), config, "rotate", False)
+    assert set(by_runtime) == {"eager", "int8"}
+    assert "train_ratio" in by_runtime["eager"]
+    int8 = by_runtime["int8"]
+    assert "train_ratio" not in int8 and "train_items_per_s" not in int8["original"]
+    assert int8["infer_ratio"]["median"] > 0

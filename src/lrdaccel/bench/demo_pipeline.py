@@ -56,7 +56,7 @@ from lrdaccel.factorize.ranks import check_ratio
 from lrdaccel.deploy import export_onnx
 from lrdaccel.io import save
 from lrdaccel.measure.counting import count_macs, count_params
-from lrdaccel.measure.runtimes import check_runtime
+from lrdaccel.measure.runtimes import INFERENCE_ONLY, check_runtime
 from lrdaccel.measure.steps import Placement, inference_phase
 from lrdaccel.measure.timer import OBJECTIVES, Workload, measure_interleaved, ratio_to_baseline, spread
 from lrdaccel.planning import Plan
@@ -98,7 +98,8 @@ class DemoConfig:
         runtime: what the ranks are optimized for and the headline ratios measured in: "eager",
             "compile" or "onnxruntime" (inference only).
         runtimes: the runtimes throughput is reported in (each against the original in the same
-            runtime; `runtime` is added where missing); onnxruntime reports inference only.
+            runtime: int8 against the original in int8, the baseline a CPU user serves with;
+            `runtime` is added where missing); onnxruntime and int8 report inference only.
         deploy: end with the deploy step: BatchNorm folded, exported to model.onnx, checked with
             ONNX Runtime (skipped, with a note, where it is not installed).
         batch_size: training batch, and the one batch every inference figure of the demo is
@@ -127,7 +128,7 @@ class DemoConfig:
     schedule: str = "rotate"
     objective: str = "infer"
     runtime: str = "compile"
-    runtimes: list[str] = field(default_factory=lambda: ["eager", "compile"])
+    runtimes: list[str] = field(default_factory=lambda: ["eager", "compile", "int8"])
     deploy: bool = True
     batch_size: int = 128
     lr: float = 3e-3
@@ -236,7 +237,7 @@ def _throughput(original: nn.Module, decomposed: nn.Module, inputs: torch.Tensor
         placement = Placement(runtime=runtime)
         infer += [Workload(f"{runtime}/original", [inference_phase(original, inputs, placement)]),
                   Workload(f"{runtime}/decomposed", [inference_phase(decomposed, inputs, placement)])]
-        if runtime != "onnxruntime":
+        if runtime not in INFERENCE_ONLY:
             train += [Workload(f"{runtime}/original", training_phases(original, inputs, placement)),
                       Workload(f"{runtime}/decomposed", training_phases(decomposed, inputs, placement, schedule))]
     warm = _warm_up(infer) + _warm_up(train)
@@ -248,7 +249,7 @@ def _throughput(original: nn.Module, decomposed: nn.Module, inputs: torch.Tensor
         entry = {"infer_ratio": ratio_to_baseline(infer_t, f"{runtime}/decomposed", f"{runtime}/original"),
                  "original": {"infer_items_per_s": per_s(infer_t.seconds[f"{runtime}/original"])},
                  "decomposed": {"infer_items_per_s": per_s(infer_t.seconds[f"{runtime}/decomposed"])}}
-        if runtime != "onnxruntime":
+        if runtime not in INFERENCE_ONLY:
             entry["train_ratio"] = ratio_to_baseline(train_t, f"{runtime}/decomposed", f"{runtime}/original")
             entry["original"]["train_items_per_s"] = per_s(train_t.seconds[f"{runtime}/original"])
             entry["decomposed"]["train_items_per_s"] = per_s(train_t.seconds[f"{runtime}/decomposed"])
