@@ -5,13 +5,14 @@ dataset-fashion-mnist package is not installed), decomposes it at ratio 2, optim
 timing each layer on this machine under the runtime it will be served in (torch.compile by
 default), races the original and the decomposed CNN (sequential freezing) through the same extra
 epoch on the same batches, and prints and writes a report: parameters, MACs, test accuracy,
-inference and training throughput as ratios to the original in eager PyTorch and compiled (every
-inference figure on one batch size, --batch-size), the race, and the wall and CPU seconds of
+inference and training throughput as ratios to the original in eager PyTorch and compiled, and
+inference in int8 against the original in int8 (every inference figure on one batch size,
+--batch-size), the race, and the wall and CPU seconds of
 each stage. It ends with the deploy step: BatchNorm folded into the convs, exported to ONNX and
 checked with ONNX Runtime. Files in --out: results.json, report.md, report.png, plan.json,
 race/, model/ (reload with lrd.load), model.onnx. It costs about 10.5 minutes of CPU time at one
-thread (measured: 20 min 31 s wall at load 3-7); on an idle 2-core CPU, at two threads, expect
-about 6-7 minutes.
+thread (measured before int8 joined its runtimes: 20 min 31 s wall at load 3-7); on an idle
+2-core CPU, at two threads, expect about 7 minutes.
 
 The dataset is checked before any work; a step whose optional extra is missing is skipped with a
 note (the deploy step without lrdaccel[onnx], report.png without lrdaccel[plot]). Each file is
