@@ -47,9 +47,10 @@ def test_rank_search_on_the_device_in_autocast_dtype_and_channels_last(device):
     for row, base in zip(optimized, plan):
         assert row.name == base.name
         if row.kind in ("svd", "tucker2"):
+            # the search spends the ratio rank's parameters (max_growth 0): a Tucker-2 pair may
+            # trade one side for the other, so the bound is on parameters, not on each rank
             ranks = [row.rank] if row.kind == "svd" else list(row.rank)
-            limits = [base.rank] if base.kind == "svd" else list(base.rank)
-            assert all(0 < r <= limit for r, limit in zip(ranks, limits))
+            assert all(r > 0 for r in ranks) and row.params_after <= base.params_after
             assert row.time_ms is not None and row.time_ms > 0
     lrd.decompose(model, optimized)  # the plan fits the model it was searched on
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
