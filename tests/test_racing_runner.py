@@ -19,11 +19,12 @@ FIELDS = ("name", "params", "final_accuracy", "train_seconds", "curve", "time_to
           "infer_speedup")
 
 
-def blobs(n: int, seed: int) -> TensorDataset:
-    """Four Gaussian blobs in 32 dimensions: learnable in a few steps."""
+def blobs(n: int, seed: int, spread: float = 3.0) -> TensorDataset:
+    """Four Gaussian blobs in 32 dimensions, their centres `spread` apart: learnable in a few steps
+    (at spread 1, not quite: races that need room to improve use it)."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (n,), generator=generator)
-    centres = torch.randn(4, 32, generator=torch.Generator().manual_seed(99)) * 3
+    centres = torch.randn(4, 32, generator=torch.Generator().manual_seed(99)) * spread
     return TensorDataset(centres[labels] + torch.randn(n, 32, generator=generator), labels)
 
 

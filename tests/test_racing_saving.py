@@ -5,26 +5,18 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from lrdaccel.racing import race
 from lrdaccel.racing.saving import folder_names, load_variant
+from test_racing_runner import blobs as runner_blobs, mlp
 
 QUICK = dict(batch_size=16, eval_batch_size=64, lr=1e-2, evaluations=2, calibration_batches=2, infer_repeats=1,
              infer_batch_size=8, freeze_embeddings=False, max_steps=4, progress=False)
 
 
 def blobs(n: int, seed: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    centres = torch.randn(4, 32, generator=torch.Generator().manual_seed(99))
-    return TensorDataset(centres[labels] + torch.randn(n, 32, generator=generator), labels)
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    return runner_blobs(n, seed, spread=1.0)
 
 
 def test_saved_variants_load_back_with_the_reported_accuracy(tmp_path):

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import lrdaccel as lrd
 from lrdaccel.deploy.quantize import ServedConv
@@ -15,22 +14,11 @@ from lrdaccel.measure.steps import Placement
 from lrdaccel.racing import RaceConfig, race, serving
 from lrdaccel.racing import runner
 from lrdaccel.tasks.data import TensorData
+from test_racing_runner import blobs, mlp
 
 QUICK = dict(batch_size=16, eval_batch_size=64, lr=1e-2, evaluations=2, calibration_batches=2, infer_repeats=1,
              infer_batch_size=8, freeze_embeddings=False, max_steps=4, progress=False)
 VARIANTS = "original,lrd(method=svd,ratio=2)"
-
-
-def blobs(n: int, seed: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    centres = torch.randn(4, 32, generator=torch.Generator().manual_seed(99)) * 3
-    return TensorDataset(centres[labels] + torch.randn(n, 32, generator=generator), labels)
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
 
 
 def timed_models(monkeypatch) -> dict[int, nn.Module]:

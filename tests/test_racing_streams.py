@@ -7,16 +7,14 @@ from torch.utils.data import TensorDataset
 
 from lrdaccel.racing import race
 from lrdaccel.racing.streams import RandomStream, stream_seed
+from test_racing_runner import blobs as runner_blobs, mlp
 
 QUICK = dict(batch_size=16, eval_batch_size=64, lr=1e-2, evaluations=3, calibration_batches=2, infer_repeats=1,
              infer_batch_size=8, freeze_embeddings=False, max_steps=6, progress=False)
 
 
 def blobs(n: int, seed: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    centres = torch.randn(4, 32, generator=torch.Generator().manual_seed(99))
-    return TensorDataset(centres[labels] + torch.randn(n, 32, generator=generator), labels)
+    return runner_blobs(n, seed, spread=1.0)
 
 
 def dropout_mlp() -> nn.Module:
