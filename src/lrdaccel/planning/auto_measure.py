@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lrdaccel._modules import call_model, kept_modes
+from lrdaccel.calibration.passes import hooked
 from lrdaccel.calibration.statistics import InputStats
 from lrdaccel.factorize.narrow import refit_consumer, relative_output_error, select_channels
 from lrdaccel.factorize.whiten import whitening_factor
@@ -82,22 +83,17 @@ class UnitTimes:
 def input_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, tuple]:
     """The shape of each named layer's first input on one eval forward of `example_inputs`
     (a layer the inputs do not reach is absent)."""
-    shapes, handles = {}, []
+    shapes = {}
 
-    def recorder(name: str):
-        def hook(_module, args) -> None:
+    def recorder(name: str, _module: nn.Module):
+        def hook(_module, args, _kwargs) -> None:
             if name not in shapes and args and isinstance(args[0], torch.Tensor):
                 shapes[name] = tuple(args[0].shape)
         return hook
 
-    try:
-        handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
-        with kept_modes(model):
-            model.eval()
-            call_model(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked({name: model.get_submodule(name) for name in names}, recorder), kept_modes(model):
+        model.eval()
+        call_model(model, example_inputs)
     return shapes
 
 
