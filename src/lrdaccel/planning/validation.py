@@ -136,9 +136,8 @@ def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
     if not 1 <= width <= n:
         return f"narrow width must be in [1, {n}] (the layer's {n} outputs), got {width}"
     pair = row.narrow
-    try:
-        consumer = model.get_submodule(pair.consumer)
-    except AttributeError:
+    consumer = _submodule(model, pair.consumer)
+    if consumer is None:
         return f"the model has no consumer {pair.consumer!r}; the plan is for another architecture"
     if type(consumer).__name__ != pair.consumer_type or entry_for(consumer) is None:
         return (f"consumer {pair.consumer!r} is a {type(consumer).__name__}, the plan says {pair.consumer_type}; "
@@ -149,16 +148,14 @@ def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
     if pair.heads and width % pair.heads:
         return f"narrow width must be a multiple of its {pair.heads} heads, got {width}"
     for name in pair.co_producers:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
+        layer = _submodule(model, name)
+        if layer is None:
             return f"the model has no layer {name!r}; the plan is for another architecture"
         if entry_for(layer) is None or dense_shape(layer)["out"] != n:
             return f"{name!r} is not a layer with {n} outputs; the plan is for another architecture"
     for name in pair.resized:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
+        module = _submodule(model, name)
+        if module is None:
             return f"the model has no module {name!r} to resize; the plan is for another architecture"
         norm = isinstance(module, nn.BatchNorm2d) and module.num_features == n
         depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == n
@@ -166,3 +163,11 @@ def narrow_check(model: nn.Module, row: LayerPlan) -> str | None:
             return (f"{name!r} is neither a BatchNorm2d nor a depthwise conv over {n} channels; the plan is for "
                     f"another architecture")
     return None
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The named module, or None where the model has none (a plan for another architecture)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
